@@ -1,0 +1,251 @@
+"""The batch runner every converter shares: discovery, sharding, workers, resume, atomic writes,
+an error log, and a closing summary.
+
+A converter is a picklable function ``convert(path) -> str | bytes`` that raises on bad input; the
+runner never builds a shell command, so any file name the file system allows is fine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fileio import atomic_write_bytes, atomic_write_text
+from tqdm import tqdm
+
+
+class ConversionError(Exception):
+    """Bad input, with the stage where it was found and a reason a person can act on."""
+
+    def __init__(self, reason: str, stage: str = "convert"):
+        super().__init__(reason)
+        self.reason = reason
+        self.stage = stage
+
+
+_EMPTY_MESSAGE_HINTS = {
+    "EOFError": "unexpected end of file (truncated or empty input)",
+    "KeyError": "missing key",
+    "IndexError": "index out of range",
+    "StopIteration": "unexpected end of data",
+    "TimeoutError": "conversion timed out",
+    "MemoryError": "out of memory",
+}
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A non-empty, one-line reason for ``exc`` (many parsers raise exceptions with no message)."""
+    if isinstance(exc, ConversionError):
+        return exc.reason
+    name = type(exc).__name__
+    message = " ".join(str(exc).split())
+    if not message:
+        message = _EMPTY_MESSAGE_HINTS.get(name, "no message")
+    return f"{name}: {message}"
+
+
+def find_inputs(input_dir: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
+    """Files under ``input_dir`` whose extension matches (case-insensitive), as sorted relative paths."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input directory not found: {root}")
+    wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(wanted) and not name.startswith(".") and not name.endswith(".tmp"):
+                found.append(Path(dirpath, name).relative_to(root))
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def shard_of(relative_path: Path, num_shards: int) -> int:
+    """Stable shard index of a file: the same on every machine and independent of the other files."""
+    return zlib.crc32(relative_path.as_posix().encode("utf-8", "surrogateescape")) % num_shards
+
+
+def select_shard(files: list[Path], num_shards: int, shard_index: int) -> list[Path]:
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard_index must be in [0, {num_shards}) and --num_shards >= 1")
+    return [f for f in files if shard_of(f, num_shards) == shard_index]
+
+
+@dataclass
+class BatchSummary:
+    converted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    def line(self, name: str) -> str:
+        return f"{name}: {self.converted} converted, {self.skipped} skipped (already done), {self.failed} failed"
+
+
+@dataclass(frozen=True)
+class _Task:
+    source: Path
+    target: Path
+    relative: Path
+
+
+_CONVERT: Callable | None = None
+_MAX_BYTES: int = 0
+_TIMEOUT: float = 0
+
+
+def _init_worker(convert: Callable, max_bytes: int, timeout: float) -> None:
+    global _CONVERT, _MAX_BYTES, _TIMEOUT
+    _CONVERT, _MAX_BYTES, _TIMEOUT = convert, max_bytes, timeout
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+
+
+def _on_timeout(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise TimeoutError(f"took longer than {_TIMEOUT:g} s")
+
+
+def _run_task(task: _Task) -> tuple[_Task, str, str, str]:
+    """Convert one file; returns (task, status, stage, reason). Never raises for bad input."""
+    try:
+        size = task.source.stat().st_size
+        if size == 0:
+            raise ConversionError("empty file (0 bytes)", stage="read")
+        if _MAX_BYTES and size > _MAX_BYTES:
+            raise ConversionError(f"file too large ({size} bytes > limit {_MAX_BYTES})", stage="read")
+        use_alarm = _TIMEOUT > 0 and hasattr(signal, "SIGALRM")
+        if use_alarm:
+            previous = signal.signal(signal.SIGALRM, _on_timeout)
+            signal.setitimer(signal.ITIMER_REAL, _TIMEOUT)
+        try:
+            result = _CONVERT(task.source)
+        finally:
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+        if result is None or len(result) == 0:
+            raise ConversionError("the converter produced no output", stage="convert")
+        if isinstance(result, bytes):
+            atomic_write_bytes(task.target, result)
+        else:
+            atomic_write_text(task.target, result)
+        return task, "converted", "", ""
+    except ConversionError as exc:
+        return task, "failed", exc.stage, exc.reason
+    except Exception as exc:  # noqa: BLE001 - a bad file must never stop the batch
+        return task, "failed", "convert", describe_exception(exc)
+
+
+def run_batch(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    convert: Callable[[Path], str | bytes],
+    *,
+    extensions: Iterable[str],
+    output_name: Callable[[Path], Path],
+    name: str,
+    workers: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    error_log: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    max_bytes: int = 0,
+    timeout: float = 0,
+    progress: bool = True,
+) -> BatchSummary:
+    """Convert every matching file of this shard; see the module docstring."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    files = select_shard(find_inputs(input_dir, extensions), num_shards, shard_index)
+    summary = BatchSummary()
+    tasks = []
+    for rel in files:
+        target = output_dir / output_name(rel)
+        if not overwrite and target.exists():
+            summary.skipped += 1
+        else:
+            tasks.append(_Task(input_dir / rel, target, rel))
+    log_path = Path(error_log) if error_log else None
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+    bar = tqdm(total=len(tasks), desc=name, unit="file", disable=not progress, dynamic_ncols=True)
+    log_file = None
+    try:
+        if workers == 1:
+            _init_worker(convert, max_bytes, timeout)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            results = map(_run_task, tasks)
+            pool = None
+        else:
+            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(convert, max_bytes, timeout))
+            results = pool.imap_unordered(_run_task, tasks, chunksize=4)
+        for task, status, stage, reason in results:
+            bar.update(1)
+            if status == "converted":
+                summary.converted += 1
+                continue
+            summary.failed += 1
+            record = {"file": str(task.source), "stage": stage, "reason": reason,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            summary.failures.append(record)
+            tqdm.write(f"[{name}] failed: {task.source}: {reason}", file=sys.stderr)
+            if log_path is not None:
+                if log_file is None:
+                    log_path.parent.mkdir(parents=True, exist_ok=True)
+                    log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the batch
+                log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                log_file.flush()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+    return summary
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser, default_log: str) -> None:
+    """The options every batch script shares."""
+    parser.add_argument("input_dir", help="folder searched recursively for input files")
+    parser.add_argument("output_dir", help="outputs mirror the input folder structure here")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes (default: all cores)")
+    parser.add_argument("--num_shards", type=int, default=1, help="split the file list into K shards")
+    parser.add_argument("--shard_index", type=int, default=0, help="which shard this process handles")
+    parser.add_argument("--error_log", default=default_log,
+                        help=f"JSONL log of failures: file, stage, reason (default: {default_log})")
+    parser.add_argument("--overwrite", action="store_true", help="redo files whose output already exists")
+    parser.add_argument("--max_mb", type=float, default=64.0,
+                        help="inputs larger than this many MiB are reported and skipped (0 = no limit)")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds allowed per file before it is reported as failed (0 = no limit)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any file failed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_from_args(args: argparse.Namespace, convert: Callable, *, extensions: Iterable[str],
+                  output_name: Callable[[Path], Path], name: str) -> int:
+    """Run a batch from ``add_batch_arguments`` options, print the summary, return the exit status."""
+    if not Path(args.input_dir).is_dir():
+        print(f"error: input directory not found: {args.input_dir}", file=sys.stderr)
+        return 2
+    try:
+        select_shard([], args.num_shards, args.shard_index)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = run_batch(
+        args.input_dir, args.output_dir, convert, extensions=extensions, output_name=output_name,
+        name=name, workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index,
+        error_log=args.error_log, overwrite=args.overwrite, max_bytes=int(args.max_mb * 2**20),
+        timeout=args.timeout, progress=not args.quiet,
+    )
+    print(summary.line(name) + (f" (errors logged to {args.error_log})" if summary.failed else ""))
+    return 1 if args.strict and summary.failed else 0
