@@ -1,0 +1,181 @@
+"""PDMX.csv parsing on a small CSV with the real column set and messy values."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from preprocess import pdmx
+
+DATA = Path(__file__).resolve().parent / "data"
+SAMPLE = DATA / "pdmx_sample.csv"
+SCRIPT = Path(__file__).resolve().parent.parent / "preprocessing" / "parse_pdmx_csv.py"
+
+
+def by_id(records: list[dict]) -> dict[str, dict]:
+    return {r["id"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory):
+    return pdmx.parse_pdmx(SAMPLE, tmp_path_factory.mktemp("base"), progress=False)
+
+
+def test_sample_has_every_real_column_in_order():
+    with open(SAMPLE, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f))
+    assert tuple(header) == pdmx.PDMX_COLUMNS
+    assert len(header) == 62
+
+
+def test_text_fields_are_clean_and_deduplicated(parsed):
+    records = by_id(parsed[0])
+    elise = records["QmElise01"]["text"]
+    assert elise == {
+        "title": "Für Elise",  # non-ASCII kept; song_name equal to the title is not repeated
+        "subtitle": "Bagatelle No. 25 in A minor",
+        "artists": ["Ludwig van Beethoven"],  # composer == artist
+        "genres": ["classical", "piano"],
+        "tags": ["piano", "beginner"],  # "Piano" repeats "piano"
+    }  # publisher "nan" is left out
+    moon = records["QmMoon0002"]["text"]
+    # title "nan" -> the song name stands in; whitespace collapsed; "None"/"[]"/"" subtitles etc. gone
+    assert moon == {"title": "Moonlight Sonata", "publisher": "MuseScore Publishing"}
+    ave = records["QmABB00006"]["text"]
+    assert ave["title"] == "Ave Maria"
+    assert "subtitle" not in ave  # "ave maria" only repeats the title
+    assert ave["artists"] == ["Franz Schubert", "Schubert"]
+    assert ave["genres"] == ["a", "b"]
+
+
+def test_no_null_spellings_anywhere(parsed):
+    for record in parsed[0]:
+        for value in record["text"].values():
+            items = value if isinstance(value, list) else [value]
+            assert items, record
+            for item in items:
+                assert isinstance(item, str) and item.strip() == item and item
+                assert item.casefold() not in {"nan", "none", "[]", "null"}
+
+
+def test_paths_are_relative_to_base_dir_and_lose_dot_slash(parsed):
+    record = by_id(parsed[0])["QmElise01"]
+    assert record["paths"]["mxl"] == "mxl/Q/Qm/QmElise01.mxl"
+    assert record["paths"]["mid"] == "mid/Q/Qm/QmElise01.mid"
+    assert record["row"] == 0
+    base = Path("/some/data")
+    assert pdmx.resolve_path(record, "mxl", base) == base.resolve() / "mxl/Q/Qm/QmElise01.mxl"
+    # a row without mxl keeps its MIDI
+    sakura = by_id(parsed[0])["QmNoMxl003"]
+    assert "mxl" not in sakura["paths"] and sakura["paths"]["mid"] == "mid/Q/Qm/QmNoMxl003.mid"
+    assert sakura["text"]["title"] == "Sakura Sakura さくらさくら"
+
+
+def test_drops_are_reported_with_reasons(parsed):
+    _, dropped, summary = parsed
+    reasons = {(d["id"], d["reason"]) for d in dropped}
+    assert reasons == {
+        ("QmCorrupt4", "no mxl or mid path"),
+        ("QmNoText05", "no usable text"),
+        ("QmElise01", "duplicate id"),
+        ("QmEscape08", "bad path"),
+    }
+    assert summary.rows == 10
+    assert summary.not_in_subset == 2  # licence conflict, and "false" in lower case
+    assert summary.kept == 4 and summary.kept_without_mxl == 1
+    assert summary.rows == summary.kept + summary.not_in_subset + sum(summary.dropped.values())
+
+
+@pytest.mark.parametrize(
+    ("subset", "expected"),
+    [
+        ("no_license_conflict", {"QmElise01", "QmMoon0002", "QmNoMxl003", "QmABB00006"}),
+        ("all", {"QmElise01", "QmMoon0002", "QmConflict", "QmNoMxl003", "QmABB00006", "QmOdeJoy07"}),
+        ("rated", {"QmElise01"}),
+        ("deduplicated", {"QmElise01", "QmMoon0002", "QmConflict", "QmNoMxl003", "QmOdeJoy07"}),
+    ],
+)
+def test_subset_filtering(tmp_path, subset, expected):
+    records, _, _ = pdmx.parse_pdmx(SAMPLE, tmp_path, subset=subset, progress=False)
+    assert {r["id"] for r in records} == expected
+
+
+def test_check_files_removes_paths_of_absent_files(tmp_path):
+    (tmp_path / "mxl/Q/Qm").mkdir(parents=True)
+    (tmp_path / "mxl/Q/Qm/QmElise01.mxl").write_bytes(b"PK")
+    records, dropped, summary = pdmx.parse_pdmx(SAMPLE, tmp_path, progress=False, check_files=True)
+    assert [r["id"] for r in records] == ["QmElise01"]
+    assert records[0]["paths"]["mxl"] == "mxl/Q/Qm/QmElise01.mxl" and "mid" not in records[0]["paths"]
+    # Moonlight, Sakura, Ave Maria and the text-less row: no file checks out under base_dir
+    assert summary.dropped["mxl/mid files not found under base_dir"] == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("['a', 'a', 'b']", ["a", "b"]),
+        ('["Rock", "rock", " pop "]', ["Rock", "pop"]),
+        ("[]", []),
+        ("nan", []),
+        (float("nan"), []),
+        (None, []),
+        ("", []),
+        ("[classical, piano]", ["classical", "piano"]),  # not a literal: split on commas
+        ("jazz", ["jazz"]),
+        ("['None', 'nan', 'x']", ["x"]),
+    ],
+)
+def test_parse_list(value, expected):
+    assert pdmx.parse_list(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (False, False), ("True", True), ("false", False), ("1", True), ("0", False),
+     ("", False), (float("nan"), False), (None, False)],
+)
+def test_parse_bool(value, expected):
+    assert pdmx.parse_bool(value) is expected
+
+
+def test_parse_bool_rejects_garbage():
+    with pytest.raises(ValueError):
+        pdmx.parse_bool("maybe")
+
+
+def test_missing_subset_column_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,mxl,mid,title\n./data/x.json,./mxl/x.mxl,./mid/x.mid,X\n", encoding="utf-8")
+    with pytest.raises(pdmx.PdmxError, match=r"bad\.csv.*subset:no_license_conflict"):
+        pdmx.parse_pdmx(bad, tmp_path, progress=False)
+    with pytest.raises(pdmx.PdmxError, match="not found"):
+        pdmx.parse_pdmx(tmp_path / "absent.csv", tmp_path, progress=False)
+
+
+def test_script_writes_metadata_atomically_from_another_cwd(tmp_path):
+    out = tmp_path / "processed"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--csv_path", str(SAMPLE), "--output_dir", str(out),
+         "--base_dir", str(tmp_path), "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kept: 4" in result.stdout
+    lines = (out / pdmx.METADATA_NAME).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["QmElise01", "QmMoon0002", "QmNoMxl003", "QmABB00006"]
+    dropped = [json.loads(line) for line in (out / pdmx.DROPPED_NAME).read_text(encoding="utf-8").splitlines()]
+    assert len(dropped) == 4 and all(d["reason"] for d in dropped)
+    info = json.loads((out / pdmx.SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert info["base_dir"] == str(tmp_path.resolve()) and info["subset"] == "no_license_conflict"
+    assert not list(out.glob("*.tmp"))
+
+
+def test_script_reports_missing_csv(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--csv_path", str(tmp_path / "nope.csv"),
+                             "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "nope.csv" in result.stderr
