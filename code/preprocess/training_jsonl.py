@@ -1,0 +1,317 @@
+"""PDMX metadata + converted files -> the four CLaMP 3 training JSONL files (ABC and MTF, train/valid).
+
+A record follows the official ``TextMusicDataset`` format::
+
+    {"id": "QmAbc", "filepaths": ["../abc_interleaved/0/00/QmAbc.abc"],
+     "title": "...", "artists": [...], "genres": [...], "tags": [...], ...}
+
+``filepaths`` are relative to the folder of the JSONL file, as the official loader expects. Every
+key other than ``id`` and ``filepaths`` is a text field (a string or a list of strings), which the
+official ``text_dropout`` samples from.
+
+The split is decided per piece from a hash of (seed, id), never from the order of the rows, so a
+piece lands in the same split in the ABC and the MTF files, on every run, whatever else is in the
+metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fileio import atomic_write_text
+from tqdm import tqdm
+
+from preprocess.pdmx import METADATA_NAME, read_jsonl, write_jsonl
+
+# modality -> (source path key in the metadata, converted folder under the data root, suffix)
+MODALITIES: dict[str, tuple[str, str, str]] = {
+    "abc": ("mxl", "abc_interleaved", ".abc"),
+    "mtf": ("mid", "mtf", ".mtf"),
+}
+SPLITS = ("train", "valid")
+DROPPED_NAME = "training_jsonl_dropped.jsonl"
+SUMMARY_NAME = "training_jsonl_summary.json"
+RESERVED_KEYS = {"id", "filepaths"}
+
+
+def output_name(modality: str, split: str) -> str:
+    return f"clamp3_{split}_{modality}.jsonl"
+
+
+# ----------------------------------------------------------------------------- titles
+
+
+def normalise_title(text: str) -> str:
+    """Casefolded ASCII transliteration with punctuation and whitespace collapsed to single spaces,
+    so "Für Elise!" and "fur  elise" compare equal."""
+    from unidecode import unidecode
+
+    text = unicodedata.normalize("NFKC", str(text))
+    text = unidecode(text).casefold()
+    return " ".join(re.sub(r"[\W_]+", " ", text).split())
+
+
+def load_titles(path: str | os.PathLike) -> set[str]:
+    """Normalised titles from a text file (one per line) or a JSONL whose objects have ``title``
+    (a string or a list of strings; e.g. a WikiMT-X file). Blank titles are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"title list not found: {path}")
+    titles: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            values: Iterable = [line]
+            if line.startswith("{"):
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    title = obj.get("title")
+                    values = title if isinstance(title, list) else [title] if title else []
+            for value in values:
+                norm = normalise_title(value) if isinstance(value, str) else ""
+                if norm:
+                    titles.add(norm)
+    return titles
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def split_of(piece_id: str, valid_fraction: float, seed: int = 42) -> str:
+    """"valid" for a stable pseudo-random ``valid_fraction`` of ids, "train" for the rest."""
+    digest = hashlib.sha256(f"{seed}\x00{piece_id}".encode("utf-8", "surrogatepass")).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    return "valid" if position < valid_fraction else "train"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def converted_path(source_rel: str, data_dir: str | os.PathLike, folder: str, suffix: str) -> Path:
+    """Where the batch converters put the output for a PDMX file: the path below its top folder
+    ("mxl/0/00/x.mxl" -> "0/00/x") under ``data_dir/folder`` with the new suffix (last suffix
+    replaced, as the official scripts name outputs by stem)."""
+    parts = Path(source_rel).parts
+    below = Path(*parts[1:]) if len(parts) > 1 else Path(parts[0])
+    return Path(data_dir) / folder / below.with_suffix(suffix)
+
+
+_PATCHILIZER = None
+
+
+def check_file(path: str | os.PathLike, verify: bool) -> str | None:
+    """None when the file is usable, otherwise the reason. Without ``verify`` only existence is
+    checked; with it the file must be non-empty UTF-8 that the M3 patchilizer encodes."""
+    global _PATCHILIZER
+    path = Path(path)
+    if not path.exists():
+        return "missing file"
+    if not path.is_file():
+        return "not a regular file"
+    if not verify:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not data:
+        return "empty file"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 (byte {exc.start})"
+    if not text.strip():
+        return "blank file (whitespace only)"
+    try:
+        if _PATCHILIZER is None:
+            from patchilizer import M3Patchilizer
+
+            _PATCHILIZER = M3Patchilizer()
+        patches = _PATCHILIZER.encode(text, add_special_patches=True)
+    except Exception as exc:  # noqa: BLE001 - any failure of a file is a reason to drop it
+        from preprocess.batch import describe_exception
+
+        return f"patchilizer failed: {describe_exception(exc)}"
+    if len(patches) <= 2:  # only the BOS and EOS patches: nothing for the model to read
+        return "patchilizer produced no content patches"
+    return None
+
+
+def _check_task(task: tuple[str, bool]) -> str | None:
+    return check_file(task[0], task[1])
+
+
+def check_files(paths: list[Path], verify: bool, workers: int = 1, progress: bool = True) -> list[str | None]:
+    """``check_file`` for every path, in order, on ``workers`` processes."""
+    tasks = [(str(p), verify) for p in paths]
+    desc = "verifying files" if verify else "checking files"
+    bar = tqdm(total=len(tasks), desc=desc, unit="file", disable=not progress, dynamic_ncols=True)
+    try:
+        if workers <= 1 or len(tasks) < 64:
+            results = []
+            for task in tasks:
+                results.append(_check_task(task))
+                bar.update(1)
+            return results
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(workers) as pool:
+            results = []
+            for result in pool.imap(_check_task, tasks, chunksize=32):
+                results.append(result)
+                bar.update(1)
+            return results
+    finally:
+        bar.close()
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def text_fields(meta: dict) -> dict:
+    """The text of a metadata record as str / list-of-str fields (anything else is left out)."""
+    out = {}
+    for key, value in (meta.get("text") or {}).items():
+        if key in RESERVED_KEYS:
+            continue
+        if isinstance(value, str) and value.strip():
+            out[key] = value
+        elif isinstance(value, list):
+            items = [v for v in value if isinstance(v, str) and v.strip()]
+            if items:
+                out[key] = items
+    return out
+
+
+def relative_to(path: str | os.PathLike, folder: str | os.PathLike) -> str:
+    """``path`` relative to ``folder`` in POSIX form (what the official loader joins back)."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+
+
+@dataclass
+class TrainingSummary:
+    pieces: int = 0
+    written: Counter = field(default_factory=Counter)  # (modality, split) -> records
+    dropped: Counter = field(default_factory=Counter)  # (modality, reason) -> count
+
+    def lines(self) -> list[str]:
+        out = [f"pieces in metadata: {self.pieces}"]
+        for modality in MODALITIES:
+            counts = ", ".join(f"{split} {self.written[(modality, split)]}" for split in SPLITS)
+            out.append(f"{modality}: {counts}")
+        if self.dropped:
+            out.append(f"dropped: {sum(self.dropped.values())}")
+            out += [f"  [{m}] {reason}: {n}" for (m, reason), n in sorted(self.dropped.items())]
+        return out
+
+
+def load_metadata(metadata: str | os.PathLike) -> list[dict]:
+    """The records of a metadata JSONL, given as the file or the folder holding pdmx_metadata.jsonl."""
+    path = Path(metadata)
+    if path.is_dir():
+        path = path / METADATA_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"metadata file not found: {path} (run preprocessing/parse_pdmx_csv.py)")
+    return read_jsonl(path)
+
+
+def generate(
+    metadata: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    verify_files: bool = False,
+    valid_fraction: float = 0.02,
+    exclude_titles: str | os.PathLike | None = None,
+    seed: int = 42,
+    allow_missing: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+) -> TrainingSummary:
+    """Write the four JSONL files, the dropped-row log and a summary into ``output_dir``."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"--valid_fraction must be in [0, 1), got {valid_fraction}")
+    records = load_metadata(metadata)
+    excluded = load_titles(exclude_titles) if exclude_titles else set()
+    output_dir = Path(output_dir)
+    summary = TrainingSummary(pieces=len(records))
+    dropped_log: list[dict] = []
+
+    def drop(pid: object, modality: str, reason: str, file: str | None = None) -> None:
+        summary.dropped[(modality, reason)] += 1
+        entry = {"id": pid, "modality": modality, "reason": reason}
+        if file is not None:
+            entry["file"] = file
+        dropped_log.append(entry)
+
+    # Piece-level filters first, so both modalities see the same set of pieces.
+    candidates: list[tuple[str, dict, dict, str]] = []  # (id, paths, text, split)
+    seen: set[str] = set()
+    for meta in records:
+        pid = meta.get("id")
+        if not isinstance(pid, str) or not pid:
+            drop(pid, "piece", "no id")
+            continue
+        if pid in seen:
+            drop(pid, "piece", "duplicate id")
+            continue
+        seen.add(pid)
+        text = text_fields(meta)
+        if not text:
+            drop(pid, "piece", "no usable text")
+            continue
+        titles = [text.get("title"), text.get("song_name")]
+        if excluded and any(isinstance(t, str) and normalise_title(t) in excluded for t in titles):
+            drop(pid, "piece", "title in --exclude_titles")
+            continue
+        candidates.append((pid, meta.get("paths") or {}, text, split_of(pid, valid_fraction, seed)))
+
+    # Collect every file to check, then check them in one (optionally parallel) pass.
+    jobs: list[tuple[str, str, dict, str, Path]] = []  # (modality, id, text, split, file)
+    for pid, paths, text, split in candidates:
+        for modality, (source_key, folder, suffix) in MODALITIES.items():
+            source = paths.get(source_key)
+            if not source:
+                drop(pid, modality, f"no {source_key} path in metadata")
+                continue
+            jobs.append((modality, pid, text, split, converted_path(source, data_dir, folder, suffix)))
+    if allow_missing and not verify_files:
+        reasons: list[str | None] = [None] * len(jobs)
+    else:
+        reasons = check_files([j[4] for j in jobs], verify_files, workers, progress)
+
+    outputs: dict[tuple[str, str], list[dict]] = {(m, s): [] for m in MODALITIES for s in SPLITS}
+    for (modality, pid, text, split, file), reason in zip(jobs, reasons, strict=True):
+        if reason is not None:
+            drop(pid, modality, reason, str(file))
+            continue
+        record = {"id": pid, "filepaths": [relative_to(file, output_dir)], **text}
+        outputs[(modality, split)].append(record)
+        summary.written[(modality, split)] += 1
+
+    for (modality, split), rows in outputs.items():
+        write_jsonl(output_dir / output_name(modality, split), rows)
+    write_jsonl(output_dir / DROPPED_NAME, dropped_log)
+    info = {
+        "metadata": str(Path(metadata).resolve()), "data_dir": str(Path(data_dir).resolve()),
+        "valid_fraction": valid_fraction, "seed": seed, "verify_files": verify_files,
+        "exclude_titles": str(exclude_titles) if exclude_titles else None, "pieces": summary.pieces,
+        "written": {output_name(m, s): n for (m, s), n in sorted(summary.written.items())},
+        "dropped": {f"{m}: {r}": n for (m, r), n in sorted(summary.dropped.items())},
+    }
+    atomic_write_text(output_dir / SUMMARY_NAME, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    return summary
