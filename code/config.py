@@ -31,6 +31,9 @@ CLAMP3_WEIGHTS_PATH = (
 MODEL_CONFIG = ""
 
 # ---------------------------------------------------------------- feature extraction
+# "sdpa" (fused attention, faster) or "eager" (the official arithmetic); both match the official
+# features within 1e-5 in float32.
+ATTN_IMPLEMENTATION = "sdpa"
 EXTRACT_DEVICE = "auto"  # auto | cpu | cuda | cuda:N
 EXTRACT_DTYPE = "float32"  # float32 | bfloat16 | float16 (autocast; float32 matches official)
 EXTRACT_TOKENS_PER_BATCH = 8192  # patches (or tokens) per forward pass, padding included

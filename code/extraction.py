@@ -1,0 +1,128 @@
+"""Folder-to-folder feature extraction: the work behind ``extract_clamp3.py``.
+
+One ``.npy`` per input at the mirrored relative path (input name up to its last dot + ``.npy``);
+existing outputs are skipped, so an interrupted run resumes; every output is written atomically; a
+bad file is reported, logged and skipped without stopping the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from features import MUSIC_EXTENSIONS, FeatureExtractor
+from fileio import atomic_save_npy
+from tqdm import tqdm
+
+
+def find_feature_inputs(input_dir: str | os.PathLike) -> list[Path]:
+    """``.abc``, ``.mtf``, ``.txt`` and ``.npy`` files under ``input_dir`` (relative, sorted)."""
+    root = Path(input_dir)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if Path(name).suffix.lower() in MUSIC_EXTENSIONS and not name.startswith("."):
+                found.append(Path(dirpath, name).relative_to(root))
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def output_path_for(relative: Path) -> Path:
+    return relative.with_name(relative.name.rsplit(".", 1)[0] + ".npy")
+
+
+@dataclass
+class ExtractionSummary:
+    extracted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"extract: {self.extracted} extracted, {self.skipped} skipped (already done), {self.failed} failed"
+
+
+def extract_folder(
+    extractor: FeatureExtractor,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    get_global: bool,
+    files_per_chunk: int = 256,
+    error_log: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ExtractionSummary:
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input directory not found: {input_dir}")
+    summary = ExtractionSummary()
+    pending: list[Path] = []
+    claimed: dict[Path, Path] = {}
+    failures: list[tuple[Path, str, str]] = []
+    for rel in find_feature_inputs(input_dir):
+        out_rel = output_path_for(rel)
+        if out_rel in claimed:
+            failures.append((rel, "name", f"its output {out_rel} is already produced by {claimed[out_rel]}"))
+            continue
+        claimed[out_rel] = rel
+        if (output_dir / out_rel).exists():
+            summary.skipped += 1
+        else:
+            pending.append(rel)
+
+    log_file = None
+
+    def report(rel: Path, stage: str, reason: str) -> None:
+        nonlocal log_file
+        summary.failed += 1
+        record = {"file": str(input_dir / rel), "stage": stage, "reason": reason,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        summary.failures.append(record)
+        tqdm.write(f"[extract] failed: {input_dir / rel}: {reason}", file=sys.stderr)
+        if error_log:
+            if log_file is None:
+                Path(error_log).parent.mkdir(parents=True, exist_ok=True)
+                log_file = open(error_log, "a", encoding="utf-8")  # noqa: SIM115 - open for the batch
+            log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            log_file.flush()
+
+    try:
+        for rel, stage, reason in failures:
+            report(rel, stage, reason)
+        bar = tqdm(total=len(pending), desc="extract", unit="file", disable=not progress, dynamic_ncols=True)
+        for start in range(0, len(pending), files_per_chunk):
+            chunk = pending[start : start + files_per_chunk]
+            by_modality: dict[str, list[tuple[Path, torch.Tensor]]] = {}
+            for rel in chunk:
+                try:
+                    modality, tensor = extractor.read_input(input_dir / rel)
+                except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
+                    report(rel, "read", f"{type(exc).__name__}: {exc}")
+                    bar.update(1)
+                    continue
+                by_modality.setdefault(modality, []).append((rel, tensor))
+            for modality, items in by_modality.items():
+                try:
+                    features = extractor.extract(modality, [t for _, t in items], get_global=get_global)
+                except Exception as exc:  # noqa: BLE001 - retry one by one to isolate the culprit
+                    features = []
+                    for rel, tensor in items:
+                        try:
+                            features.append(extractor.extract(modality, [tensor], get_global=get_global)[0])
+                        except Exception as one_exc:  # noqa: BLE001
+                            report(rel, "model", f"{type(one_exc).__name__}: {one_exc} (batch error: {exc})")
+                            features.append(None)
+                for (rel, _), feature in zip(items, features, strict=True):
+                    if feature is not None:
+                        atomic_save_npy(output_dir / output_path_for(rel), feature)
+                        summary.extracted += 1
+                    bar.update(1)
+        bar.close()
+    finally:
+        if log_file is not None:
+            log_file.close()
+    return summary

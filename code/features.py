@@ -1,0 +1,195 @@
+"""The one feature-extraction path (extraction, evaluation and search all use it).
+
+Long inputs are cut into segments as the official ``extract_clamp3.py`` does: ``x[0:S], x[S:2S], ...``
+with the last segment replaced by the final ``S`` items; global features are the length-weighted
+mean of the segments' projected pooled vectors (the overlapping last segment weighted by the
+remainder only). Unlike the official one-segment-per-forward loop padded to ``S``, segments of many
+pieces are sorted by length and run together, each batch padded only to its own longest segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from modeling import CLaMP3Model, masked_mean
+from patchilizer import M3Patchilizer
+
+MUSIC_EXTENSIONS = {".abc": "symbolic", ".mtf": "symbolic", ".txt": "text", ".npy": "audio"}
+
+
+def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each segment; the last one is the final ``segment_length`` items."""
+    if length <= 0:
+        raise ValueError("cannot segment an empty input")
+    bounds = [(s, min(s + segment_length, length)) for s in range(0, length, segment_length)]
+    bounds[-1] = (max(0, length - segment_length), length)
+    return bounds
+
+
+def segment_weights(length: int, segment_length: int) -> list[int]:
+    """Official aggregation weights: ``S`` per full segment, the remainder for the last one."""
+    weights = [segment_length] * (length // segment_length)
+    if length % segment_length:
+        weights.append(length % segment_length)
+    return weights
+
+
+@dataclass
+class _Segment:
+    piece: int
+    index: int
+    start: int
+    end: int
+
+
+def load_text_tokenizer(name_or_path: str):
+    """The XLM-R tokenizer from a local folder or the Hugging Face cache (never downloaded in tests)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the advice is the same
+        raise RuntimeError(
+            f"cannot load the text tokenizer {name_or_path!r}: {exc}. Set --TEXT_MODEL_NAME to a local "
+            "folder holding the xlm-roberta-base tokenizer, or fill the Hugging Face cache once online."
+        ) from exc
+
+
+class FeatureExtractor:
+    """Batched, length-grouped CLaMP 3 features for symbolic music, text and audio (MERT) inputs."""
+
+    def __init__(
+        self,
+        model: CLaMP3Model,
+        device: str | torch.device = "cpu",
+        dtype: str = "float32",
+        tokens_per_batch: int = 8192,
+        tokenizer=None,
+        patchilizer: M3Patchilizer | None = None,
+    ):
+        self.model = model
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokens_per_batch = tokens_per_batch
+        self.tokenizer = tokenizer
+        self.patchilizer = patchilizer or M3Patchilizer(model.model_config.patch_size)
+
+    # ------------------------------------------------------------------ inputs
+    def symbolic_input(self, text: str) -> torch.Tensor:
+        """Interleaved ABC or MTF text -> ``[N, patch_size]`` ids with BOS/EOS patches."""
+        return torch.tensor(self.patchilizer.encode(text, add_special_patches=True), dtype=torch.long)
+
+    def text_input(self, text: str) -> torch.Tensor:
+        """Lines deduplicated (first occurrence kept, where the official ``set`` order is random),
+        joined with the separator token, tokenized with special tokens and no truncation."""
+        if self.tokenizer is None:
+            raise RuntimeError("text inputs need a tokenizer (FeatureExtractor(tokenizer=...))")
+        lines = [line for line in dict.fromkeys(text.split("\n")) if line.strip()]
+        if not lines:
+            raise ValueError("text is empty")
+        ids = self.tokenizer(self.tokenizer.sep_token.join(lines))["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def audio_input(self, features: np.ndarray) -> torch.Tensor:
+        """MERT features -> ``[N + 2, D]`` with the official zero vector at both ends."""
+        width = self.model.model_config.audio["hidden_size"]
+        array = np.asarray(features, dtype=np.float32)
+        if array.size == 0 or array.size % width:
+            raise ValueError(f"MERT features of shape {array.shape} cannot be read as rows of {width}")
+        rows = torch.from_numpy(array.reshape(-1, width).copy())
+        zero = torch.zeros(1, width)
+        return torch.cat([zero, rows, zero], dim=0)
+
+    def read_input(self, path: str | Path) -> tuple[str, torch.Tensor]:
+        """(modality, model input) for one file, by extension."""
+        path = Path(path)
+        modality = MUSIC_EXTENSIONS.get(path.suffix.lower())
+        if modality is None:
+            raise ValueError(f"unsupported file type {path.suffix!r}")
+        if modality == "audio":
+            return modality, self.audio_input(np.load(path, allow_pickle=False))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError("file is empty")
+        if modality == "text":
+            return modality, self.text_input(text)
+        return modality, self.symbolic_input(text)
+
+    # ------------------------------------------------------------------ forward
+    def _pad_value(self, modality: str) -> int:
+        if modality == "text":
+            return int(self.model.model_config.text.get("pad_token_id", 1))
+        return 0
+
+    def _autocast(self):
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
+
+    def _batches(self, segments: list[_Segment]) -> list[list[_Segment]]:
+        """Longest first; each batch's padded size (count x longest) stays within the budget."""
+        ordered = sorted(segments, key=lambda s: s.end - s.start, reverse=True)
+        batches: list[list[_Segment]] = []
+        current: list[_Segment] = []
+        for seg in ordered:
+            longest = (current[0].end - current[0].start) if current else seg.end - seg.start
+            if current and longest * (len(current) + 1) > self.tokens_per_batch:
+                batches.append(current)
+                current = []
+            current.append(seg)
+        if current:
+            batches.append(current)
+        return batches
+
+    @torch.inference_mode()
+    def extract(
+        self, modality: str, inputs: Sequence[torch.Tensor], get_global: bool = True
+    ) -> list[np.ndarray]:
+        """Features of each input: ``(1, D)`` global or ``(1, N, hidden)`` per item, float32."""
+        seg_len = self.model.segment_length(modality)
+        segments = [
+            _Segment(piece, index, start, end)
+            for piece, x in enumerate(inputs)
+            for index, (start, end) in enumerate(segment_bounds(len(x), seg_len))
+        ]
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        pad = self._pad_value(modality)
+        projection = self.model.projection(modality)
+        for batch in self._batches(segments):
+            longest = batch[0].end - batch[0].start
+            first = inputs[batch[0].piece]
+            values = torch.full((len(batch), longest, *first.shape[1:]), pad, dtype=first.dtype)
+            mask = torch.zeros(len(batch), longest, dtype=torch.long)
+            for row, seg in enumerate(batch):
+                values[row, : seg.end - seg.start] = inputs[seg.piece][seg.start : seg.end]
+                mask[row, : seg.end - seg.start] = 1
+            values, mask = values.to(self.device), mask.to(self.device)
+            with self._autocast():
+                hidden = self.model.hidden_states(modality, values, mask).float()
+                if get_global:
+                    result = projection(masked_mean(hidden, mask)).float()
+            for row, seg in enumerate(batch):
+                if get_global:
+                    outputs[(seg.piece, seg.index)] = result[row].cpu()
+                else:
+                    outputs[(seg.piece, seg.index)] = hidden[row, : seg.end - seg.start].cpu()
+        return [self._combine(outputs, piece, len(x), seg_len, get_global) for piece, x in enumerate(inputs)]
+
+    @staticmethod
+    def _combine(outputs, piece: int, length: int, seg_len: int, get_global: bool) -> np.ndarray:
+        weights = segment_weights(length, seg_len)
+        parts = [outputs[(piece, i)] for i in range(len(weights))]
+        if get_global:
+            w = torch.tensor(weights, dtype=torch.float32).unsqueeze(-1)
+            stacked = torch.stack(parts)
+            feature = (stacked * w).sum(dim=0) / w.sum()
+            return feature.unsqueeze(0).numpy()
+        remainder = length % seg_len
+        if remainder:
+            parts[-1] = parts[-1][-remainder:]
+        return torch.cat(parts, dim=0).unsqueeze(0).numpy()

@@ -1,0 +1,197 @@
+"""Feature extraction against the official features, batched against one-at-a-time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import OFFICIAL, REPO_ROOT
+from features import FeatureExtractor, segment_bounds, segment_weights
+from modeling import ModelConfig, load_clamp3
+
+TINY = ["--weights", str(OFFICIAL / "model" / "tiny_clamp3.pth"),
+        "--model_config", str(OFFICIAL / "model" / "tiny_model_config.json")]
+SUBDIRS = ("int_abc", "int_abc_from_abc_inputs", "mtf")
+
+
+def run_extract(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "code" / "extract_clamp3.py"), *args, "--quiet"],
+                          capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def official_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    for sub in SUBDIRS:
+        shutil.copytree(OFFICIAL / "outputs" / sub, root / sub)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load_clamp3(ModelConfig.from_json(OFFICIAL / "model" / "tiny_model_config.json"),
+                       OFFICIAL / "model" / "tiny_clamp3.pth", attn_implementation="sdpa")
+
+
+def test_segmentation_rules():
+    assert segment_bounds(513, 512) == [(0, 512), (1, 513)]
+    assert segment_weights(513, 512) == [512, 1]
+    assert segment_bounds(1024, 512) == [(0, 512), (512, 1024)]
+    assert segment_weights(1024, 512) == [512, 512]
+    assert segment_bounds(30, 512) == [(0, 30)] and segment_weights(30, 512) == [30]
+
+
+def test_global_features_match_official(official_inputs, tmp_path):
+    result = run_extract(str(official_inputs), str(tmp_path), "--get_global", *TINY)
+    assert result.returncode == 0, result.stderr
+    expected = sorted((OFFICIAL / "features" / "global").rglob("*.npy"))
+    assert len(expected) == 62
+    segmented = 0
+    for ref_path in expected:
+        ours = np.load(tmp_path / ref_path.relative_to(OFFICIAL / "features" / "global"))
+        ref = np.load(ref_path)
+        assert ours.shape == ref.shape == (1, 32) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=str(ref_path))
+    cases = json.loads((OFFICIAL / "cases.json").read_text())
+    segmented = sum(1 for c in cases if c.get("n_segments", 0) > 1)
+    assert segmented == 18  # the long pieces were among those compared
+
+
+def test_nonglobal_features_match_official(official_inputs, tmp_path):
+    result = run_extract(str(official_inputs), str(tmp_path), *TINY)
+    assert result.returncode == 0, result.stderr
+    expected = sorted((OFFICIAL / "features" / "nonglobal").rglob("*.npy"))
+    assert len(expected) == 8
+    for ref_path in expected:
+        ours = np.load(tmp_path / ref_path.relative_to(OFFICIAL / "features" / "nonglobal"))
+        ref = np.load(ref_path)
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=str(ref_path))
+    means = json.loads((OFFICIAL / "features" / "nonglobal_mean.json").read_text())
+    for key, mean in means.items():
+        sub, name = key.split("/")[-2:]
+        if sub not in SUBDIRS:
+            continue
+        ours = np.load(tmp_path / sub / (name.rsplit(".", 1)[0] + ".npy"))
+        np.testing.assert_allclose(ours.astype(np.float64).mean(axis=1)[0], np.asarray(mean).reshape(-1),
+                                   rtol=0, atol=1e-5, err_msg=key)
+
+
+def official_style(model, modality, x, get_global, pad):
+    """The official loop: one segment per forward pass, padded to the full segment length."""
+    seg_len = model.segment_length(modality)
+    parts = []
+    for start, end in segment_bounds(len(x), seg_len):
+        values = torch.full((1, seg_len, *x.shape[1:]), pad, dtype=x.dtype)
+        mask = torch.zeros(1, seg_len, dtype=torch.long)
+        values[0, : end - start] = x[start:end]
+        mask[0, : end - start] = 1
+        with torch.no_grad():
+            out = model.features(modality, values, mask, get_global=get_global)
+        parts.append(out[0] if get_global else out[0, : end - start])
+    if get_global:
+        w = torch.tensor(segment_weights(len(x), seg_len), dtype=torch.float32).unsqueeze(-1)
+        return ((torch.stack(parts) * w).sum(0) / w.sum()).unsqueeze(0).numpy()
+    remainder = len(x) % seg_len
+    if remainder:
+        parts[-1] = parts[-1][-remainder:]
+    return torch.cat(parts).unsqueeze(0).numpy()
+
+
+@pytest.mark.parametrize("tokens_per_batch", [512, 4096, 100_000])
+def test_batched_equals_one_at_a_time(tiny_model, tokens_per_batch):
+    extractor = FeatureExtractor(tiny_model, tokens_per_batch=tokens_per_batch)
+    names = ["mtf/edge_exact_513_patches.mtf", "int_abc/weber_concertino_clarinet.abc",
+             "mtf/m21test_test01.mtf", "int_abc/demos_chord_realization_exercise.abc",
+             "int_abc_from_abc_inputs/josquin_adieuMesAmours_X1_n0_v1.abc"]
+    inputs = [extractor.symbolic_input((OFFICIAL / "outputs" / n).read_text(encoding="utf-8")) for n in names]
+    for get_global in (True, False):
+        batched = extractor.extract("symbolic", inputs, get_global=get_global)
+        for x, ours in zip(inputs, batched, strict=True):
+            ref = official_style(tiny_model, "symbolic", x, get_global, 0)
+            assert ours.shape == ref.shape
+            np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_audio_features_batched_equal_official_style(tiny_model):
+    extractor = FeatureExtractor(tiny_model, tokens_per_batch=300)
+    rng = np.random.default_rng(0)
+    inputs = [extractor.audio_input(rng.normal(size=(n, 32)).astype(np.float32)) for n in (3, 200, 127)]
+    assert inputs[0].shape == (5, 32) and not inputs[0][0].any() and not inputs[0][-1].any()
+    for ours, x in zip(extractor.extract("audio", inputs), inputs, strict=True):
+        np.testing.assert_allclose(ours, official_style(tiny_model, "audio", x, True, 0), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A small XLM-R-like tokenizer built offline (ids 0-3 are <s>, <pad>, </s>, <unk>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(200)]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", cls_token="<s>")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_text_and_audio_files_through_the_cli(tmp_path, word_tokenizer, tiny_model):
+    from transformers import AutoTokenizer
+
+    inputs = tmp_path / "in"
+    (inputs / "texts").mkdir(parents=True)
+    long_text = "\n".join(" ".join(f"w{(i * 7 + j) % 200}" for j in range(40)) for i in range(6))
+    (inputs / "texts" / "long.txt").write_text(long_text + "\n" + long_text.split("\n")[0], encoding="utf-8")
+    (inputs / "texts" / "short.txt").write_text("w1 w2 w3\n\nw4", encoding="utf-8")
+    np.save(inputs / "mert.npy", np.random.default_rng(1).normal(size=(1, 150, 32)).astype(np.float32))
+    out = tmp_path / "out"
+    result = run_extract(str(inputs), str(out), "--get_global", *TINY, f"--TEXT_MODEL_NAME={word_tokenizer}")
+    assert result.returncode == 0, result.stderr
+    extractor = FeatureExtractor(tiny_model, tokenizer=AutoTokenizer.from_pretrained(word_tokenizer))
+    long_ids = extractor.text_input(long_text)
+    assert len(long_ids) > 128  # segmented; the duplicated last line was dropped
+    assert long_ids[0] == 0 and long_ids[-1] == 2 and (long_ids == 2).sum() == 6
+    for name, x in [("texts/long.npy", long_ids),
+                    ("texts/short.npy", extractor.text_input("w1 w2 w3\n\nw4"))]:
+        np.testing.assert_allclose(np.load(out / name), official_style(tiny_model, "text", x, True, 1),
+                                   rtol=0, atol=1e-5)
+    audio = extractor.audio_input(np.load(inputs / "mert.npy"))
+    np.testing.assert_allclose(np.load(out / "mert.npy"), official_style(tiny_model, "audio", audio, True, 0),
+                               rtol=0, atol=1e-5)
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(OFFICIAL / "outputs" / "mtf" / "m21test_test01.mtf", inputs / "good piece $ [1].mtf")
+    (inputs / "empty.abc").write_bytes(b"")
+    (inputs / "latin1.abc").write_bytes("T:caf\xe9\nK:C\nabc|\n".encode("latin-1"))
+    (inputs / "broken.npy").write_bytes(b"not an array")
+    out, log = tmp_path / "out", tmp_path / "errors.jsonl"
+    result = run_extract(str(inputs), str(out), "--get_global", *TINY, "--error_log", str(log))
+    assert result.returncode == 0, result.stderr
+    assert "1 extracted" in result.stdout and "3 failed" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["extract_config.json", "good piece $ [1].npy"]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["file"].rsplit("/", 1)[-1] for r in records} == {"empty.abc", "latin1.abc", "broken.npy"}
+    assert all(r["reason"] for r in records)
+    # resume: the finished file is skipped, the failures are retried (and fail again)
+    again = run_extract(str(inputs), str(out), "--get_global", *TINY, "--error_log", str(log))
+    assert "0 extracted, 1 skipped" in again.stdout
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+    result = run_extract(str(tmp_path), str(tmp_path / "o"), "--EXTRACT_DTYPEE=bfloat16")
+    assert result.returncode == 2
+    assert "unknown config key 'EXTRACT_DTYPEE'" in result.stderr and "EXTRACT_DTYPE" in result.stderr
