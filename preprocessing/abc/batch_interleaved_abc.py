@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Standard ABC -> interleaved ABC, byte-identical to the official batch_interleaved_abc.py."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+try:
+    from preprocess import interleave
+except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "code"))
+    from preprocess import interleave
+from preprocess.batch import add_batch_arguments, run_from_args
+
+DESCRIPTION = """\
+Convert every .abc file under INPUT_DIR (recursively, extension in any case; one tune per file) to
+interleaved ABC at OUTPUT_DIR/<same relative path and name>. Output is byte-identical to the
+official script wherever that converts a file. Files it skips are converted too when possible:
+tunes without a `V:1` line (plain folk ABC, lead sheets), inline [V:n] voice bodies, and chords with
+durations inside brackets such as [B2g2]. Tunes that cannot be interleaved (voices with different
+bar counts, no notes, several tunes in one file) are listed with a reason in the error log.
+Files that are not valid UTF-8 are read as Latin-1 unless --strict_utf8 is given.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_arguments(parser, default_log="logs/interleave_errors.jsonl")
+    parser.add_argument("--strict_utf8", action="store_true",
+                        help="report files that are not valid UTF-8 instead of reading them as Latin-1")
+    args = parser.parse_args(argv)
+    convert = functools.partial(interleave.convert_file, latin1_fallback=not args.strict_utf8)
+    return run_from_args(args, convert, extensions=interleave.ABC_EXTENSIONS,
+                         output_name=lambda relative: relative, name="interleave")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
