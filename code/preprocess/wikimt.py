@@ -1,0 +1,177 @@
+"""WikiMT-X loader: lead sheets through the training interleaving, texts split per type.
+
+Input: the WikiMT-X JSONL (keys ``leadsheet, title, artists, genre, background, analysis,
+description, scene``). Output under ``output_dir``::
+
+    abc/<id>.abc                   the lead sheet as interleaved ABC (``interleave_abc``)
+    text/<text_type>/<id>.txt      one file per piece and text type (background, analysis,
+                                   description, scene); missing texts are left out
+    wikimt.jsonl                   {"id", "filepaths": ["abc/<id>.abc"], "title", "artists",
+                                    "genre", "background", "analysis", "description", "scene"}
+    wikimt_failures.jsonl          {"line", "id", "title", "reason"} for every piece left out
+
+``id`` is the record's own ``id`` when it has one, otherwise its position among the records,
+zero-padded (``0000``, ``0001``, ...), so ids are stable for a given file. A piece that fails is
+reported and the rest goes on; outputs of a failed piece left by an earlier run are removed, so the
+folder never pairs a text with stale music.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fileio import atomic_write_text
+from tqdm import tqdm
+
+from preprocess.batch import ConversionError, describe_exception
+from preprocess.pdmx import clean_text, parse_list, write_jsonl
+
+TEXT_TYPES = ("background", "analysis", "description", "scene")
+RECORDS_NAME = "wikimt.jsonl"
+FAILURES_NAME = "wikimt_failures.jsonl"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class WikiMTError(Exception):
+    """An input that cannot be read at all; names the file."""
+
+
+@dataclass
+class WikiMTSummary:
+    pieces: int = 0
+    written: int = 0
+    failed: int = 0
+    failures: Counter = field(default_factory=Counter)
+    missing_text: Counter = field(default_factory=Counter)  # text type -> pieces without it
+
+    def lines(self) -> list[str]:
+        out = [f"pieces read: {self.pieces}", f"written: {self.written}", f"failed: {self.failed}"]
+        out += [f"  {reason}: {n}" for reason, n in sorted(self.failures.items())]
+        if self.missing_text:
+            out.append("pieces without a text: " + ", ".join(f"{t} {n}" for t, n in sorted(self.missing_text.items())))
+        return out
+
+
+def read_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """(line number, text) of every non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise WikiMTError(f"WikiMT-X file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise WikiMTError(f"{path}: not UTF-8 (byte {exc.start})") from exc
+    return [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def text_value(value: object) -> str | list[str] | None:
+    """A clean metadata value: a string, a list of strings, or None when empty."""
+    if isinstance(value, list):
+        items = parse_list(value)
+        return items or None
+    return clean_text(value)
+
+
+def long_text(value: object) -> str | None:
+    """A long English text with its line breaks kept (only surrounding blank space trimmed)."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    return text if clean_text(text) is not None else None
+
+
+def convert_piece(obj: dict) -> tuple[str, dict[str, str]]:
+    """(interleaved ABC, {text type: text}) of one record; raises ConversionError with a reason."""
+    from preprocess.interleave import interleave_abc
+
+    leadsheet = obj.get("leadsheet")
+    if not isinstance(leadsheet, str) or not leadsheet.strip():
+        raise ConversionError("no leadsheet", stage="read")
+    try:
+        abc = interleave_abc(leadsheet)
+    except ConversionError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of one lead sheet is reported, not fatal
+        raise ConversionError(describe_exception(exc), stage="interleave") from exc
+    if not abc.strip():
+        raise ConversionError("interleaving produced no output", stage="interleave")
+    texts = {t: v for t in TEXT_TYPES if (v := long_text(obj.get(t))) is not None}
+    return abc, texts
+
+
+def _remove_outputs(output_dir: Path, pid: str) -> None:
+    for path in [output_dir / "abc" / f"{pid}.abc"] + [output_dir / "text" / t / f"{pid}.txt" for t in TEXT_TYPES]:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, progress: bool = True) -> WikiMTSummary:
+    """Convert every piece of the JSONL; see the module docstring for the layout."""
+    lines = read_lines(input_path)
+    output_dir = Path(output_dir)
+    summary = WikiMTSummary(pieces=len(lines))
+    records: list[dict] = []
+    failures: list[dict] = []
+    seen: set[str] = set()
+    width = max(4, len(str(len(lines) - 1)))
+
+    def fail(number: int, pid: str | None, title: object, reason: str) -> None:
+        summary.failed += 1
+        summary.failures[reason[:120]] += 1
+        failures.append({"line": number, "id": pid, "title": title if isinstance(title, str) else None,
+                         "reason": reason})
+        if pid is not None and _SAFE_ID.match(pid):
+            _remove_outputs(output_dir, pid)
+
+    for index, (number, line) in enumerate(tqdm(lines, desc="WikiMT-X", unit="piece", disable=not progress,
+                                                dynamic_ncols=True)):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            fail(number, None, None, f"not valid JSON: {exc.msg}")
+            continue
+        if not isinstance(obj, dict):
+            fail(number, None, None, "not a JSON object")
+            continue
+        own_id = obj.get("id")
+        pid = str(own_id).strip() if own_id is not None and str(own_id).strip() else f"{index:0{width}d}"
+        title = obj.get("title")
+        if not _SAFE_ID.match(pid):
+            fail(number, None, title, f"id {pid!r} is not usable as a file name")
+            continue
+        if pid in seen:
+            fail(number, None, title, f"duplicate id {pid!r}")
+            continue
+        seen.add(pid)
+        try:
+            abc, texts = convert_piece(obj)
+        except ConversionError as exc:
+            fail(number, pid, title, f"{exc.stage}: {exc.reason}")
+            continue
+        atomic_write_text(output_dir / "abc" / f"{pid}.abc", abc)
+        for text_type in TEXT_TYPES:
+            target = output_dir / "text" / text_type / f"{pid}.txt"
+            if text_type in texts:
+                atomic_write_text(target, texts[text_type])
+            else:
+                summary.missing_text[text_type] += 1
+                if target.exists():  # stale from an earlier run of a different file
+                    target.unlink()
+        record: dict = {"id": pid, "filepaths": [f"abc/{pid}.abc"]}
+        for key in ("title", "artists", "genre"):
+            value = text_value(obj.get(key))
+            if value is not None:
+                record[key] = value
+        record.update(texts)
+        records.append(record)
+        summary.written += 1
+    write_jsonl(output_dir / RECORDS_NAME, records)
+    write_jsonl(output_dir / FAILURES_NAME, failures)
+    return summary

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""WikiMT-X JSONL -> interleaved-ABC lead sheets and per-type text files for evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+try:
+    from preprocess import wikimt
+except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "code"))
+    from preprocess import wikimt
+from runconfig import resolve_path
+
+DESCRIPTION = f"""\
+Prepare WikiMT-X for retrieval evaluation. Each lead sheet goes through the same interleaving as
+the training data (preprocess.interleave.interleave_abc; single-voice ABC without V:1 is handled).
+
+Output (in --output_dir):
+  abc/<id>.abc                  interleaved ABC of the lead sheet
+  text/<text_type>/<id>.txt     text types: {", ".join(wikimt.TEXT_TYPES)}
+  {wikimt.RECORDS_NAME}                  {{"id", "filepaths": ["abc/<id>.abc"], "title", "artists", "genre",
+                                 {", ".join(f'"{t}"' for t in wikimt.TEXT_TYPES)}}}
+  {wikimt.FAILURES_NAME}         pieces left out: {{"line", "id", "title", "reason"}}
+<id> is the record's "id" if it has one, else its 0-based position in the file ("0000", ...).
+Files are written atomically; a failed piece does not stop the others.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="WikiMT-X JSONL file")
+    parser.add_argument("--output_dir", help="output folder (default: data/eval/wikimt)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any piece failed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    output_dir = Path(args.output_dir) if args.output_dir else resolve_path("data/eval/wikimt")
+    try:
+        summary = wikimt.prepare(args.input, output_dir, progress=not args.quiet)
+    except (wikimt.WikiMTError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    print(f"written to {output_dir}" + (f" (failures listed in {output_dir / wikimt.FAILURES_NAME})"
+                                        if summary.failed else ""))
+    return 1 if args.strict and summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
