@@ -44,7 +44,9 @@ def test_text_fields_are_clean_and_deduplicated(parsed):
     }  # publisher "nan" is left out
     moon = records["QmMoon0002"]["text"]
     # title "nan" -> the song name stands in; whitespace collapsed; "None"/"[]"/"" subtitles etc. gone
-    assert moon == {"title": "Moonlight Sonata", "publisher": "MuseScore Publishing"}
+    assert moon == {"title": "Moonlight Sonata", "genres": ["classical"],
+                    "tags": ["beethoven", "sonata", "piano"],  # PDMX's own "-"-joined list form
+                    "publisher": "MuseScore Publishing"}
     ave = records["QmABB00006"]["text"]
     assert ave["title"] == "Ave Maria"
     assert "subtitle" not in ave  # "ave maria" only repeats the title
@@ -73,6 +75,16 @@ def test_paths_are_relative_to_base_dir_and_lose_dot_slash(parsed):
     sakura = by_id(parsed[0])["QmNoMxl003"]
     assert "mxl" not in sakura["paths"] and sakura["paths"]["mid"] == "mid/Q/Qm/QmNoMxl003.mid"
     assert sakura["text"]["title"] == "Sakura Sakura さくらさくら"
+
+
+def test_dash_joined_lists_from_the_pdmx_wrangling_code(tmp_path):
+    records, _, _ = pdmx.parse_pdmx(SAMPLE, tmp_path, subset="all", progress=False)
+    assert by_id(records)["QmConflict"]["text"]["genres"] == ["soundtrack", "rock", "n", "roll"]
+    # only list columns are split, and only letters-and-dashes text
+    assert pdmx.parse_list("hip-hop", dash_joined=True) == ["hip", "hop"]
+    assert pdmx.parse_list("Hip-Hop", dash_joined=True) == ["Hip-Hop"]
+    assert pdmx.parse_list("['hip-hop']", dash_joined=True) == ["hip-hop"]
+    assert pdmx.parse_list("hip-hop") == ["hip-hop"]
 
 
 def test_drops_are_reported_with_reasons(parsed):

@@ -101,9 +101,15 @@ def clean_text(value: Any) -> str | None:
     return text
 
 
-def parse_list(value: Any) -> list[str]:
+# PDMX's own wrangling code stores genres/groups/tags as lower-case letters-only items joined by "-"
+# ("classical-piano"); the letters-only rule means a "-" there can only be a separator.
+_DASH_JOINED = re.compile(r"^[a-z]+(?:-[a-z]+)+$")
+
+
+def parse_list(value: Any, dash_joined: bool = False) -> list[str]:
     """A list-valued cell ("['a', 'b']", '["a"]', "a, b" inside brackets, or a plain "a") as clean,
-    case-insensitively deduplicated strings in their first-seen order."""
+    case-insensitively deduplicated strings in their first-seen order. With ``dash_joined``, a
+    PDMX-style "classical-piano" is split too."""
     if isinstance(value, (list, tuple)):
         items: list[Any] = list(value)
     else:
@@ -111,7 +117,9 @@ def parse_list(value: Any) -> list[str]:
         if text is None:
             return []
         items = [text]
-        if text.startswith("[") and text.endswith("]"):
+        if dash_joined and _DASH_JOINED.match(text):
+            items = text.split("-")
+        elif text.startswith("[") and text.endswith("]"):
             try:
                 parsed = ast.literal_eval(text)
             except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -189,7 +197,7 @@ def build_text_fields(row: dict[str, Any]) -> dict[str, Any]:
     if artists:
         text["artists"] = artists
     for column in ("genres", "tags"):
-        values = parse_list(row.get(column))
+        values = parse_list(row.get(column), dash_joined=True)
         if values:
             text[column] = values
     publisher = clean_text(row.get("publisher"))
