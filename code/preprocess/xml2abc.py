@@ -149,10 +149,8 @@ def read_musicxml(path: str | os.PathLike) -> bytes:
                               stage="read") from exc
 
 
-def _explain_failure(exc: BaseException, data: bytes) -> str:
-    """A reason a person can act on, for an exception raised inside xml2abc's parser."""
-    if isinstance(exc, ElementTree.ParseError):
-        return f"invalid XML: {exc}"
+def _document_problem(data: bytes) -> str | None:
+    """Why ``data`` is not a MusicXML document xml2abc can read, or None if it looks like one."""
     try:
         root = ElementTree.fromstring(data)
     except ElementTree.ParseError as parse_error:
@@ -164,8 +162,15 @@ def _explain_failure(exc: BaseException, data: bytes) -> str:
         return f"not a MusicXML score (root element <{tag}>, expected <score-partwise>)"
     if root.find("part-list") is None:
         return "MusicXML score without a <part-list>"
+    return None
+
+
+def _explain_failure(exc: BaseException, data: bytes) -> str:
+    """A reason a person can act on, for an exception raised inside xml2abc's parser."""
+    if isinstance(exc, ElementTree.ParseError):
+        return f"invalid XML: {exc}"
     message = " ".join(str(exc).split()) or "no message"
-    return f"xml2abc failed: {type(exc).__name__}: {message}"
+    return _document_problem(data) or f"xml2abc failed: {type(exc).__name__}: {message}"
 
 
 def musicxml_to_abc(data: bytes, name: str = "input.xml", messages: list[str] | None = None) -> str:
@@ -200,8 +205,8 @@ def musicxml_to_abc(data: bytes, name: str = "input.xml", messages: list[str] | 
             messages.extend(log)
     text = output.outfile.getvalue()
     if not text:
-        reason = next((m for m in log if "nothing written" in m), "xml2abc wrote no output")
-        raise ConversionError(reason.replace("-- ", "", 1), stage="convert")
+        reason = _document_problem(data) or "the score has no notes (xml2abc wrote nothing)"
+        raise ConversionError(reason, stage="convert")
     return text
 
 
