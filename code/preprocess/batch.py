@@ -173,18 +173,20 @@ def run_batch(
             tasks.append(_Task(input_dir / rel, target, rel))
     log_path = Path(error_log) if error_log else None
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+    # The pool is forked before tqdm starts its monitor thread: forking a threaded process can
+    # deadlock the child.
+    if workers == 1:
+        _init_worker(convert, max_bytes, timeout)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        results = map(_run_task, tasks)
+        pool = None
+    else:
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(convert, max_bytes, timeout))
+        results = pool.imap_unordered(_run_task, tasks, chunksize=4)
     bar = tqdm(total=len(tasks), desc=name, unit="file", disable=not progress, dynamic_ncols=True)
     log_file = None
     try:
-        if workers == 1:
-            _init_worker(convert, max_bytes, timeout)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            results = map(_run_task, tasks)
-            pool = None
-        else:
-            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(convert, max_bytes, timeout))
-            results = pool.imap_unordered(_run_task, tasks, chunksize=4)
         for task, status, stage, reason in results:
             bar.update(1)
             if status == "converted":
@@ -198,13 +200,17 @@ def run_batch(
             if log_path is not None:
                 if log_file is None:
                     log_path.parent.mkdir(parents=True, exist_ok=True)
-                    log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the batch
+                    # backslashreplace: a file name that is not valid UTF-8 (a lone surrogate from
+                    # os.fsdecode) is written as a JSON \udcXX escape instead of crashing the batch.
+                    log_file = open(log_path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
                 log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                 log_file.flush()
         if pool is not None:
             pool.close()
             pool.join()
     finally:
+        if pool is not None:
+            pool.terminate()  # after an interrupt or error: no orphaned workers
         bar.close()
         if log_file is not None:
             log_file.close()
@@ -247,5 +253,5 @@ def run_from_args(args: argparse.Namespace, convert: Callable, *, extensions: It
         error_log=args.error_log, overwrite=args.overwrite, max_bytes=int(args.max_mb * 2**20),
         timeout=args.timeout, progress=not args.quiet,
     )
-    print(summary.line(name) + (f" (errors logged to {args.error_log})" if summary.failed else ""))
+    print(summary.line(name) + (f" (errors logged to {args.error_log})" if summary.failed and args.error_log else ""))
     return 1 if args.strict and summary.failed else 0
