@@ -30,7 +30,7 @@ Output (in --output_dir):
 All three are written atomically. Rows outside the subset are only counted.
 
 genres/tags may be list strings ("['classical', 'piano']") or PDMX's "classical-piano" form.
-A row is dropped when it has no mxl and no mid path, no usable text (NaN, "nan", "[]", "None"
+A row is dropped when it has no mxl and no mid path, no usable text (NaN, "nan", "NA", "[]", "None"
 and empty strings do not count), a path outside the data root, or the same id as an earlier row.
 """
 

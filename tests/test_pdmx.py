@@ -74,7 +74,9 @@ def test_paths_are_relative_to_base_dir_and_lose_dot_slash(parsed):
     # a row without mxl keeps its MIDI
     sakura = by_id(parsed[0])["QmNoMxl003"]
     assert "mxl" not in sakura["paths"] and sakura["paths"]["mid"] == "mid/Q/Qm/QmNoMxl003.mid"
-    assert sakura["text"]["title"] == "Sakura Sakura さくらさくら"
+    # "NA" (PDMX's missing-value marker) in subtitle, artist and publisher is dropped
+    assert sakura["text"] == {"title": "Sakura Sakura さくらさくら", "artists": ["Traditional"],
+                              "genres": ["folk"], "tags": ["japanese", "folk", "koto"]}
 
 
 def test_dash_joined_lists_from_the_pdmx_wrangling_code(tmp_path):
@@ -139,6 +141,8 @@ def test_check_files_removes_paths_of_absent_files(tmp_path):
         ("[classical, piano]", ["classical", "piano"]),  # not a literal: split on commas
         ("jazz", ["jazz"]),
         ("['None', 'nan', 'x']", ["x"]),
+        ("NA", []),
+        ("['Na', 'NA']", ["Na"]),
     ],
 )
 def test_parse_list(value, expected):

@@ -96,7 +96,9 @@ def clean_text(value: Any) -> str | None:
     if _is_null(value):
         return None
     text = " ".join(str(value).split())
-    if text.casefold() in _NULL_STRINGS:
+    # "NA" is the missing-value marker PDMX's wrangling code writes; only the upper-case spelling
+    # is treated as missing so that a real word such as "Na" survives.
+    if text.casefold() in _NULL_STRINGS or text == "NA":
         return None
     return text
 
