@@ -246,8 +246,11 @@ def _to_voice_layout(text: str) -> list[str]:
             # abctoolkit cannot split music after the last barline (and drops nothing before it).
             chunks[-1] += " |"
         out.append(f"V:{number[ident]}\n")
-        # A line break separates notes like a space does; abctoolkit deletes newlines inside a bar.
-        out.extend(chunk + " \n" for chunk in voices[ident])
+        # A line break separates notes like a space does, but abctoolkit deletes newlines inside a
+        # bar: keep a space after music (not after an inline field, which binds to what follows).
+        out.extend(chunk + ("\n" if chunk.startswith("[") and chunk.endswith("]") and
+                            not _utils.remove_square_bracket_information_field(chunk) else " \n")
+                   for chunk in chunks)
     return out
 
 
