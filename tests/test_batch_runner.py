@@ -1,0 +1,176 @@
+"""The MIDI batch scripts end to end (real files, real processes): failure log, resume, sharding,
+odd file names, --strict, and no leftover temporary files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import OFFICIAL, REPO_ROOT
+
+MIDI2MTF = REPO_ROOT / "preprocessing" / "midi" / "batch_midi2mtf.py"
+MTF2MIDI = REPO_ROOT / "preprocessing" / "midi" / "batch_mtf2midi.py"
+MID_DIR = OFFICIAL / "inputs" / "mid"
+MTF_DIR = OFFICIAL / "outputs" / "mtf"
+
+# Relative input path -> official fixture it is a copy of. Names a shell would mangle on purpose.
+GOOD_FILES = {
+    "plain.mid": "m21test_test01.mid",
+    "sub dir/it's $HOME [1] (x).MID": "edge_multitrack_8.mid",
+    'quotes "double" & `tick`;rm -rf x.mid': "edge_sysex_pitchwheel_cc.mid",
+    "ünïcødé/naïve fïlé.Midi": "m21write_demos_drum_sample.mid",
+    "a.b.c.midi": "edge_type1_text_metas.mid",
+    "nested/deeper/-leading-dash.mid": "m21test_test16.mid",
+}
+BAD_FILES = ["bad/empty.mid", "bad/random.mid", "bad/truncated.mid", "bad/huge.mid"]
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mtf_name(relative: str) -> str:
+    return relative.rsplit(".", 1)[0] + ".mtf"
+
+
+@pytest.fixture
+def input_dir(tmp_path: Path, official_dir) -> Path:
+    root = tmp_path / "in put"
+    for relative, fixture in GOOD_FILES.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(MID_DIR / fixture, root / relative)
+    (root / "bad").mkdir()
+    (root / "bad/empty.mid").write_bytes(b"")
+    shutil.copyfile(MID_DIR / "malformed_random.mid", root / "bad/random.mid")
+    (root / "bad/truncated.mid").write_bytes((MID_DIR / "m21test_test06.mid").read_bytes()[:500])
+    # Over the --max_mb limit the tests pass (0.05 MiB).
+    (root / "bad/huge.mid").write_bytes((MID_DIR / "m21test_test01.mid").read_bytes() + bytes(80_000))
+    (root / "notes.txt").write_text("not a MIDI file")
+    (root / ".hidden.mid").write_bytes(b"")
+    return root
+
+
+def run_script(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix != ".mtf")]
+
+
+@pytest.mark.parametrize("script", [MIDI2MTF, MTF2MIDI], ids=lambda p: p.name)
+def test_help_from_another_directory(script, tmp_path):
+    result = run_script(script, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--num_shards" in result.stdout and "--strict" in result.stdout
+
+
+def test_batch_logs_bad_files_converts_good_ones_and_resumes(input_dir, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "logs" / "errors.jsonl"
+    args = [str(input_dir), str(out), "--m3_compatible", "--workers", "2", "--max_mb", "0.05",
+            "--error_log", str(log), "--quiet"]
+    first = run_script(MIDI2MTF, *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "6 converted, 0 skipped (already done), 4 failed" in first.stdout
+
+    for relative, fixture in GOOD_FILES.items():
+        assert (out / mtf_name(relative)).read_bytes() == (MTF_DIR / mtf_name(fixture)).read_bytes(), relative
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mtf")) == sorted(map(mtf_name, GOOD_FILES))
+    assert leftovers(out) == []
+
+    records = read_log(log)
+    assert sorted(Path(r["file"]).relative_to(input_dir).as_posix() for r in records) == sorted(BAD_FILES)
+    for record in records:
+        assert record["stage"] and record["reason"].strip(), record
+    reasons = {Path(r["file"]).name: r["reason"] for r in records}
+    assert "empty" in reasons["empty.mid"]
+    assert "MThd" in reasons["random.mid"]
+    assert "truncated" in reasons["truncated.mid"]
+    assert "too large" in reasons["huge.mid"]
+
+    # Resume: finished files are skipped, the failing ones are tried (and logged) again.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.mtf")}
+    second = run_script(MIDI2MTF, *args, cwd=tmp_path)
+    assert second.returncode == 0
+    assert "0 converted, 6 skipped (already done), 4 failed" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mtf")} == before
+    assert len(read_log(log)) == 2 * len(BAD_FILES)
+
+    # --strict: exit 1 while something fails, 0 once every file converts.
+    assert run_script(MIDI2MTF, *args, "--strict", cwd=tmp_path).returncode == 1
+    shutil.rmtree(input_dir / "bad")
+    assert run_script(MIDI2MTF, *args, "--strict", cwd=tmp_path).returncode == 0
+
+
+def test_default_error_log_is_relative_to_the_working_directory(input_dir, tmp_path):
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    result = run_script(MIDI2MTF, str(input_dir / "bad"), str(tmp_path / "out"), "--quiet", "--workers", "1",
+                        "--max_mb", "0.05", cwd=work)
+    assert result.returncode == 0
+    assert len(read_log(work / "logs" / "midi2mtf_error_log.jsonl")) == len(BAD_FILES)
+
+
+def test_shards_partition_the_files(input_dir, tmp_path):
+    script = load_script(MIDI2MTF)
+    handled = []
+    for shard in range(3):
+        out, log = tmp_path / f"shard{shard}", tmp_path / f"shard{shard}.jsonl"
+        status = script.main([str(input_dir), str(out), "--num_shards", "3", "--shard_index", str(shard),
+                              "--workers", "1", "--max_mb", "0.05", "--error_log", str(log), "--quiet"])
+        assert status == 0
+        converted = [p.relative_to(out).as_posix() for p in out.rglob("*.mtf")] if out.exists() else []
+        failed = [Path(r["file"]).relative_to(input_dir).as_posix() for r in read_log(log)] if log.exists() else []
+        handled.append(set(converted) | {mtf_name(f) for f in failed})
+    every_file = {mtf_name(f) for f in [*GOOD_FILES, *BAD_FILES]}
+    assert sum(len(h) for h in handled) == len(every_file)  # no file in two shards
+    assert set().union(*handled) == every_file  # and none left out
+    assert handled[0] != handled[1]
+    assert script.main([str(input_dir), str(tmp_path / "x"), "--num_shards", "3", "--shard_index", "3"]) == 2
+
+
+def test_file_name_that_is_not_utf8(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    try:
+        bad_name = root / os.fsdecode(b"caf\xe9 \xff.mid")
+        bad_name.write_bytes((MID_DIR / "m21test_test05.mid").read_bytes())
+        (root / os.fsdecode(b"broken \xfe.mid")).write_bytes(b"MThd")
+    except (OSError, UnicodeError):
+        pytest.skip("the file system refuses names that are not UTF-8")
+    script = load_script(MIDI2MTF)
+    log = tmp_path / "log.jsonl"
+    assert script.main([str(root), str(tmp_path / "out"), "--m3_compatible", "--workers", "1",
+                        "--error_log", str(log), "--quiet"]) == 0
+    assert (tmp_path / "out" / os.fsdecode(b"caf\xe9 \xff.mtf")).read_bytes() == (MTF_DIR / "m21test_test05.mtf").read_bytes()
+    (record,) = read_log(log)
+    assert os.fsencode(record["file"]).endswith(b"broken \xfe.mid") and record["reason"].strip()
+
+
+def test_mtf_to_midi_batch_round_trip(input_dir, tmp_path):
+    midi2mtf, mtf2midi = load_script(MIDI2MTF), load_script(MTF2MIDI)
+    common = ["--workers", "1", "--quiet", "--error_log", str(tmp_path / "log.jsonl")]
+    assert midi2mtf.main([str(input_dir), str(tmp_path / "mtf1"), *common]) == 0
+    (tmp_path / "mtf1" / "broken.MTF").write_text("not an MTF text", encoding="utf-8")
+    assert mtf2midi.main([str(tmp_path / "mtf1"), str(tmp_path / "mid"), *common, "--strict"]) == 1
+    assert mtf2midi.main([str(tmp_path / "mtf1"), str(tmp_path / "mid"), *common]) == 0
+    assert midi2mtf.main([str(tmp_path / "mid"), str(tmp_path / "mtf2"), *common]) == 0
+    first = {p.relative_to(tmp_path / "mtf1"): p.read_bytes() for p in (tmp_path / "mtf1").rglob("*.mtf")}
+    second = {p.relative_to(tmp_path / "mtf2"): p.read_bytes() for p in (tmp_path / "mtf2").rglob("*.mtf")}
+    assert len(second) == len(GOOD_FILES) + 1  # + bad/huge.mid: valid MIDI with trailing junk
+    assert second == {k: v for k, v in first.items() if k.name != "broken.MTF"}
+    assert "parse_mtf" in {r["stage"] for r in read_log(tmp_path / "log.jsonl")}
