@@ -255,7 +255,8 @@ def test_round_trip_keeps_unusual_messages():
 
 
 @pytest.mark.parametrize("bad", ["", "hello", "ticks_per_beat 480\nnote_on x 0 60 1",
-                                 "ticks_per_beat 480\nwhatever 0", "ticks_per_beat 99999"])
+                                 "ticks_per_beat 480\nwhatever 0", "ticks_per_beat 99999",
+                                 "ticks_per_beat 480\nnote_on 0 0 200 1", "ticks_per_beat 480\nnote_on -1 0 60 1"])
 def test_bad_mtf_is_reported(bad):
     with pytest.raises(MtfFormatError) as info:
         mtf_to_midi(bad)

@@ -433,6 +433,8 @@ def _mtf_event(line: str) -> tuple[int, bytes]:
             values = [(pitch + 8192) & 0x7F, (pitch + 8192) >> 7]
         elif len(values) != (1 if status in (0xC0, 0xD0) else 2):
             raise ValueError("wrong number of values")
+        if not all(0 <= v <= 127 for v in values):
+            raise ValueError("data values must be in 0..127")
         return delta, bytes([status | channel, *values])
     if kind == "sysex":
         delta_text, _, data_text = rest.partition(" ")
@@ -446,8 +448,8 @@ def _mtf_event(line: str) -> tuple[int, bytes]:
             values = [(values[0] << 4) | values[1]]
         elif kind == "songpos":
             values = [values[0] & 0x7F, values[0] >> 7]
-        if len(values) != size:
-            raise ValueError("wrong number of values")
+        if len(values) != size or not all(0 <= v <= 127 for v in values):
+            raise ValueError("wrong number of values or a value outside 0..127")
         return delta, bytes([status, *values])
 
     # Meta messages: the delta is the last field.
