@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from xml.etree import ElementPath, ElementTree
 
 import pytest
 from conftest import OFFICIAL, REPO_ROOT
@@ -205,3 +206,23 @@ def test_batch_script_odd_names_and_failures(tmp_path):
 def test_script_help_runs_from_any_directory(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "--num_shards" in result.stdout and ".musicxml" in result.stdout
+
+
+def test_fast_elementpath_matches_elementpath():
+    """The plain-path fast lookups return what ElementPath returns, element for element."""
+    root = ElementTree.fromstring(xml2abc.read_musicxml(XML_DIR / "demos_multiple-verses.xml"))
+    paths = {"note/pitch", "pitch/step", "notations/tuplet", "measure/note/pitch/alter", "missing/step",
+             "attributes/key/fifths", "direction/direction-type/words", "lyric/text", "part-list/score-part"}
+    for parent in root.iter():
+        for child in parent:
+            paths.add(f"{parent.tag}/{child.tag}")
+            paths.update(f"{child.tag}/{grandchild.tag}" for grandchild in child)
+    originals = xml2abc._ELEMENTPATH_ORIGINALS
+    elements = list(root.iter())[:: max(1, len(list(root.iter())) // 400)]
+    for elem in elements:
+        for path in paths:
+            assert xml2abc._fast_find(elem, path) is originals["find"](elem, path)
+            assert xml2abc._fast_findall(elem, path) == originals["findall"](elem, path)
+            assert xml2abc._fast_findtext(elem, path, -1) == originals["findtext"](elem, path, -1)
+    assert xml2abc._plain_tags("a/*", None) is None and xml2abc._plain_tags("./a/b", None) is None
+    assert ElementPath.find is originals["find"]  # restored after every conversion

@@ -16,6 +16,12 @@ xml2abc copy that ``abctoolkit`` bundles is imported once and driven as a librar
   ``K:`` line; abctoolkit writes ``!stemless!`` and no ``U:`` line. ``_VendoredNote`` and
   ``_VendoredOutput`` restore the vendored behaviour during a conversion (see their docstrings),
   so the bytes match the official ones for such scores too.
+* **Speed.** xml2abc looks up child paths such as ``pitch/step`` hundreds of thousands of times;
+  the C ``Element.find`` hands every path containing ``/`` to the pure-Python ``ElementPath``
+  module, whose selector cache (100 entries) xml2abc's many distinct paths keep flushing. During a
+  conversion, ``ElementPath.find/findall/findtext`` get a fast path for plain ``tag/tag`` paths
+  that walks the same children in the same order with the C single-tag lookups (same results,
+  see tests); other paths go to the original functions.
 * **Inputs the official script drops are converted**: an ``.mxl`` whose score member ends in
   ``.musicxml`` (the official code only opens ``*.xml`` members, so ``fobj`` is never set), plain
   ``.musicxml`` files, and files whose content does not match their extension (a zip archive
@@ -27,10 +33,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import types
 import zipfile
 from pathlib import Path
-from xml.etree import ElementTree
+from xml.etree import ElementPath, ElementTree
 
 from abctoolkit import xml2abc as _x2a  # NOT abctoolkit.convert: importing it runs a shell command
 
@@ -98,6 +105,69 @@ class _VendoredOutput(_x2a.ABCoutput):
         # abctoolkit resets the flag to 0 after every stemless note; the vendored script sets it to 1.
         if value:
             self.saw_stemless = True
+
+
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-]+)+")
+_plain_paths: dict[str, tuple[str, ...] | None] = {}
+_ELEMENTPATH_ORIGINALS = {name: getattr(ElementPath, name) for name in ("find", "findall", "findtext")}
+
+
+def _plain_tags(path: str, namespaces) -> tuple[str, ...] | None:
+    """``("a", "b")`` for a path ``a/b`` of plain tag names, None for anything ElementPath must parse."""
+    if namespaces:
+        return None
+    try:
+        return _plain_paths[path]
+    except KeyError:
+        tags = tuple(path.split("/")) if _PLAIN_PATH.fullmatch(path) else None
+        if len(_plain_paths) < 4096:
+            _plain_paths[path] = tags
+        return tags
+
+
+def _first_match(elem, tags: tuple[str, ...]):
+    # ElementPath's order: every child matching tags[0] in document order, then depth first.
+    if len(tags) == 1:
+        return elem.find(tags[0])
+    for child in elem.findall(tags[0]):
+        found = _first_match(child, tags[1:])
+        if found is not None:
+            return found
+    return None
+
+
+def _all_matches(elem, tags: tuple[str, ...]) -> list:
+    level = [elem]
+    for tag in tags:
+        level = [child for parent in level for child in parent.findall(tag)]
+    return level
+
+
+def _fast_find(elem, path, namespaces=None):
+    tags = _plain_tags(path, namespaces)
+    if tags is None:
+        return _ELEMENTPATH_ORIGINALS["find"](elem, path, namespaces)
+    return _first_match(elem, tags)
+
+
+def _fast_findall(elem, path, namespaces=None):
+    tags = _plain_tags(path, namespaces)
+    if tags is None:
+        return _ELEMENTPATH_ORIGINALS["findall"](elem, path, namespaces)
+    return _all_matches(elem, tags)
+
+
+def _fast_findtext(elem, path, default=None, namespaces=None):
+    tags = _plain_tags(path, namespaces)
+    if tags is None:
+        return _ELEMENTPATH_ORIGINALS["findtext"](elem, path, default, namespaces)
+    found = _first_match(elem, tags)
+    if found is None:
+        return default
+    return found.text or ""
+
+
+_FAST_ELEMENTPATH = {"find": _fast_find, "findall": _fast_findall, "findtext": _fast_findtext}
 
 
 def _pick_score_member(archive: zipfile.ZipFile) -> str:
@@ -187,6 +257,8 @@ def musicxml_to_abc(data: bytes, name: str = "input.xml", messages: list[str] | 
     _x2a.abcOut = output
     _x2a.info = lambda text, warn=1: log.append(("-- " if warn else "") + text)
     _x2a.Note = _VendoredNote
+    for function_name, function in _FAST_ELEMENTPATH.items():
+        setattr(ElementPath, function_name, function)
     try:
         _x2a.Parser(options).parse(io.BytesIO(data))
     except (TimeoutError, MemoryError, KeyboardInterrupt):
@@ -196,6 +268,8 @@ def musicxml_to_abc(data: bytes, name: str = "input.xml", messages: list[str] | 
     except Exception as exc:  # noqa: BLE001 - xml2abc raises anything on bad input
         raise ConversionError(_explain_failure(exc, data), stage="convert") from exc
     finally:
+        for function_name, function in _ELEMENTPATH_ORIGINALS.items():
+            setattr(ElementPath, function_name, function)
         for key, value in saved.items():
             if value is None:
                 _x2a.__dict__.pop(key, None)
