@@ -17,8 +17,10 @@ It differs where the official script loses files:
   several sections) are first rewritten into the layout the steps expect, the one xml2abc writes:
   header up to the first ``K:`` line, voice declarations with attributes, then for each voice a
   bare ``V:n`` line followed by its music (``_to_voice_layout``). Body fields that change the music
-  (``K: L: M: Q: P:``) become inline fields, comments and other body fields are dropped, and no
-  note is lost. The rewritten text then goes through the same official steps.
+  (``K: L: M: Q: P:``) become inline fields, comments, backslash continuations, other body fields and
+  header lines that are not fields are dropped, a barline ending one line and one starting the
+  next are merged (``:|`` + ``|:`` -> ``::``), a final barline is added if missing, and no note is
+  lost. The rewritten text then goes through the same official steps.
 
 Input that still cannot be interleaved (voices with different bar counts, no notes, several tunes
 in one text, no ``K:`` line) raises ``ConversionError`` with the reason.
@@ -196,8 +198,10 @@ def _to_voice_layout(text: str) -> list[str]:
     for line in lines[: key_index + 1]:
         if line.startswith("V:"):
             voice(line[2:])
-        else:
+        elif _FIELD_LINE.match(line) or line.startswith("%"):
             header.append(line)
+        # Anything else in a header is a typo (e.g. "3/8=120" missing its "Q:"): no ABC reader
+        # gives it a meaning, and as a metadata line it would look like music to the encoder.
 
     current: str | None = None
     for line in lines[key_index + 1 :]:
@@ -241,17 +245,50 @@ def _to_voice_layout(text: str) -> list[str]:
         if ident in number:
             out.append(f"V:{number[ident]}{attributes}\n")
     for ident in used:
-        chunks = voices[ident]
-        if not chunks[-1].endswith(tuple(_utils.Barlines)):
-            # abctoolkit cannot split music after the last barline (and drops nothing before it).
-            chunks[-1] += " |"
-        out.append(f"V:{number[ident]}\n")
-        # A line break separates notes like a space does, but abctoolkit deletes newlines inside a
-        # bar: keep a space after music (not after an inline field, which binds to what follows).
-        out.extend(chunk + ("\n" if chunk.startswith("[") and chunk.endswith("]") and
-                            not _utils.remove_square_bracket_information_field(chunk) else " \n")
-                   for chunk in chunks)
+        out += [f"V:{number[ident]}\n", _voice_text(voices[ident]) + "\n"]
     return out
+
+
+_BARLINE_SPLIT = re.compile(_utils.Barline_regexPattern)
+
+
+def _is_inline_field(chunk: str) -> bool:
+    return chunk.startswith("[") and chunk.endswith("]") and not _utils.remove_square_bracket_information_field(chunk)
+
+
+def _merge_barlines(left: str, right: str) -> str:
+    """One barline for two with nothing between them, keeping the repeat signs."""
+    if ":" in left and ":" in right:
+        return "::" if left.startswith(":") and right.endswith(":") else left
+    if ":" in right:
+        return right
+    if ":" in left:
+        return left
+    return right if left == "|" else left
+
+
+def _voice_text(chunks: list[str]) -> str:
+    """One voice's music as one line that abctoolkit can pair into bars.
+
+    A line break separates notes like a space does, but abctoolkit deletes newlines inside a bar,
+    so music chunks are joined with a space (an inline field binds to what follows). abctoolkit
+    pairs bar texts and barlines strictly alternately: two barlines with only whitespace between
+    them (``:| |:`` across a line break, ``:||2``) shift the pairing and lose bars, so they are
+    merged first; music after the last barline cannot be paired, so a final ``|`` is added.
+    """
+    text = "".join(chunk + ("" if _is_inline_field(chunk) else " ") for chunk in chunks)
+    pieces = _BARLINE_SPLIT.split(text)  # text, barline, text, barline, ..., text
+    merged = [pieces[0]]
+    for i in range(1, len(pieces), 2):
+        if len(merged) > 1 and not merged[-1].strip():
+            merged.pop()
+            merged[-1] = _merge_barlines(merged[-1], pieces[i])
+        else:
+            merged.append(pieces[i])
+        merged.append(pieces[i + 1])
+    if merged[-1].strip():
+        merged.append("|")
+    return "".join(merged).strip()
 
 
 def _has_bar_content(chunk: str) -> bool:
