@@ -218,6 +218,11 @@ def test_body_fields_become_inline_fields():
     assert out.endswith("[V:1]GABc|\n[V:1][K:D][M:3/4]d2 e2 f2|]\n")
 
 
+def test_voice_starting_like_a_field_line():
+    out = interleave_abc("X:1\nM:2/4\nL:1/8\nK:C\nV:1\nc4|c4|\nV:2\nC:|C4:|\n")
+    assert out.endswith("[V:1]c4|[V:2]C:|\n[V:1]c4|[V:2]C4:|\n")
+
+
 def test_crlf_and_missing_final_newline():
     text = "X:1\r\nM:4/4\r\nL:1/8\r\nK:C\r\nV:1\r\nCDEF GABc|c8|]"
     assert interleave_abc(text) == "M:4/4\nL:1/8\nK:C\n[V:1]CDEF GABc|\n[V:1]c8|]\n"

@@ -288,7 +288,9 @@ def _voice_text(chunks: list[str]) -> str:
         merged.append(pieces[i + 1])
     if merged[-1].strip():
         merged.append("|")
-    return "".join(merged).strip()
+    text = "".join(merged).strip()
+    # Music such as "C:|" at the start of a line would read as a field line and be removed.
+    return " " + text if _FIELD_LINE.match(text) else text
 
 
 def _has_bar_content(chunk: str) -> bool:
