@@ -183,7 +183,7 @@ def _pick_score_member(archive: zipfile.ZipFile) -> str:
             for rootfile in container.iter():
                 if rootfile.tag.rsplit("}", 1)[-1] == "rootfile":
                     path = rootfile.get("full-path", "")
-                    if path in names and rootfile.get("media-type", "").find("pdf") < 0:
+                    if path in names and "pdf" not in rootfile.get("media-type", ""):
                         return path
         except ElementTree.ParseError:
             pass  # a broken container: fall through to the name rule
