@@ -2,8 +2,14 @@
 
     python bench/bench_extract.py [--sizes tiny,medium,official] [--max_pieces N] [--bf16]
 
-Both sides use the same weights and inputs (the official fixtures' interleaved ABC and MTF
-pieces). The official approach pads every segment to 512 patches, runs batch size 1 and embeds
+Both sides use the same weights and inputs, from two input sets:
+
+* ``corpus``: evenly spaced music21-corpus MusicXML scores converted to interleaved ABC with this
+  repository's converters (typical sheet music; cached under ``data/bench/extract_corpus/``);
+* ``fixtures``: the 62 interleaved ABC and MTF pieces of the official fixtures, chosen to exercise
+  segmentation (18 pieces exceed 512 patches), so little of their work is padding: a worst case
+  for batching.
+ The official approach pads every segment to 512 patches, runs batch size 1 and embeds
 patches with a one-hot matmul in eager attention; ours groups segments by length, pads each batch
 to its own longest segment, gathers the patch embedding and uses fused attention.
 
@@ -53,7 +59,29 @@ def model_for(size: str) -> CLaMP3Model:
     return CLaMP3Model(config).eval()
 
 
-def load_pieces() -> list[str]:
+def corpus_pieces(count: int) -> list[str]:
+    """Interleaved ABC of ``count`` evenly spaced music21-corpus scores (converted once, cached)."""
+    from preprocess.batch import ConversionError
+    from preprocess.interleave import interleave_abc
+    from preprocess.xml2abc import convert_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_abc import corpus_files
+
+    cache = REPO_ROOT / "data" / "bench" / "extract_corpus" / str(count)
+    if not cache.is_dir():
+        tmp = cache.with_suffix(".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for i, path in enumerate(corpus_files(count)):
+            try:
+                (tmp / f"{i:04d}.abc").write_text(interleave_abc(convert_file(path)), encoding="utf-8")
+            except ConversionError:
+                continue
+        tmp.rename(cache)
+    return [f.read_text(encoding="utf-8") for f in sorted(cache.glob("*.abc"))]
+
+
+def fixture_pieces() -> list[str]:
     files = sorted((OFFICIAL / "outputs" / "int_abc").glob("*.abc")) + \
         sorted((OFFICIAL / "outputs" / "int_abc_from_abc_inputs").glob("*.abc")) + \
         sorted((OFFICIAL / "outputs" / "mtf").glob("*.mtf"))
@@ -133,7 +161,7 @@ def bench_size(size: str, pieces: list[str], matmul_rate: float, bf16: bool, tok
     row = {
         "size": size, "pieces": len(inputs), "segments": len(lengths), "patches": sum(lengths),
         "official_pieces_per_s": len(inputs) / official_s, "batched_pieces_per_s": len(inputs) / ours_s,
-        "speedup": official_s / ours_s, "useful_gflops": flops / ours_s / 1e9,
+        "padding_ratio": 512 * len(lengths) / sum(lengths), "speedup": official_s / ours_s, "useful_gflops": flops / ours_s / 1e9,
         "efficiency": flops / ours_s / 1e9 / matmul_rate,
         "max_abs_diff": float(max(np.abs(a - b).max() for a, b in zip(ours, reference, strict=True))),
     }
@@ -151,33 +179,39 @@ def bench_size(size: str, pieces: list[str], matmul_rate: float, bf16: bool, tok
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,medium,official", help="comma-separated: tiny,medium,official")
+    parser.add_argument("--inputs", default="corpus,fixtures", help="comma-separated: corpus,fixtures")
+    parser.add_argument("--corpus_pieces", type=int, default=100, help="music21-corpus scores to convert")
     parser.add_argument("--max_pieces", type=int, default=0,
-                        help="use only the first N pieces of every size (0 = all 62)")
-    parser.add_argument("--official_max_pieces", type=int, default=24,
+                        help="use only N evenly spaced pieces of each input set (0 = all)")
+    parser.add_argument("--official_max_pieces", type=int, default=40,
                         help="pieces for the official size, whose baseline takes ~1 s per segment here")
     parser.add_argument("--tokens_per_batch", type=int, default=8192)
     parser.add_argument("--bf16", action="store_true", help="also time the bfloat16 autocast path")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
-    pieces = load_pieces()
+    input_sets = {"corpus": lambda: corpus_pieces(args.corpus_pieces), "fixtures": fixture_pieces}
     rate = matmul_gflops()
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; dense float32 matmul {rate:.1f} GFLOP/s")
     rows = []
-    for size in args.sizes.split(","):
-        limit = args.official_max_pieces if size == "official" else args.max_pieces
-        # spread the subset over short and long pieces alike
-        chosen = pieces if not limit else [pieces[i] for i in np.linspace(0, len(pieces) - 1, limit).astype(int)]
-        row = bench_size(size, chosen, rate, args.bf16, args.tokens_per_batch)
-        rows.append(row)
-        line = (f"{size:8s} pieces {row['pieces']:3d} segments {row['segments']:3d} | official "
-                f"{row['official_pieces_per_s']:8.2f}/s  batched {row['batched_pieces_per_s']:8.2f}/s  "
-                f"x{row['speedup']:.2f} | useful {row['useful_gflops']:.1f} GFLOP/s "
-                f"({100 * row['efficiency']:.0f}% of matmul) | max|diff| {row['max_abs_diff']:.1e}")
-        if args.bf16:
-            line += f" | bf16 x{row['bf16_speedup']:.2f} min cos {row['bf16_min_cosine']:.5f}"
-        print(line, flush=True)
+    for input_name in args.inputs.split(","):
+        pieces = input_sets[input_name]()
+        for size in args.sizes.split(","):
+            limit = args.official_max_pieces if size == "official" else args.max_pieces
+            # an evenly spaced subset keeps short and long pieces alike
+            chosen = pieces if not limit or limit >= len(pieces) else \
+                [pieces[i] for i in np.linspace(0, len(pieces) - 1, limit).astype(int)]
+            row = {"inputs": input_name, **bench_size(size, chosen, rate, args.bf16, args.tokens_per_batch)}
+            rows.append(row)
+            line = (f"{input_name:8s} {size:8s} pieces {row['pieces']:3d} segments {row['segments']:3d} "
+                    f"padding x{row['padding_ratio']:.2f} | official {row['official_pieces_per_s']:8.2f}/s  "
+                    f"batched {row['batched_pieces_per_s']:8.2f}/s  x{row['speedup']:.2f} | useful "
+                    f"{row['useful_gflops']:.1f} GFLOP/s ({100 * row['efficiency']:.0f}% of matmul) | "
+                    f"max|diff| {row['max_abs_diff']:.1e}")
+            if args.bf16:
+                line += f" | bf16 x{row['bf16_speedup']:.2f} min cos {row['bf16_min_cosine']:.5f}"
+            print(line, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_gflops": rate, "rows": rows}, indent=2))
     return 0

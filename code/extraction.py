@@ -7,16 +7,14 @@ bad file is reported, logged and skipped without stopping the batch.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from features import MUSIC_EXTENSIONS, FeatureExtractor
-from fileio import atomic_save_npy
+from fileio import FailureLog, atomic_save_npy
 from tqdm import tqdm
 
 
@@ -74,21 +72,11 @@ def extract_folder(
         else:
             pending.append(rel)
 
-    log_file = None
+    log = FailureLog(error_log, "extract", echo=lambda message: tqdm.write(message, file=sys.stderr))
 
     def report(rel: Path, stage: str, reason: str) -> None:
-        nonlocal log_file
         summary.failed += 1
-        record = {"file": str(input_dir / rel), "stage": stage, "reason": reason,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        summary.failures.append(record)
-        tqdm.write(f"[extract] failed: {input_dir / rel}: {reason}", file=sys.stderr)
-        if error_log:
-            if log_file is None:
-                Path(error_log).parent.mkdir(parents=True, exist_ok=True)
-                log_file = open(error_log, "a", encoding="utf-8")  # noqa: SIM115 - open for the batch
-            log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            log_file.flush()
+        summary.failures.append(log.add(input_dir / rel, stage, reason))
 
     try:
         for rel, stage, reason in failures:
@@ -123,6 +111,5 @@ def extract_folder(
                     bar.update(1)
         bar.close()
     finally:
-        if log_file is not None:
-            log_file.close()
+        log.close()
     return summary

@@ -44,3 +44,51 @@ def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+class FailureLog:
+    """The failures of a batch: kept in memory, echoed to stderr, appended to a JSONL file.
+
+    The file is opened on the first failure, so a clean run leaves no empty log behind.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, name: str, echo: Callable[[str], None] | None = None):
+        self.path = Path(path) if path else None
+        self.name = name
+        self.records: list[dict] = []
+        self._echo = echo
+        self._file: IO[str] | None = None
+
+    def add(self, file: str | os.PathLike, stage: str, reason: str) -> dict:
+        import json
+        import sys
+        import time
+
+        record = {"file": str(file), "stage": stage, "reason": reason,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.records.append(record)
+        message = f"[{self.name}] failed: {file}: {reason}"
+        if self._echo is not None:
+            self._echo(message)
+        else:
+            print(message, file=sys.stderr)
+        if self.path is not None:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # backslashreplace: a file name that is not valid UTF-8 (a lone surrogate from
+                # os.fsdecode) is written as a JSON \udcXX escape instead of crashing the batch.
+                self._file = open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+        return record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> FailureLog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

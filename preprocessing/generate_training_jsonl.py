@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import runconfig
+
 try:
     from preprocess import training_jsonl as tj
 except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes for checking files (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
 
     metadata = Path(args.metadata_dir) if args.metadata_dir else resolve_path("data/processed")
     data_dir = Path(args.data_dir) if args.data_dir else resolve_path("data")

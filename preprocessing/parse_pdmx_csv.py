@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import runconfig
+
 try:
     from preprocess import pdmx
 except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check_files", action="store_true",
                         help="also require the mxl/mid files to exist under --base_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
 
     csv_path = Path(args.csv_path) if args.csv_path else resolve_path("data/PDMX.csv")
     output_dir = Path(args.output_dir) if args.output_dir else resolve_path("data/processed")

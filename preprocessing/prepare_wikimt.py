@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import runconfig
+
 try:
     from preprocess import wikimt
 except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", help="output folder (default: data/eval/wikimt)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any piece failed")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
 
     output_dir = Path(args.output_dir) if args.output_dir else resolve_path("data/eval/wikimt")
     try:

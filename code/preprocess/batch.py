@@ -8,18 +8,16 @@ runner never builds a shell command, so any file name the file system allows is 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import signal
 import sys
-import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fileio import atomic_write_bytes, atomic_write_text
+from fileio import FailureLog, atomic_write_bytes, atomic_write_text
 from tqdm import tqdm
 
 
@@ -171,7 +169,6 @@ def run_batch(
             summary.skipped += 1
         else:
             tasks.append(_Task(input_dir / rel, target, rel))
-    log_path = Path(error_log) if error_log else None
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
     # The pool is forked before tqdm starts its monitor thread: forking a threaded process can
     # deadlock the child.
@@ -185,7 +182,7 @@ def run_batch(
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(convert, max_bytes, timeout))
         results = pool.imap_unordered(_run_task, tasks, chunksize=4)
     bar = tqdm(total=len(tasks), desc=name, unit="file", disable=not progress, dynamic_ncols=True)
-    log_file = None
+    log = FailureLog(error_log, name, echo=lambda message: tqdm.write(message, file=sys.stderr))
     try:
         for task, status, stage, reason in results:
             bar.update(1)
@@ -193,18 +190,7 @@ def run_batch(
                 summary.converted += 1
                 continue
             summary.failed += 1
-            record = {"file": str(task.source), "stage": stage, "reason": reason,
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            summary.failures.append(record)
-            tqdm.write(f"[{name}] failed: {task.source}: {reason}", file=sys.stderr)
-            if log_path is not None:
-                if log_file is None:
-                    log_path.parent.mkdir(parents=True, exist_ok=True)
-                    # backslashreplace: a file name that is not valid UTF-8 (a lone surrogate from
-                    # os.fsdecode) is written as a JSON \udcXX escape instead of crashing the batch.
-                    log_file = open(log_path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-                log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                log_file.flush()
+            summary.failures.append(log.add(task.source, stage, reason))
         if pool is not None:
             pool.close()
             pool.join()
@@ -212,8 +198,7 @@ def run_batch(
         if pool is not None:
             pool.terminate()  # after an interrupt or error: no orphaned workers
         bar.close()
-        if log_file is not None:
-            log_file.close()
+        log.close()
     return summary
 
 

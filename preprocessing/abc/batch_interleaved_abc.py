@@ -8,6 +8,8 @@ import functools
 import sys
 from pathlib import Path
 
+import runconfig
+
 try:
     from preprocess import interleave
 except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     add_batch_arguments(parser, default_log="logs/interleave_errors.jsonl")
     parser.add_argument("--strict_utf8", action="store_true",
                         help="report files that are not valid UTF-8 instead of reading them as Latin-1")
-    args = parser.parse_args(argv)
+    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
     convert = functools.partial(interleave.convert_file, latin1_fallback=not args.strict_utf8)
     return run_from_args(args, convert, extensions=interleave.ABC_EXTENSIONS,
                          output_name=lambda relative: relative, name="interleave")

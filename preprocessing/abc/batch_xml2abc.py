@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import runconfig
+
 try:
     from preprocess import xml2abc
 except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
@@ -27,7 +29,7 @@ MusicXML, no notes, broken archives) are listed with a reason in the error log; 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_batch_arguments(parser, default_log="logs/xml2abc_errors.jsonl")
-    args = parser.parse_args(argv)
+    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
     return run_from_args(args, xml2abc.convert_file, extensions=xml2abc.XML_EXTENSIONS,
                          output_name=xml2abc.output_name, name="xml2abc")
 

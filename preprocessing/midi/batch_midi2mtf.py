@@ -13,6 +13,7 @@ import functools
 import sys
 from pathlib import Path
 
+import runconfig
 from preprocess.batch import add_batch_arguments, run_from_args
 from preprocess.midi_mtf import midi_to_mtf
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m3_compatible", action="store_true",
                         help="drop text-like meta messages (text, copyright, track_name, instrument_name, "
                              "lyrics, marker, cue_marker, device_name), as CLaMP 3 expects")
-    args = parser.parse_args(argv)
+    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
     convert = functools.partial(midi_to_mtf, m3_compatible=args.m3_compatible)
     return run_from_args(args, convert, extensions=MIDI_EXTENSIONS, output_name=mtf_name, name="midi2mtf")
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import runconfig
 from preprocess.batch import add_batch_arguments, run_from_args
 from preprocess.midi_mtf import mtf_file_to_midi
 
@@ -23,7 +24,7 @@ def midi_name(relative_input: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_batch_arguments(parser, default_log="logs/mtf2midi_error_log.jsonl")
-    args = parser.parse_args(argv)
+    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
     return run_from_args(args, mtf_file_to_midi, extensions=(".mtf",), output_name=midi_name, name="mtf2midi")
 
 
