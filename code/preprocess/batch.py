@@ -2,19 +2,25 @@
 an error log, and a closing summary.
 
 A converter is a picklable function ``convert(path) -> str | bytes`` that raises on bad input; the
-runner never builds a shell command, so any file name the file system allows is fine.
+runner never builds a shell command, so any file name the file system allows is fine. A worker
+process that dies while converting a file (the OOM killer, a segfault in C code, ``os._exit``) or
+that hangs past the timeout costs only that file, which is logged as failed like any other.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import multiprocessing
 import os
 import signal
 import sys
+import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from fileio import FailureLog, atomic_write_bytes, atomic_write_text
@@ -141,6 +147,186 @@ def _run_task(task: _Task) -> tuple[_Task, str, str, str]:
         return task, "failed", "convert", describe_exception(exc)
 
 
+def _worker_main(conn: Connection, inherited: list[Connection], convert: Callable, max_bytes: int,
+                 timeout: float) -> None:
+    """A worker's life: take a task, send back its result, until told to stop or the parent is gone."""
+    # A forked worker holds copies of the parent's pipe ends; without closing them a worker would
+    # never see end-of-file once the parent is gone, and would wait forever.
+    for other in inherited:
+        other.close()
+    _init_worker(convert, max_bytes, timeout)
+    try:
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            conn.send(_run_task(task))
+    except (EOFError, OSError):
+        return  # the parent died or closed the pipe: nothing left to do
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            how = f"signal {-exitcode}"
+        hint = "; SIGKILL often means the out-of-memory killer" if exitcode == -signal.SIGKILL else ""
+    else:
+        how, hint = f"exit code {exitcode}", ""
+    return f"worker process died ({how}) while converting this file{hint}"
+
+
+def _remove_temporary_outputs(target: Path) -> None:
+    """The temporary file a killed worker was writing (see fileio.atomic_write), so none is left behind."""
+    for leftover in target.parent.glob(glob.escape(f".{target.name[:80]}.") + "????????.tmp"):
+        try:
+            leftover.unlink()
+        except OSError:
+            pass
+
+
+# Tasks sent to a worker ahead of time: one running and one waiting hides the round trip between
+# files without letting a slow worker hoard the queue.
+_PREFETCH = 2
+# How long after --timeout the parent kills a worker whose own alarm did not fire (a converter
+# stuck in C code never returns to the interpreter, so SIGALRM's handler never runs).
+_KILL_GRACE_S = 5.0
+# A file whose worker dies is tried this many times in all before it is reported: the first death
+# may not be its fault (the OOM killer picks the largest process, not the guilty one).
+_ATTEMPTS = 2
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    pending: deque = field(default_factory=deque)  # tasks sent, in the order the worker runs them
+    started: float = 0.0  # when pending[0] began running, as far as the parent can tell
+
+
+class _WorkerPool:
+    """Worker processes with one pipe each, so the parent knows which file each worker is on.
+
+    Unlike ``multiprocessing.Pool``, a worker that dies (OOM killer, segfault, ``os._exit``) does
+    not hang the batch: the file it was converting is retried once, then reported as failed, the
+    worker is replaced, and the files it had been sent ahead of time go back to the queue.
+    """
+
+    def __init__(self, tasks: list[_Task], size: int, convert: Callable, max_bytes: int, timeout: float):
+        # fork (as multiprocessing.Pool did) lets a converter defined in a script loaded by path
+        # reach the workers; spawn needs it importable by name.
+        self._fork = sys.platform.startswith("linux")
+        self._ctx = multiprocessing.get_context("fork" if self._fork else "spawn")
+        self._args = (convert, max_bytes, timeout)
+        self._timeout = timeout
+        self._queue: deque[_Task] = deque(tasks)
+        self._deaths: dict[Path, int] = {}
+        self._workers: list[_Worker] = []
+        for _ in range(min(size, len(tasks))):
+            self._workers.append(self._start())
+        for worker in self._workers:
+            self._feed(worker)
+
+    def _start(self) -> _Worker:
+        parent_end, child_end = self._ctx.Pipe()
+        inherited = [parent_end, *(w.conn for w in self._workers)] if self._fork else []
+        process = self._ctx.Process(target=_worker_main, args=(child_end, inherited, *self._args),
+                                    daemon=True, name="batch-worker")
+        process.start()
+        child_end.close()
+        return _Worker(process, parent_end)
+
+    def _feed(self, worker: _Worker) -> None:
+        while self._queue and len(worker.pending) < _PREFETCH:
+            task = self._queue.popleft()
+            if not worker.pending:
+                worker.started = time.monotonic()
+            worker.pending.append(task)
+            try:
+                worker.conn.send(task)
+            except OSError:
+                return  # it died: its sentinel says so on the next wait, and the task is requeued
+
+    def _collect(self, worker: _Worker) -> Iterator[tuple[_Task, str, str, str]]:
+        """Results the worker has sent, without blocking."""
+        while worker.pending:
+            try:
+                if not worker.conn.poll():
+                    return
+                result = worker.conn.recv()
+            except (EOFError, OSError):
+                return
+            worker.pending.popleft()
+            worker.started = time.monotonic()
+            yield result
+
+    def _retire(self, worker: _Worker, reason: str | None) -> Iterator[tuple[_Task, str, str, str]]:
+        """Reap a dead (or killed) worker, settle the file it was on, requeue the rest, replace it."""
+        worker.process.join()
+        worker.conn.close()
+        self._workers.remove(worker)
+        if worker.pending:
+            culprit = worker.pending.popleft()
+            _remove_temporary_outputs(culprit.target)
+            # Files sent ahead of time never started: back to the front, in their order.
+            self._queue.extendleft(reversed(worker.pending))
+            deaths = self._deaths[culprit.source] = self._deaths.get(culprit.source, 0) + 1
+            if reason is not None:
+                yield culprit, "failed", "timeout", reason
+            elif deaths >= _ATTEMPTS:
+                yield culprit, "failed", "worker", _death_reason(worker.process.exitcode)
+            else:
+                self._queue.appendleft(culprit)
+        if self._queue:
+            replacement = self._start()
+            self._workers.append(replacement)
+            self._feed(replacement)
+
+    def results(self) -> Iterator[tuple[_Task, str, str, str]]:
+        """Every task's (task, status, stage, reason), in the order they finish."""
+        while self._workers:
+            busy = [w for w in self._workers if w.pending]
+            if not busy:
+                break
+            limit = None
+            if self._timeout > 0:
+                deadline = min(w.started for w in busy) + self._timeout + _KILL_GRACE_S
+                limit = max(0.0, deadline - time.monotonic())
+            ready = set(wait([o for w in busy for o in (w.conn, w.process.sentinel)], limit))
+            now = time.monotonic()
+            for worker in busy:
+                if worker.conn in ready:
+                    yield from self._collect(worker)
+                if worker.process.sentinel in ready or not worker.process.is_alive():
+                    yield from self._collect(worker)  # what it sent before it died still counts
+                    yield from self._retire(worker, None)
+                elif self._timeout > 0 and worker.pending and now - worker.started > self._timeout + _KILL_GRACE_S:
+                    worker.process.kill()
+                    yield from self._retire(worker, f"conversion timed out: no result after "
+                                                    f"{now - worker.started:.0f} s, worker killed")
+                else:
+                    self._feed(worker)
+
+    def close(self, abort: bool) -> None:
+        """Stop the workers; ``abort`` kills them at once (after Ctrl-C or an error)."""
+        for worker in self._workers:
+            if abort:
+                worker.process.kill()
+            else:
+                try:
+                    worker.conn.send(None)
+                except OSError:
+                    pass
+        for worker in self._workers:
+            worker.process.join(None if abort else 5)
+            if worker.process.is_alive():  # a worker stuck in C code that never read the stop message
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self._workers.clear()
+
+
 def run_batch(
     input_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -158,7 +344,12 @@ def run_batch(
     timeout: float = 0,
     progress: bool = True,
 ) -> BatchSummary:
-    """Convert every matching file of this shard; see the module docstring."""
+    """Convert every matching file of this shard; see the module docstring.
+
+    Files are converted in worker processes, even with ``workers=1``, so that a file that crashes
+    its worker is reported as failed instead of ending (or, with a process pool, hanging) the batch.
+    Only a process that may not have children (a daemonic one) converts in-process.
+    """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     files = select_shard(find_inputs(input_dir, extensions), num_shards, shard_index)
     summary = BatchSummary()
@@ -170,19 +361,20 @@ def run_batch(
         else:
             tasks.append(_Task(input_dir / rel, target, rel))
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
-    # The pool is forked before tqdm starts its monitor thread: forking a threaded process can
-    # deadlock the child.
-    if workers == 1:
+    # The first workers are forked before tqdm starts its monitor thread: forking a threaded
+    # process can deadlock the child. (A replacement for a dead worker is forked later; the only
+    # other thread then is tqdm's monitor, whose lock the worker never takes.)
+    pool = None
+    if multiprocessing.current_process().daemon:
         _init_worker(convert, max_bytes, timeout)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        results = map(_run_task, tasks)
-        pool = None
+        results: Iterable[tuple[_Task, str, str, str]] = map(_run_task, tasks)
     else:
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(convert, max_bytes, timeout))
-        results = pool.imap_unordered(_run_task, tasks, chunksize=4)
+        pool = _WorkerPool(tasks, workers, convert, max_bytes, timeout)
+        results = pool.results()
     bar = tqdm(total=len(tasks), desc=name, unit="file", disable=not progress, dynamic_ncols=True)
     log = FailureLog(error_log, name, echo=lambda message: tqdm.write(message, file=sys.stderr))
+    finished = False
     try:
         for task, status, stage, reason in results:
             bar.update(1)
@@ -191,12 +383,10 @@ def run_batch(
                 continue
             summary.failed += 1
             summary.failures.append(log.add(task.source, stage, reason))
-        if pool is not None:
-            pool.close()
-            pool.join()
+        finished = True
     finally:
         if pool is not None:
-            pool.terminate()  # after an interrupt or error: no orphaned workers
+            pool.close(abort=not finished)  # after an interrupt or error: no orphaned workers
         bar.close()
         log.close()
     return summary
