@@ -1,5 +1,5 @@
 """The MIDI batch scripts end to end (real files, real processes): failure log, resume, sharding,
-odd file names, --strict, and no leftover temporary files."""
+odd file names, --strict, and no leftover temporary files; and the runner surviving workers that die."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import OFFICIAL, REPO_ROOT
+from preprocess import batch
 
 MIDI2MTF = REPO_ROOT / "preprocessing" / "midi" / "batch_midi2mtf.py"
 MTF2MIDI = REPO_ROOT / "preprocessing" / "midi" / "batch_mtf2midi.py"
@@ -174,3 +177,73 @@ def test_mtf_to_midi_batch_round_trip(input_dir, tmp_path):
     assert len(second) == len(GOOD_FILES) + 1  # + bad/huge.mid: valid MIDI with trailing junk
     assert second == {k: v for k, v in first.items() if k.name != "broken.MTF"}
     assert "parse_mtf" in {r["stage"] for r in read_log(tmp_path / "log.jsonl")}
+
+
+# A converter that takes its worker down for some files. Module level, so forked workers have it.
+def _crashing_convert(path: Path) -> str:
+    with open(path.parent.parent / "calls.log", "a", encoding="utf-8") as calls:
+        calls.write(path.name + "\n")
+    if path.name == "die.x":
+        os._exit(3)
+    if path.name == "kill.x":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if path.name == "hang.x":
+        # Stuck where the worker's own SIGALRM cannot interrupt it, like a loop in C code.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(60)
+    return path.read_text(encoding="utf-8").upper()
+
+
+@pytest.fixture
+def hang_guard():
+    """A runner that hangs fails the test instead of hanging the test session."""
+    def on_alarm(signum, frame):
+        raise TimeoutError("run_batch hung")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def run_crashing_batch(tmp_path: Path, names: list[str], workers: int, timeout: float = 0):
+    root, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "errors.jsonl"
+    root.mkdir()
+    for name in names:
+        (root / name).write_text(f"content of {name}", encoding="utf-8")
+    summary = batch.run_batch(root, out, _crashing_convert, extensions=[".x"], output_name=lambda p: p.with_suffix(".y"),
+                              name="crash-test", workers=workers, error_log=log, timeout=timeout, progress=False)
+    calls = (tmp_path / "calls.log").read_text(encoding="utf-8").split()
+    return summary, out, read_log(log) if log.exists() else [], calls
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_worker_that_dies_is_reported_and_the_batch_goes_on(tmp_path, hang_guard, workers):
+    good = [f"file{i}.x" for i in range(8)]
+    summary, out, records, calls = run_crashing_batch(tmp_path, ["die.x", *good, "kill.x"], workers)
+
+    assert (summary.converted, summary.failed) == (len(good), 2)
+    reasons = {Path(r["file"]).name: r["reason"] for r in records}
+    assert set(reasons) == {"die.x", "kill.x"}
+    assert "worker process died (exit code 3)" in reasons["die.x"]
+    assert "worker process died (signal 9 (SIGKILL))" in reasons["kill.x"]
+    assert all(r["stage"] == "worker" for r in records)
+    assert [r["file"] for r in summary.failures] == [r["file"] for r in records]
+    for name in good:
+        assert calls.count(name) == 1, name  # converted exactly once, even when sent to a worker that died
+        assert (out / name).with_suffix(".y").read_text(encoding="utf-8") == f"CONTENT OF {name.upper()}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(n).with_suffix(".y").name for n in good)
+    # A worker's death may not be its file's fault (the OOM killer), so each bad file is tried twice.
+    assert calls.count("die.x") == calls.count("kill.x") == 2
+
+
+def test_a_worker_stuck_past_its_alarm_is_killed(tmp_path, hang_guard, monkeypatch):
+    monkeypatch.setattr(batch, "_KILL_GRACE_S", 0.5)
+    started = time.monotonic()
+    summary, _, records, calls = run_crashing_batch(tmp_path, ["hang.x", "a.x", "b.x", "c.x"], 2, timeout=0.3)
+    assert time.monotonic() - started < 10
+    assert (summary.converted, summary.failed) == (3, 1)
+    (record,) = records
+    assert Path(record["file"]).name == "hang.x" and record["stage"] == "timeout"
+    assert "timed out" in record["reason"] and "worker killed" in record["reason"]
+    assert sorted(calls) == ["a.x", "b.x", "c.x", "hang.x"]
