@@ -37,6 +37,7 @@ ATTN_IMPLEMENTATION = "sdpa"
 EXTRACT_DEVICE = "auto"  # auto | cpu | cuda | cuda:N
 EXTRACT_DTYPE = "float32"  # float32 | bfloat16 | float16 (autocast; float32 matches official)
 EXTRACT_TOKENS_PER_BATCH = 8192  # patches (or tokens) per forward pass, padding included
+EXTRACT_MAX_PADDING = 0.1  # a batch takes no segment it would pad by more than this fraction
 EXTRACT_FILES_PER_CHUNK = 256  # files read and batched together
 
 # ---------------------------------------------------------------- LoRA

@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(p.suffix.lower() == ".txt" for p in Path(args.input_dir).rglob("*")):
         tokenizer = load_text_tokenizer(cfg["TEXT_MODEL_NAME"])
     extractor = FeatureExtractor(model, device=device, dtype=cfg["EXTRACT_DTYPE"],
-                                 tokens_per_batch=cfg["EXTRACT_TOKENS_PER_BATCH"], tokenizer=tokenizer)
+                                 tokens_per_batch=cfg["EXTRACT_TOKENS_PER_BATCH"], tokenizer=tokenizer,
+                                 max_padding=cfg["EXTRACT_MAX_PADDING"],
+                                 segment_lengths={"symbolic": cfg["PATCH_LENGTH"], "text": cfg["MAX_TEXT_LENGTH"],
+                                                  "audio": cfg["MAX_AUDIO_LENGTH"]})
     summary = extract_folder(extractor, args.input_dir, args.output_dir, get_global=args.get_global,
                              files_per_chunk=cfg["EXTRACT_FILES_PER_CHUNK"], error_log=args.error_log,
                              progress=not args.quiet)

@@ -71,13 +71,23 @@ class FeatureExtractor:
         tokens_per_batch: int = 8192,
         tokenizer=None,
         patchilizer: M3Patchilizer | None = None,
+        segment_lengths: dict[str, int] | None = None,
+        max_padding: float = 0.1,
     ):
         self.model = model
         self.device = torch.device(device)
         self.dtype = dtype
         self.tokens_per_batch = tokens_per_batch
+        self.max_padding = max_padding
         self.tokenizer = tokenizer
         self.patchilizer = patchilizer or M3Patchilizer(model.model_config.patch_size)
+        # Official: PATCH_LENGTH, MAX_TEXT_LENGTH and MAX_AUDIO_LENGTH of config.py.
+        self.segment_lengths = {
+            "symbolic": int(model.model_config.symbolic.get("max_position_embeddings", 512)),
+            "text": 128,
+            "audio": int(model.model_config.audio.get("max_position_embeddings", 128)),
+            **(segment_lengths or {}),
+        }
 
     # ------------------------------------------------------------------ inputs
     def symbolic_input(self, text: str) -> torch.Tensor:
@@ -132,16 +142,23 @@ class FeatureExtractor:
         return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
 
     def _batches(self, segments: list[_Segment]) -> list[list[_Segment]]:
-        """Longest first; each batch's padded size (count x longest) stays within the budget."""
+        """Longest first. A batch closes when its padded size (count x longest) would pass the
+        budget, or when taking the next segment would make padding more than ``max_padding`` of
+        the batch: most compute goes to real patches while batches stay large."""
         ordered = sorted(segments, key=lambda s: s.end - s.start, reverse=True)
         batches: list[list[_Segment]] = []
         current: list[_Segment] = []
+        real = 0
         for seg in ordered:
-            longest = (current[0].end - current[0].start) if current else seg.end - seg.start
-            if current and longest * (len(current) + 1) > self.tokens_per_batch:
-                batches.append(current)
-                current = []
+            length = seg.end - seg.start
+            if current:
+                longest = current[0].end - current[0].start
+                padded = longest * (len(current) + 1)
+                if padded > self.tokens_per_batch or padded - (real + length) > self.max_padding * padded:
+                    batches.append(current)
+                    current, real = [], 0
             current.append(seg)
+            real += length
         if current:
             batches.append(current)
         return batches
@@ -151,7 +168,7 @@ class FeatureExtractor:
         self, modality: str, inputs: Sequence[torch.Tensor], get_global: bool = True
     ) -> list[np.ndarray]:
         """Features of each input: ``(1, D)`` global or ``(1, N, hidden)`` per item, float32."""
-        seg_len = self.model.segment_length(modality)
+        seg_len = self.segment_lengths[modality]
         segments = [
             _Segment(piece, index, start, end)
             for piece, x in enumerate(inputs)

@@ -181,13 +181,6 @@ class CLaMP3Model(nn.Module):
         for layer in (self.text_proj, self.symbolic_proj, self.audio_proj):
             nn.init.normal_(layer.weight, std=0.02)
 
-    def segment_length(self, modality: str) -> int:
-        """Longest input one forward pass takes (text keeps XLM-R's 2 reserved positions)."""
-        sizes = {"symbolic": self.model_config.symbolic, "audio": self.model_config.audio}
-        if modality == "text":
-            return 128
-        return int(sizes[modality].get("max_position_embeddings", 512))
-
     def hidden_states(self, modality: str, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``last_hidden_state`` of one tower."""
         if modality == "symbolic":
