@@ -46,6 +46,7 @@ def test_segmentation_rules():
     assert segment_bounds(30, 512) == [(0, 30)] and segment_weights(30, 512) == [30]
 
 
+@pytest.mark.slow  # end to end through the CLI subprocess
 def test_global_features_match_official(official_inputs, tmp_path):
     result = run_extract(str(official_inputs), str(tmp_path), "--get_global", *TINY)
     assert result.returncode == 0, result.stderr
@@ -62,6 +63,7 @@ def test_global_features_match_official(official_inputs, tmp_path):
     assert segmented == 18  # the long pieces were among those compared
 
 
+@pytest.mark.slow  # end to end through the CLI subprocess
 def test_nonglobal_features_match_official(official_inputs, tmp_path):
     result = run_extract(str(official_inputs), str(tmp_path), *TINY)
     assert result.returncode == 0, result.stderr
@@ -148,6 +150,7 @@ def word_tokenizer(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # end to end through the CLI subprocess
 def test_text_and_audio_files_through_the_cli(tmp_path, word_tokenizer, tiny_model):
     from transformers import AutoTokenizer
 
@@ -173,6 +176,7 @@ def test_text_and_audio_files_through_the_cli(tmp_path, word_tokenizer, tiny_mod
                                rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # end to end through the CLI subprocess
 def test_bad_files_are_reported_and_skipped(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
