@@ -63,3 +63,12 @@ def test_decode_roundtrip():
     p = M3Patchilizer()
     text = "M:4/4\nK:C\n[V:1]abc|[V:2]def|\n"
     assert p.decode(p.encode(text)) == text
+
+
+def test_remove_instrument_info():
+    from patchilizer import remove_instrument_info
+
+    abc = 'V:1 treble nm="Violin" snm="Vl."\nV:2 bass snm="Vc."\n[V:1]abc|\n'
+    assert remove_instrument_info(abc) == "V:1 treble\nV:2 bass\n[V:1]abc|\n"
+    mtf = "ticks_per_beat 480\nprogram_change 0 0 40\nnote_on 0 0 60 80"
+    assert remove_instrument_info(mtf) == "ticks_per_beat 480\nprogram_change 0 0 0\nnote_on 0 0 60 80"
