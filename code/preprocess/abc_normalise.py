@@ -26,6 +26,8 @@ abc2xml is a command-line script whose state lives at module level. Each call he
   with a position in the previous tune.
 * **Messages are captured**: ``abc2xml.info`` (its only writer to stderr; it never prints to
   stdout as a library) is replaced for the call, and its messages go to ``messages`` when given.
+* **Python warnings** (pyparsing's deprecation notices about abc2xml's API use) are silenced
+  for the call.
 * **No file access**: ``%%abc-include`` would make abc2xml read a file named by the tune (``-``
   meaning stdin, which blocks a batch worker); includes are ignored, with a message.
 
@@ -46,14 +48,19 @@ deterministic.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
-from abctoolkit import abc2xml as _a2x  # NOT abctoolkit.convert: importing it runs a shell command
 from pyparsing import ParseException
 
 from preprocess.batch import ConversionError
 from preprocess.interleave import interleave_abc, read_abc_text
 from preprocess.xml2abc import musicxml_to_abc
+
+with warnings.catch_warnings():
+    # Building abc2xml's grammar calls pyparsing's camelCase API (deprecated in pyparsing 3.3).
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from abctoolkit import abc2xml as _a2x  # NOT abctoolkit.convert: importing it runs a shell command
 
 # Taken before any conversion of ours, so every call starts from abc2xml's defaults.
 _CLASS_DICTS = {name: dict(getattr(_a2x.MusicXml, name)) for name in ("uSyms", "metaMap")}
@@ -91,15 +98,16 @@ def _count_tunes(text: str) -> int:
 
 
 def _failure_reason(failure: BaseException | None, log: list[str]) -> str:
-    # abc2xml logs a syntax error as the offending line, a caret line and a verdict; keep them all
-    # but on one line, since the reason goes into a one-line-per-file error log.
-    detail = " | ".join(line.strip() for line in log if line.strip() and not line.startswith("-- an exception"))
     if isinstance(failure, ParseException):
-        return f"abc2xml cannot parse the tune: {detail or failure}"
+        # A syntax error in the music is logged as the offending line, a caret line and a verdict
+        # (the last three unprefixed messages); one in a directive such as %%score is not logged.
+        shown = [line.strip() for line in log if not line.startswith("-- ")][-3:]
+        detail = " | ".join(shown) if len(shown) == 3 else " ".join(str(failure).split())
+        return f"abc2xml cannot parse the tune: {detail}"
     if failure is not None:
         message = " ".join(str(failure).split()) or "no message"
         return f"abc2xml failed: {type(failure).__name__}: {message}"
-    return f"abc2xml produced no score{': ' + detail if detail else ''}"
+    return "abc2xml produced no score"
 
 
 def abc_to_musicxml(text: str, messages: list[str] | None = None) -> bytes:
@@ -136,7 +144,10 @@ def abc_to_musicxml(text: str, messages: list[str] | None = None) -> bytes:
     _a2x.readfile = refuse_include
     _a2x.prevloc = 0
     try:
-        docs = _a2x.getXmlDocs(text, skip=0, num=1)
+        with warnings.catch_warnings():
+            # abc2xml calls pyparsing's camelCase API, deprecated in pyparsing 3.3: not the tune's fault.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            docs = _a2x.getXmlDocs(text, skip=0, num=1)
         if isinstance(converter.failure, _STOP):
             raise converter.failure
         if isinstance(converter.failure, RecursionError):
