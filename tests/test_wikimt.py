@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from patchilizer import M3Patchilizer
 from preprocess import wikimt
+from preprocess.abc_normalise import normalise_abc
+from preprocess.batch import ConversionError
 from preprocess.interleave import interleave_abc
 
 SCRIPT = Path(__file__).resolve().parent.parent / "preprocessing" / "prepare_wikimt.py"
@@ -38,6 +40,17 @@ L: 1/16
 K:D
 f-g | a3-b g3-a | f4 e3-d | d3-c A3-B | c4 d3-e |
 d3-c (3(A2G2F2) | G4F2-G2 | A-d3 d3-e | d6 ||
+"""
+
+# abc2xml cannot parse this %%score directive (unbalanced parenthesis); the tune itself is fine, so
+# the loader falls back to interleaving it as written.
+UNBALANCED_SCORE = """X:3
+T:Unbalanced score
+%%score (1
+M:2/4
+L:1/8
+K:G
+GABc|d2B2|c2A2|G4|]
 """
 
 TEXTS = {
@@ -77,9 +90,13 @@ def test_lead_sheets_are_interleaved_and_texts_split(jsonl, tmp_path):
     assert (summary.pieces, summary.written, summary.failed) == (5, 2, 3)
 
     abc = (out / "abc" / "0000.abc").read_text(encoding="utf-8")
-    assert abc == interleave_abc(CUCKOO)  # exactly the training interleaving
+    # The training normalisation: MusicXML round trip into xml2abc's layout, then interleaving.
+    assert abc == interleave_abc(normalise_abc(CUCKOO))
+    assert abc != interleave_abc(CUCKOO)
+    assert "L:1/8" in abc.splitlines() and "L:1/4" not in abc  # xml2abc's unit, not the tune's
     body = [line for line in abc.splitlines() if line.startswith("[V:1]")]
     assert len(body) >= 8 and '"Em"' in abc
+    assert "Addc" in body[1]  # "A"A/2d/2d/2c/2 at L:1/4 is Addc at L:1/8
     assert "T:" not in abc and "X:" not in abc  # title and number are not part of the music
     assert len(M3Patchilizer().encode(abc, add_special_patches=True)) > 2
 
@@ -95,17 +112,46 @@ def test_records_and_failures(jsonl, tmp_path):
     out = tmp_path / "wikimt"
     wikimt.prepare(jsonl, out, progress=False)
     rows = read(out / wikimt.RECORDS_NAME)
-    assert rows[0] == {"id": "0000", "filepaths": ["abc/0000.abc"], "title": "Cuckoo's Nest",
-                       "artists": ["Traditional"], "genre": "Folk", **TEXTS}
-    assert rows[1] == {"id": "0001", "filepaths": ["abc/0001.abc"], "title": "Fare You Well", "genre": "Folk",
+    assert rows[0] == {"id": "0000", "filepaths": ["abc/0000.abc"], "normalisation": "musicxml_roundtrip",
+                       "title": "Cuckoo's Nest", "artists": ["Traditional"], "genre": "Folk", **TEXTS}
+    assert rows[1] == {"id": "0001", "filepaths": ["abc/0001.abc"], "normalisation": "musicxml_roundtrip",
+                       "title": "Fare You Well", "genre": "Folk",
                        "background": "An Irish slow air.", "scene": "A quiet shore."}
     for row in rows:
         assert (out / row["filepaths"][0]).is_file()
     failures = read(out / wikimt.FAILURES_NAME)
     assert [(f["line"], f["id"]) for f in failures] == [(3, "0002"), (4, None), (5, "0004")]
     assert "K:" in failures[0]["reason"] and failures[0]["title"] == "Broken"
+    assert "MusicXML round trip" in failures[0]["reason"]  # both ways failed, both reasons given
     assert failures[1]["reason"].startswith("not valid JSON")
     assert failures[2]["reason"] == "read: no leadsheet"
+
+
+def test_round_trip_failure_falls_back_to_direct_interleaving(tmp_path):
+    with pytest.raises(ConversionError, match="abc2xml"):
+        normalise_abc(UNBALANCED_SCORE)
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps({"leadsheet": UNBALANCED_SCORE, "title": "Unbalanced"}) + "\n"
+                    + json.dumps({"leadsheet": CUCKOO, "title": "Cuckoo's Nest"}) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    summary = wikimt.prepare(path, out, progress=False)
+    assert (summary.written, summary.failed, summary.direct) == (2, 0, 1)
+    assert "written without the MusicXML round trip: 1" in summary.lines()
+    rows = read(out / wikimt.RECORDS_NAME)
+    assert [row["normalisation"] for row in rows] == ["direct", "musicxml_roundtrip"]
+    assert (out / "abc" / "0000.abc").read_text(encoding="utf-8") == interleave_abc(UNBALANCED_SCORE)
+    assert read(out / wikimt.FAILURES_NAME) == []  # a fallback is not a failure
+
+
+def test_without_round_trip_interleaves_as_written(jsonl, tmp_path):
+    out = tmp_path / "direct"
+    summary = wikimt.prepare(jsonl, out, progress=False, roundtrip=False)
+    assert (summary.written, summary.failed, summary.direct) == (2, 3, 0)
+    assert (out / "abc" / "0000.abc").read_text(encoding="utf-8") == interleave_abc(CUCKOO)
+    assert (out / "abc" / "0001.abc").read_text(encoding="utf-8") == interleave_abc(FARE_YOU_WELL)
+    assert [row["normalisation"] for row in read(out / wikimt.RECORDS_NAME)] == ["direct", "direct"]
+    failures = read(out / wikimt.FAILURES_NAME)
+    assert "K:" in failures[0]["reason"] and "MusicXML" not in failures[0]["reason"]
 
 
 def test_own_ids_duplicates_and_stale_outputs(tmp_path):
@@ -135,6 +181,12 @@ def test_script(jsonl, tmp_path):
                              "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "written: 2" in result.stdout and "failed: 3" in result.stdout
+    assert (out / "abc" / "0000.abc").read_text(encoding="utf-8") == interleave_abc(normalise_abc(CUCKOO))
+    direct = subprocess.run([sys.executable, str(SCRIPT), "--input", str(jsonl), "--output_dir", str(out),
+                             "--quiet", "--no_musicxml_roundtrip"], capture_output=True, text=True, timeout=60)
+    assert direct.returncode == 0, direct.stderr
+    assert (out / "abc" / "0000.abc").read_text(encoding="utf-8") == interleave_abc(CUCKOO)
+    assert {row["normalisation"] for row in read(out / wikimt.RECORDS_NAME)} == {"direct"}
     strict = subprocess.run([sys.executable, str(SCRIPT), "--input", str(jsonl), "--output_dir", str(out),
                              "--quiet", "--strict"], capture_output=True, text=True, timeout=60)
     assert strict.returncode == 1

@@ -6,9 +6,17 @@ description, scene``). Output under ``output_dir``::
     abc/<id>.abc                   the lead sheet as interleaved ABC (``interleave_abc``)
     text/<text_type>/<id>.txt      one file per piece and text type (background, analysis,
                                    description, scene); missing texts are left out
-    wikimt.jsonl                   {"id", "filepaths": ["abc/<id>.abc"], "title", "artists",
-                                    "genre", "background", "analysis", "description", "scene"}
+    wikimt.jsonl                   {"id", "filepaths": ["abc/<id>.abc"], "normalisation", "title",
+                                    "artists", "genre", "background", "analysis", "description",
+                                    "scene"}
     wikimt_failures.jsonl          {"line", "id", "title", "reason"} for every piece left out
+
+Lead sheets must reach the model in the layout of the training data, which xml2abc (``-d 8 -x``)
+wrote from MusicXML. So by default each lead sheet first makes the round trip ABC -> MusicXML ->
+ABC (``preprocess.abc_normalise.normalise_abc``) and is then interleaved; ``"normalisation":
+"musicxml_roundtrip"`` in its record says so. A lead sheet the round trip cannot convert is
+interleaved as written (``"direct"``), as is every piece when ``roundtrip=False``; a piece is only
+reported as failed when direct interleaving fails too (the reason then names both failures).
 
 ``id`` is the record's own ``id`` when it has one, otherwise its position among the records,
 zero-padded (``0000``, ``0001``, ...), so ids are stable for a given file. A piece that fails is
@@ -34,6 +42,8 @@ from preprocess.pdmx import clean_text, parse_list, write_jsonl
 TEXT_TYPES = ("background", "analysis", "description", "scene")
 RECORDS_NAME = "wikimt.jsonl"
 FAILURES_NAME = "wikimt_failures.jsonl"
+ROUNDTRIP = "musicxml_roundtrip"
+DIRECT = "direct"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -46,11 +56,14 @@ class WikiMTSummary:
     pieces: int = 0
     written: int = 0
     failed: int = 0
+    direct: int = 0  # written pieces interleaved without the MusicXML round trip
     failures: Counter = field(default_factory=Counter)
     missing_text: Counter = field(default_factory=Counter)  # text type -> pieces without it
 
     def lines(self) -> list[str]:
         out = [f"pieces read: {self.pieces}", f"written: {self.written}", f"failed: {self.failed}"]
+        if self.direct:
+            out.append(f"written without the MusicXML round trip: {self.direct}")
         out += [f"  {reason}: {n}" for reason, n in sorted(self.failures.items())]
         if self.missing_text:
             out.append("pieces without a text: " + ", ".join(f"{t} {n}" for t, n in sorted(self.missing_text.items())))
@@ -85,23 +98,48 @@ def long_text(value: object) -> str | None:
     return text if clean_text(text) is not None else None
 
 
-def convert_piece(obj: dict) -> tuple[str, dict[str, str]]:
-    """(interleaved ABC, {text type: text}) of one record; raises ConversionError with a reason."""
+def _interleave(leadsheet: str, normalise: bool) -> str:
+    from preprocess import abc_normalise  # looked up at call time, so tests can replace it
     from preprocess.interleave import interleave_abc
 
-    leadsheet = obj.get("leadsheet")
-    if not isinstance(leadsheet, str) or not leadsheet.strip():
-        raise ConversionError("no leadsheet", stage="read")
     try:
-        abc = interleave_abc(leadsheet)
+        abc = interleave_abc(abc_normalise.normalise_abc(leadsheet) if normalise else leadsheet)
     except ConversionError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of one lead sheet is reported, not fatal
         raise ConversionError(describe_exception(exc), stage="interleave") from exc
     if not abc.strip():
         raise ConversionError("interleaving produced no output", stage="interleave")
+    return abc
+
+
+def convert_piece(obj: dict, roundtrip: bool = True) -> tuple[str, dict[str, str], str]:
+    """(interleaved ABC, {text type: text}, normalisation) of one record.
+
+    ``normalisation`` is ``ROUNDTRIP`` or ``DIRECT`` (see the module docstring). Raises
+    ConversionError with a reason when the lead sheet cannot be interleaved either way.
+    """
+    leadsheet = obj.get("leadsheet")
+    if not isinstance(leadsheet, str) or not leadsheet.strip():
+        raise ConversionError("no leadsheet", stage="read")
+    roundtrip_failure = None
+    abc = None
+    normalisation = DIRECT
+    if roundtrip:
+        try:
+            abc, normalisation = _interleave(leadsheet, normalise=True), ROUNDTRIP
+        except ConversionError as exc:
+            roundtrip_failure = exc
+    if abc is None:
+        try:
+            abc = _interleave(leadsheet, normalise=False)
+        except ConversionError as exc:
+            if roundtrip_failure is None:
+                raise
+            raise ConversionError(f"{exc.reason} (MusicXML round trip: {roundtrip_failure.stage}: "
+                                  f"{roundtrip_failure.reason})", stage=exc.stage) from exc
     texts = {t: v for t in TEXT_TYPES if (v := long_text(obj.get(t))) is not None}
-    return abc, texts
+    return abc, texts, normalisation
 
 
 def _remove_outputs(output_dir: Path, pid: str) -> None:
@@ -112,8 +150,12 @@ def _remove_outputs(output_dir: Path, pid: str) -> None:
             pass
 
 
-def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, progress: bool = True) -> WikiMTSummary:
-    """Convert every piece of the JSONL; see the module docstring for the layout."""
+def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, progress: bool = True,
+            roundtrip: bool = True) -> WikiMTSummary:
+    """Convert every piece of the JSONL; see the module docstring for the layout.
+
+    ``roundtrip=False`` interleaves the lead sheets as written, without the MusicXML round trip.
+    """
     lines = read_lines(input_path)
     output_dir = Path(output_dir)
     summary = WikiMTSummary(pieces=len(lines))
@@ -151,7 +193,7 @@ def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, progre
             continue
         seen.add(pid)
         try:
-            abc, texts = convert_piece(obj)
+            abc, texts, normalisation = convert_piece(obj, roundtrip=roundtrip)
         except ConversionError as exc:
             fail(number, pid, title, f"{exc.stage}: {exc.reason}")
             continue
@@ -164,7 +206,9 @@ def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, progre
                 summary.missing_text[text_type] += 1
                 if target.exists():  # stale from an earlier run of a different file
                     target.unlink()
-        record: dict = {"id": pid, "filepaths": [f"abc/{pid}.abc"]}
+        record: dict = {"id": pid, "filepaths": [f"abc/{pid}.abc"], "normalisation": normalisation}
+        if normalisation == DIRECT and roundtrip:
+            summary.direct += 1
         for key in ("title", "artists", "genre"):
             value = text_value(obj.get(key))
             if value is not None:
