@@ -11,10 +11,10 @@ from pathlib import Path
 import runconfig
 
 try:
-    from preprocess import interleave
+    from preprocess import abc_normalise, interleave
 except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "code"))
-    from preprocess import interleave
+    from preprocess import abc_normalise, interleave
 from preprocess.batch import add_batch_arguments, run_from_args
 
 DESCRIPTION = """\
@@ -25,6 +25,10 @@ tunes without a `V:1` line (plain folk ABC, lead sheets), inline [V:n] voice bod
 durations inside brackets such as [B2g2]. Tunes that cannot be interleaved (voices with different
 bar counts, no notes, several tunes in one file) are listed with a reason in the error log.
 Files that are not valid UTF-8 are read as Latin-1 unless --strict_utf8 is given.
+
+--normalise (for plain folk ABC collections) first rewrites each tune by the round trip ABC ->
+MusicXML (abc2xml) -> ABC (xml2abc -d 8 -x), so it reaches the interleaving in the layout of the
+training data (L:1/8, V:1, xml2abc's decorations). Without it the output is unchanged.
 """
 
 
@@ -33,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     add_batch_arguments(parser, default_log="logs/interleave_errors.jsonl")
     parser.add_argument("--strict_utf8", action="store_true",
                         help="report files that are not valid UTF-8 instead of reading them as Latin-1")
+    parser.add_argument("--normalise", action="store_true",
+                        help="normalise each tune through ABC -> MusicXML -> ABC (xml2abc -d 8 -x) before "
+                             "interleaving (for plain folk ABC; see above)")
     args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
-    convert = functools.partial(interleave.convert_file, latin1_fallback=not args.strict_utf8)
+    # A partial over a module-level function: the batch runner sends it to worker processes.
+    module = abc_normalise if args.normalise else interleave
+    convert = functools.partial(module.convert_file, latin1_fallback=not args.strict_utf8)
     return run_from_args(args, convert, extensions=interleave.ABC_EXTENSIONS,
                          output_name=lambda relative: relative, name="interleave")
 
