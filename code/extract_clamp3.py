@@ -37,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = runconfig.parse_args(parser, argv)
     if not Path(args.input_dir).is_dir():
         parser.error(f"input directory not found: {args.input_dir}")
+    if cfg["EXTRACT_DTYPE"] not in ("float32", "bfloat16", "float16"):
+        parser.error(f"EXTRACT_DTYPE must be float32, bfloat16 or float16, not {cfg['EXTRACT_DTYPE']!r}")
+    tokenizer = None  # loaded first: a missing tokenizer should not wait for a 1.8 GB checkpoint
+    if any(p.suffix.lower() == ".txt" for p in Path(args.input_dir).rglob("*")):
+        try:
+            tokenizer = load_text_tokenizer(cfg["TEXT_MODEL_NAME"])
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     weights = runconfig.resolve_path(args.weights or cfg["CLAMP3_WEIGHTS_PATH"])
     try:
         model_config = ModelConfig.resolve(cfg, args.model_config)
@@ -53,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
                           extra={"weights": str(weights), "model_config": model_config.to_dict(),
                                  "get_global": args.get_global})
 
-    tokenizer = None
-    if any(p.suffix.lower() == ".txt" for p in Path(args.input_dir).rglob("*")):
-        tokenizer = load_text_tokenizer(cfg["TEXT_MODEL_NAME"])
     extractor = FeatureExtractor(model, device=device, dtype=cfg["EXTRACT_DTYPE"],
                                  tokens_per_batch=cfg["EXTRACT_TOKENS_PER_BATCH"], tokenizer=tokenizer,
                                  max_padding=cfg["EXTRACT_MAX_PADDING"],

@@ -76,6 +76,8 @@ class FeatureExtractor:
     ):
         self.model = model
         self.device = torch.device(device)
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
         self.dtype = dtype
         self.tokens_per_batch = tokens_per_batch
         self.max_padding = max_padding
