@@ -202,3 +202,14 @@ def test_cli_rejects_unknown_config_key(tmp_path):
     result = run_extract(str(tmp_path), str(tmp_path / "o"), "--EXTRACT_DTYPEE=bfloat16")
     assert result.returncode == 2
     assert "unknown config key 'EXTRACT_DTYPEE'" in result.stderr and "EXTRACT_DTYPE" in result.stderr
+
+
+def test_missing_tokenizer_and_bad_dtype_are_clear_errors(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "caption.txt").write_text("a calm piano piece", encoding="utf-8")
+    result = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), *TINY,
+                         f"--TEXT_MODEL_NAME={tmp_path / 'no_tokenizer_here'}")
+    assert result.returncode == 2
+    assert "cannot load the text tokenizer" in result.stderr and "Traceback" not in result.stderr
+    result = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), *TINY, "--EXTRACT_DTYPE=bf16")
+    assert result.returncode == 2 and "EXTRACT_DTYPE must be float32, bfloat16 or float16" in result.stderr
