@@ -10,14 +10,18 @@ pieces are sorted by length and run together, each batch padded only to its own 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from modeling import CLaMP3Model, masked_mean
 from patchilizer import M3Patchilizer
+from torch import nn
+from transformers.models.bert.modeling_bert import BertIntermediate
+from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaIntermediate
 
 MUSIC_EXTENSIONS = {".abc": "symbolic", ".mtf": "symbolic", ".txt": "text", ".npy": "audio"}
 
@@ -45,6 +49,49 @@ class _Segment:
     index: int
     start: int
     end: int
+
+
+def _onednn_linear_available() -> bool:
+    """Whether oneDNN's fused linear (the kernel torch.compile uses on CPU) runs and agrees here."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 5, 16), (8, 16), (8,)))
+        plain = F.gelu(F.linear(x, w, b))
+        return bool(torch.allclose(op(x, w, b, "gelu", [], "none"), plain, atol=1e-5))
+    except (RuntimeError, TypeError):
+        return False
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module) -> Iterator[None]:
+    """Run the model's plain ``nn.Linear`` layers through oneDNN, with the BERT/XLM-R intermediate
+    GELU fused into its matmul, for float32 CPU inference (~12% faster at the official size; the
+    same features within 1e-5). Forwards are restored on exit, so training is never affected."""
+    op = torch.ops.mkldnn._linear_pointwise
+    patched: list[nn.Module] = []
+
+    def plain(layer: nn.Linear):
+        return lambda h: op(h, layer.weight, layer.bias, "none", [], "")
+
+    def with_gelu(layer: nn.Linear):
+        return lambda h: op(h, layer.weight, layer.bias, "gelu", [], "none")
+
+    try:
+        for module in model.modules():
+            if isinstance(module, (BertIntermediate, XLMRobertaIntermediate)) and type(module.dense) is nn.Linear \
+                    and getattr(module.intermediate_act_fn, "__class__", None).__name__ == "GELUActivation":
+                module.forward = with_gelu(module.dense)
+                patched.append(module)
+            elif type(module) is nn.Linear:
+                module.forward = plain(module)
+                patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
 
 
 def load_text_tokenizer(name_or_path: str):
@@ -81,6 +128,7 @@ class FeatureExtractor:
         self.dtype = dtype
         self.tokens_per_batch = tokens_per_batch
         self.max_padding = max_padding
+        self.use_onednn = _onednn_linear_available()
         self.tokenizer = tokenizer
         self.patchilizer = patchilizer or M3Patchilizer(model.model_config.patch_size)
         # Official: PATCH_LENGTH, MAX_TEXT_LENGTH and MAX_AUDIO_LENGTH of config.py.
@@ -143,6 +191,11 @@ class FeatureExtractor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
 
+    def _fast_kernels(self):
+        if self.use_onednn and self.device.type == "cpu" and self.dtype == "float32":
+            return onednn_linears(self.model)
+        return contextlib.nullcontext()
+
     def _batches(self, segments: list[_Segment]) -> list[list[_Segment]]:
         """Longest first. A batch closes when its padded size (count x longest) would pass the
         budget, or when taking the next segment would make padding more than ``max_padding`` of
@@ -177,27 +230,32 @@ class FeatureExtractor:
             for index, (start, end) in enumerate(segment_bounds(len(x), seg_len))
         ]
         outputs: dict[tuple[int, int], torch.Tensor] = {}
+        with self._fast_kernels():
+            for batch in self._batches(segments):
+                self._run_batch(modality, batch, inputs, get_global, outputs)
+        return [self._combine(outputs, piece, len(x), seg_len, get_global) for piece, x in enumerate(inputs)]
+
+    def _run_batch(self, modality: str, batch: list[_Segment], inputs: Sequence[torch.Tensor],
+                   get_global: bool, outputs: dict[tuple[int, int], torch.Tensor]) -> None:
         pad = self._pad_value(modality)
         projection = self.model.projection(modality)
-        for batch in self._batches(segments):
-            longest = batch[0].end - batch[0].start
-            first = inputs[batch[0].piece]
-            values = torch.full((len(batch), longest, *first.shape[1:]), pad, dtype=first.dtype)
-            mask = torch.zeros(len(batch), longest, dtype=torch.long)
-            for row, seg in enumerate(batch):
-                values[row, : seg.end - seg.start] = inputs[seg.piece][seg.start : seg.end]
-                mask[row, : seg.end - seg.start] = 1
-            values, mask = values.to(self.device), mask.to(self.device)
-            with self._autocast():
-                hidden = self.model.hidden_states(modality, values, mask).float()
-                if get_global:
-                    result = projection(masked_mean(hidden, mask)).float()
-            for row, seg in enumerate(batch):
-                if get_global:
-                    outputs[(seg.piece, seg.index)] = result[row].cpu()
-                else:
-                    outputs[(seg.piece, seg.index)] = hidden[row, : seg.end - seg.start].cpu()
-        return [self._combine(outputs, piece, len(x), seg_len, get_global) for piece, x in enumerate(inputs)]
+        longest = batch[0].end - batch[0].start
+        first = inputs[batch[0].piece]
+        values = torch.full((len(batch), longest, *first.shape[1:]), pad, dtype=first.dtype)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long)
+        for row, seg in enumerate(batch):
+            values[row, : seg.end - seg.start] = inputs[seg.piece][seg.start : seg.end]
+            mask[row, : seg.end - seg.start] = 1
+        values, mask = values.to(self.device), mask.to(self.device)
+        with self._autocast():
+            hidden = self.model.hidden_states(modality, values, mask).float()
+            if get_global:
+                result = projection(masked_mean(hidden, mask)).float()
+        for row, seg in enumerate(batch):
+            if get_global:
+                outputs[(seg.piece, seg.index)] = result[row].cpu()
+            else:
+                outputs[(seg.piece, seg.index)] = hidden[row, : seg.end - seg.start].cpu()
 
     @staticmethod
     def _combine(outputs, piece: int, length: int, seg_len: int, get_global: bool) -> np.ndarray:

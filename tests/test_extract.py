@@ -213,3 +213,17 @@ def test_missing_tokenizer_and_bad_dtype_are_clear_errors(tmp_path):
     assert "cannot load the text tokenizer" in result.stderr and "Traceback" not in result.stderr
     result = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), *TINY, "--EXTRACT_DTYPE=bf16")
     assert result.returncode == 2 and "EXTRACT_DTYPE must be float32, bfloat16 or float16" in result.stderr
+
+
+def test_onednn_fast_path_matches_and_restores_the_model(tiny_model):
+    extractor = FeatureExtractor(tiny_model)
+    if not extractor.use_onednn:
+        pytest.skip("oneDNN fused linear not available in this torch build")
+    inputs = [extractor.symbolic_input((OFFICIAL / "outputs" / "mtf" / n).read_text(encoding="utf-8"))
+              for n in ("m21test_test19.mtf", "m21test_test01.mtf")]
+    fast = extractor.extract("symbolic", inputs)
+    assert not any("forward" in vars(m) for m in tiny_model.modules())  # class forwards are back
+    extractor.use_onednn = False
+    plain = extractor.extract("symbolic", inputs)
+    for a, b in zip(fast, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
