@@ -227,3 +227,16 @@ def test_onednn_fast_path_matches_and_restores_the_model(tiny_model):
     plain = extractor.extract("symbolic", inputs)
     for a, b in zip(fast, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_path_is_close_to_float32(tiny_model):
+    extractor = FeatureExtractor(tiny_model)
+    inputs = [extractor.symbolic_input((OFFICIAL / "outputs" / "mtf" / n).read_text(encoding="utf-8"))
+              for n in ("m21test_test19.mtf", "m21test_test01.mtf")]
+    reference = extractor.extract("symbolic", inputs)
+    extractor.dtype = "bfloat16"
+    low = extractor.extract("symbolic", inputs)
+    assert not any("forward" in vars(m) for m in tiny_model.modules())
+    for a, b in zip(low, reference, strict=True):
+        a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
