@@ -72,7 +72,7 @@ def onednn_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iter
     same features within 1e-5). With ``dtype=torch.bfloat16`` inputs and (once-cast) weights go to
     bfloat16 kernels. Forwards are restored on exit, so training is never affected."""
     op = torch.ops.mkldnn._linear_pointwise
-    patched: list[nn.Module] = []
+    patched: list[tuple[nn.Module, object]] = []  # (module, the instance forward it had, if any)
     cast: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def params(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,15 +93,18 @@ def onednn_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iter
         for module in model.modules():
             if isinstance(module, (BertIntermediate, XLMRobertaIntermediate)) and type(module.dense) is nn.Linear \
                     and type(module.intermediate_act_fn).__name__ == "GELUActivation":
+                patched.append((module, vars(module).get("forward")))
                 module.forward = linear(module.dense, "gelu", "none")
-                patched.append(module)
             elif type(module) is nn.Linear:
+                patched.append((module, vars(module).get("forward")))
                 module.forward = linear(module, "none", "")
-                patched.append(module)
         yield
     finally:
-        for module in patched:
-            del module.forward  # back to the class's forward
+        for module, previous in patched:
+            if previous is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = previous  # e.g. a hook wrapper someone else installed
 
 
 def load_text_tokenizer(name_or_path: str):
