@@ -14,24 +14,12 @@ from pathlib import Path
 
 import torch
 from features import MUSIC_EXTENSIONS, FeatureExtractor
-from fileio import FailureLog, atomic_save_npy
+from fileio import FailureLog, atomic_save_npy, find_files, with_extension
 from tqdm import tqdm
 
 
-def find_feature_inputs(input_dir: str | os.PathLike) -> list[Path]:
-    """``.abc``, ``.mtf``, ``.txt`` and ``.npy`` files under ``input_dir`` (relative, sorted)."""
-    root = Path(input_dir)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            if Path(name).suffix.lower() in MUSIC_EXTENSIONS and not name.startswith("."):
-                found.append(Path(dirpath, name).relative_to(root))
-    return sorted(found, key=lambda p: p.as_posix())
-
-
 def output_path_for(relative: Path) -> Path:
-    return relative.with_name(relative.name.rsplit(".", 1)[0] + ".npy")
+    return with_extension(relative, ".npy")
 
 
 @dataclass
@@ -61,7 +49,7 @@ def extract_folder(
     pending: list[Path] = []
     claimed: dict[Path, Path] = {}
     failures: list[tuple[Path, str, str]] = []
-    for rel in find_feature_inputs(input_dir):
+    for rel in find_files(input_dir, MUSIC_EXTENSIONS):
         out_rel = output_path_for(rel)
         if out_rel in claimed:
             failures.append((rel, "name", f"its output {out_rel} is already produced by {claimed[out_rel]}"))

@@ -5,9 +5,31 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
+
+
+def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
+    """Files under ``root`` whose extension matches (case-insensitive), as sorted relative paths.
+    Hidden files and the temporary files of ``atomic_write`` are left out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"input directory not found: {root}")
+    wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(wanted) and not name.startswith(".") and not name.endswith(".tmp"):
+                found.append(Path(dirpath, name).relative_to(root))
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def with_extension(relative: Path, extension: str) -> Path:
+    """``dir/name.x.ext`` -> ``dir/name.x<extension>``: the stem ends at the last dot, as in the
+    official CLaMP 3 scripts (``Path.with_suffix`` agrees, but not for names without a dot)."""
+    return relative.with_name(relative.name.rsplit(".", 1)[0] + extension)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], binary: bool = False) -> Path:

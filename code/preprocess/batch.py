@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from fileio import FailureLog, atomic_write_bytes, atomic_write_text
+from fileio import FailureLog, atomic_write_bytes, atomic_write_text, find_files
 from tqdm import tqdm
 
 
@@ -59,17 +59,7 @@ def describe_exception(exc: BaseException) -> str:
 
 def find_inputs(input_dir: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
     """Files under ``input_dir`` whose extension matches (case-insensitive), as sorted relative paths."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input directory not found: {root}")
-    wanted = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in filenames:
-            if name.lower().endswith(wanted) and not name.startswith(".") and not name.endswith(".tmp"):
-                found.append(Path(dirpath, name).relative_to(root))
-    return sorted(found, key=lambda p: p.as_posix())
+    return find_files(input_dir, extensions)
 
 
 def shard_of(relative_path: Path, num_shards: int) -> int:

@@ -40,6 +40,7 @@ from pathlib import Path
 from xml.etree import ElementPath, ElementTree
 
 from abctoolkit import xml2abc as _x2a  # NOT abctoolkit.convert: importing it runs a shell command
+from fileio import with_extension
 
 from preprocess.batch import ConversionError
 
@@ -291,4 +292,4 @@ def convert_file(path: str | os.PathLike, messages: list[str] | None = None) -> 
 
 def output_name(relative: Path) -> Path:
     """``a/b/score.mxl`` -> ``a/b/score.abc`` (the official naming: stem up to the last dot)."""
-    return relative.with_name(relative.name.rsplit(".", 1)[0] + ".abc")
+    return with_extension(relative, ".abc")

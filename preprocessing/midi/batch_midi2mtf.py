@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import runconfig
+from fileio import with_extension
 from preprocess.batch import add_batch_arguments, run_from_args
 from preprocess.midi_mtf import midi_to_mtf
 
@@ -22,7 +23,7 @@ MIDI_EXTENSIONS = (".mid", ".midi")
 
 def mtf_name(relative_input: Path) -> Path:
     """``dir/name.ext`` -> ``dir/name.mtf`` (the stem ends at the last dot, as in the official script)."""
-    return relative_input.with_name(relative_input.name.rsplit(".", 1)[0] + ".mtf")
+    return with_extension(relative_input, ".mtf")
 
 
 def main(argv: list[str] | None = None) -> int:

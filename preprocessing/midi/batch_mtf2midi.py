@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import runconfig
+from fileio import with_extension
 from preprocess.batch import add_batch_arguments, run_from_args
 from preprocess.midi_mtf import mtf_file_to_midi
 
 
 def midi_name(relative_input: Path) -> Path:
     """``dir/name.mtf`` -> ``dir/name.mid`` (the stem ends at the last dot)."""
-    return relative_input.with_name(relative_input.name.rsplit(".", 1)[0] + ".mid")
+    return with_extension(relative_input, ".mid")
 
 
 def main(argv: list[str] | None = None) -> int:
