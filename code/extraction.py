@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from features import MUSIC_EXTENSIONS, FeatureExtractor
-from fileio import FailureLog, atomic_save_npy, find_files, with_extension
+from fileio import DropLog, atomic_save_npy, find_files, with_extension
 from tqdm import tqdm
 
 
@@ -60,11 +60,11 @@ def extract_folder(
         else:
             pending.append(rel)
 
-    log = FailureLog(error_log, "extract", echo=lambda message: tqdm.write(message, file=sys.stderr))
+    log = DropLog("extract", error_log, echo=lambda message: tqdm.write(message, file=sys.stderr))
 
     def report(rel: Path, stage: str, reason: str) -> None:
         summary.failed += 1
-        summary.failures.append(log.add(input_dir / rel, stage, reason))
+        summary.failures.append(log.fail(input_dir / rel, stage, reason))
 
     try:
         for rel, stage, reason in failures:

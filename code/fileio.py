@@ -1,13 +1,34 @@
-"""Atomic file writes: a reader never sees a half-written output, even after a crash."""
+"""Files in and out: atomic writes (a reader never sees a half-written output, even after a
+crash), JSONL records, input discovery and output naming for batches, and ``DropLog``, the one
+record of what a job left out and why. Paths of the project's own outputs are described in
+docs/ARCHITECTURE.md (output roots)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+# The repository root (the install is editable: code/ stays where it is). Default output
+# locations and configuration paths are relative to it; see docs/ARCHITECTURE.md.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_path(path: str | os.PathLike) -> Path:
+    """A configuration path or default location: absolute as given, else under the repository root."""
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def failure_log_path(tool: str) -> Path:
+    """The default failure log of a batch tool: ``logs/<tool>_failures.jsonl`` in the repository."""
+    return REPO_ROOT / "logs" / f"{tool}_failures.jsonl"
 
 
 def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
@@ -28,7 +49,8 @@ def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]
 
 def with_extension(relative: Path, extension: str) -> Path:
     """``dir/name.x.ext`` -> ``dir/name.x<extension>``: the stem ends at the last dot, as in the
-    official CLaMP 3 scripts (``Path.with_suffix`` agrees, but not for names without a dot)."""
+    official CLaMP 3 scripts. The one output-naming rule of the project: it differs from
+    ``Path.with_suffix`` for names that end in a dot or start with one (``a.`` -> ``a<ext>``)."""
     return relative.with_name(relative.name.rsplit(".", 1)[0] + extension)
 
 
@@ -68,48 +90,92 @@ def atomic_save_npy(path: str | os.PathLike, array: Any) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-class FailureLog:
-    """The failures of a batch: kept in memory, echoed to stderr, appended to a JSONL file.
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """All rows as one JSONL file, written atomically (UTF-8, non-ASCII kept readable)."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
-    The file is opened on the first failure, so a clean run leaves no empty log behind.
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a line that is not a JSON
+    object raises ValueError naming the file and the line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            yield number, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every JSON object of a JSONL file (see ``iter_jsonl``)."""
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+class DropLog:
+    """What a job left out and why: the one record of dropped rows, failed files and bad records.
+
+    Each ``add`` counts its reason, keeps the row (``{..fields, "reason": ...}``) in memory, echoes
+    a line if ``echo`` is given, and appends the row to the JSONL file ``path`` if one is given (opened
+    on the first row, so a clean run leaves no empty log behind). ``write`` saves every row at once,
+    atomically, for jobs that publish their drops beside their outputs; ``summary_line`` is the one
+    line a job prints at the end.
     """
 
-    def __init__(self, path: str | os.PathLike | None, name: str, echo: Callable[[str], None] | None = None):
-        self.path = Path(path) if path else None
+    def __init__(self, name: str, path: str | os.PathLike | None = None,
+                 echo: Callable[[str], None] | None = None):
         self.name = name
-        self.records: list[dict] = []
+        self.path = Path(path) if path else None
+        self.rows: list[dict] = []
+        self.counts: Counter[str] = Counter()
         self._echo = echo
         self._file: IO[str] | None = None
 
-    def add(self, file: str | os.PathLike, stage: str, reason: str) -> dict:
-        import json
-        import sys
-        import time
-
-        record = {"file": str(file), "stage": stage, "reason": reason,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.records.append(record)
-        message = f"[{self.name}] failed: {file}: {reason}"
+    def add(self, reason: str, **fields: Any) -> dict:
+        row = {**{k: v for k, v in fields.items() if v is not None}, "reason": reason}
+        self.rows.append(row)
+        self.counts[reason] += 1
         if self._echo is not None:
-            self._echo(message)
-        else:
-            print(message, file=sys.stderr)
+            where = fields.get("file", fields.get("id"))
+            self._echo(f"[{self.name}] {where}: {reason}" if where is not None else f"[{self.name}] {reason}")
         if self.path is not None:
             if self._file is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # backslashreplace: a file name that is not valid UTF-8 (a lone surrogate from
                 # os.fsdecode) is written as a JSON \udcXX escape instead of crashing the batch.
                 self._file = open(self.path, "a", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
             self._file.flush()
-        return record
+        return row
+
+    def fail(self, file: str | os.PathLike, stage: str, reason: str) -> dict:
+        """A file a batch could not process: the file, the stage that failed, the reason, the time."""
+        return self.add(reason, file=str(file), stage=stage, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def summary_line(self) -> str:
+        """``name: left out N (reason a, reason b ...)`` with the most frequent reasons first."""
+        if not self.rows:
+            return f"{self.name}: nothing left out"
+        reasons = ", ".join(f"{reason} {count}" for reason, count in
+                            sorted(self.counts.items(), key=lambda item: (-item[1], item[0])))
+        return f"{self.name}: left out {len(self.rows)} ({reasons})"
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_jsonl(path, self.rows)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> FailureLog:
+    def __enter__(self) -> DropLog:
         return self
 
     def __exit__(self, *exc_info) -> None:

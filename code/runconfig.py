@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import config as _defaults
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from fileio import repo_path
 
 
 class ConfigError(ValueError):
@@ -162,8 +161,7 @@ def split_override(token: str) -> tuple[str, str]:
 
 def resolve_path(path: str | os.PathLike) -> Path:
     """A config path: absolute as given, relative to the repository root otherwise."""
-    path = Path(os.path.expanduser(str(path)))
-    return path if path.is_absolute() else REPO_ROOT / path
+    return repo_path(path)
 
 
 CONFIG_HELP = (

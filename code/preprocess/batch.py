@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from fileio import FailureLog, atomic_write_bytes, atomic_write_text, find_files
+from fileio import DropLog, atomic_write_bytes, atomic_write_text, find_files
 from tqdm import tqdm
 
 
@@ -363,7 +363,7 @@ def run_batch(
         pool = _WorkerPool(tasks, workers, convert, max_bytes, timeout)
         results = pool.results()
     bar = tqdm(total=len(tasks), desc=name, unit="file", disable=not progress, dynamic_ncols=True)
-    log = FailureLog(error_log, name, echo=lambda message: tqdm.write(message, file=sys.stderr))
+    log = DropLog(name, error_log, echo=lambda message: tqdm.write(message, file=sys.stderr))
     finished = False
     try:
         for task, status, stage, reason in results:
@@ -372,7 +372,7 @@ def run_batch(
                 summary.converted += 1
                 continue
             summary.failed += 1
-            summary.failures.append(log.add(task.source, stage, reason))
+            summary.failures.append(log.fail(task.source, stage, reason))
         finished = True
     finally:
         if pool is not None:
