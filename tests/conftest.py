@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the official reference fixtures live, and offline settings."""
+"""Shared test fixtures: the official reference fixtures, the tiny model, an offline tokenizer, and
+offline settings (set here with setdefault: a value the caller exported wins)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,34 @@ def official_dir() -> Path:
     if not OFFICIAL.is_dir():
         pytest.fail(f"official fixtures not found at {OFFICIAL} (set CLAMP3_SHARED_DIR)")
     return OFFICIAL
+
+
+TINY_WEIGHTS = OFFICIAL / "model" / "tiny_clamp3.pth"
+TINY_MODEL_CONFIG = OFFICIAL / "model" / "tiny_model_config.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The official tiny fixture model (hidden 32, 2 layers per tower), loaded strictly, eval mode."""
+    from modeling import ModelConfig, load_clamp3
+
+    return load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(tmp_path_factory) -> Path:
+    """A folder holding a small XLM-R-like tokenizer built offline: ids 0-3 are <s>, <pad>, </s>,
+    <unk>; the words ``w0`` ... ``w199`` are ids 4-203 (the tiny text tower has 1,000)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(200)]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>", cls_token="<s>")
+    folder = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(folder)
+    return folder

@@ -10,12 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import OFFICIAL, REPO_ROOT
+from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from features import FeatureExtractor, segment_bounds, segment_weights
-from modeling import ModelConfig, load_clamp3
 
-TINY = ["--weights", str(OFFICIAL / "model" / "tiny_clamp3.pth"),
-        "--model_config", str(OFFICIAL / "model" / "tiny_model_config.json")]
+TINY = ["--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG)]
 SUBDIRS = ("int_abc", "int_abc_from_abc_inputs", "mtf")
 
 
@@ -30,12 +28,6 @@ def official_inputs(tmp_path_factory):
     for sub in SUBDIRS:
         shutil.copytree(OFFICIAL / "outputs" / sub, root / sub)
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return load_clamp3(ModelConfig.from_json(OFFICIAL / "model" / "tiny_model_config.json"),
-                       OFFICIAL / "model" / "tiny_clamp3.pth", attn_implementation="sdpa")
 
 
 def test_segmentation_rules():
@@ -130,24 +122,6 @@ def test_audio_features_batched_equal_official_style(tiny_model):
     assert inputs[0].shape == (5, 32) and not inputs[0][0].any() and not inputs[0][-1].any()
     for ours, x in zip(extractor.extract("audio", inputs), inputs, strict=True):
         np.testing.assert_allclose(ours, official_style(tiny_model, "audio", x, True, 0), rtol=0, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def word_tokenizer(tmp_path_factory):
-    """A small XLM-R-like tokenizer built offline (ids 0-3 are <s>, <pad>, </s>, <unk>)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(200)]
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>", cls_token="<s>")
-    folder = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.slow  # end to end through the CLI subprocess
