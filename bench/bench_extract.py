@@ -9,7 +9,8 @@ Both sides use the same weights and inputs, from two input sets:
 * ``fixtures``: the 62 interleaved ABC and MTF pieces of the official fixtures, chosen to exercise
   segmentation (18 pieces exceed 512 patches), so little of their work is padding: a worst case
   for batching.
- The official approach pads every segment to 512 patches, runs batch size 1 and embeds
+
+The official approach pads every segment to 512 patches, runs batch size 1 and embeds
 patches with a one-hot matmul in eager attention; ours groups segments by length, pads each batch
 to its own longest segment, gathers the patch embedding and uses fused attention.
 
@@ -29,12 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "code"))  # also runnable without the editable install
-
-from features import FeatureExtractor, segment_bounds, segment_weights  # noqa: E402
-from modeling import CLaMP3Model, ModelConfig, load_clamp3  # noqa: E402
+from features import FeatureExtractor, segment_bounds, segment_weights
+from fileio import REPO_ROOT
+from modeling import CLaMP3Model, ModelConfig, load_clamp3
 
 OFFICIAL = REPO_ROOT.parent / "shared" / "fixtures" / "official"
 TINY_TEXT = {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -64,12 +62,10 @@ def model_for(size: str) -> CLaMP3Model:
 
 def corpus_pieces(count: int) -> list[str]:
     """Interleaved ABC of ``count`` evenly spaced music21-corpus scores (converted once, cached)."""
+    from bench_abc import corpus_files  # bench/ is on sys.path: it holds the script being run
     from preprocess.batch import ConversionError
     from preprocess.interleave import interleave_abc
     from preprocess.xml2abc import convert_file
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_abc import corpus_files
 
     cache = REPO_ROOT / "data" / "bench" / "extract_corpus" / str(count)
     if not cache.is_dir():

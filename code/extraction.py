@@ -13,13 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from features import MUSIC_EXTENSIONS, FeatureExtractor
+from features import MODALITY_OF_EXTENSION, FeatureExtractor
 from fileio import DropLog, atomic_save_npy, find_files, with_extension
 from tqdm import tqdm
 
 
 def output_path_for(relative: Path) -> Path:
     return with_extension(relative, ".npy")
+
+
+def extract_config_path(output_dir: str | os.PathLike) -> Path:
+    """Where a run's effective configuration goes: beside the feature folder, as
+    ``<output_dir>.extract_config.json``, so the folder holds only features for the tools that walk it."""
+    folder = Path(os.path.abspath(output_dir))  # "." and "out/" have a name to extend too
+    return folder.with_name(folder.name + ".extract_config.json")
 
 
 @dataclass
@@ -42,6 +49,8 @@ def extract_folder(
     error_log: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> ExtractionSummary:
+    """Features of every input under ``input_dir`` that has none yet under ``output_dir``, read and
+    batched ``files_per_chunk`` files at a time; failures go to ``error_log`` (JSONL) and the summary."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input directory not found: {input_dir}")
@@ -49,7 +58,7 @@ def extract_folder(
     pending: list[Path] = []
     claimed: dict[Path, Path] = {}
     failures: list[tuple[Path, str, str]] = []
-    for rel in find_files(input_dir, MUSIC_EXTENSIONS):
+    for rel in find_files(input_dir, MODALITY_OF_EXTENSION):
         out_rel = output_path_for(rel)
         if out_rel in claimed:
             failures.append((rel, "name", f"its output {out_rel} is already produced by {claimed[out_rel]}"))

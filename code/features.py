@@ -10,20 +10,27 @@ pieces are sorted by length and run together, each batch padded only to its own 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import config
 import numpy as np
 import torch
-import torch.nn.functional as F
-from modeling import CLaMP3Model, masked_mean
+from fast_linears import ONEDNN_DTYPES, onednn_linear_available, onednn_linears
+from modeling import CLaMP3Model, ModelConfig, masked_mean, resolve_device
 from patchilizer import M3Patchilizer
-from torch import nn
-from transformers.models.bert.modeling_bert import BertIntermediate
-from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaIntermediate
 
-MUSIC_EXTENSIONS = {".abc": "symbolic", ".mtf": "symbolic", ".txt": "text", ".npy": "audio"}
+# Which tower reads a file, by extension: symbolic music, text captions, MERT audio features.
+MODALITY_OF_EXTENSION = {".abc": "symbolic", ".mtf": "symbolic", ".txt": "text", ".npy": "audio"}
+EXTRACT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: str) -> None:
+    """The one check of EXTRACT_DTYPE (float32 matches the official features; the others autocast)."""
+    if dtype not in EXTRACT_DTYPES:
+        raise ValueError(f"EXTRACT_DTYPE must be float32, bfloat16 or float16, not {dtype!r}")
 
 
 def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
@@ -43,68 +50,23 @@ def segment_weights(length: int, segment_length: int) -> list[int]:
     return weights
 
 
+def segment_length_limits(model_config: ModelConfig) -> dict[str, int]:
+    """The longest segment each tower takes: its position-embedding count (the text tower's
+    positions start after the padding index, as in RoBERTa, so it takes ``pad_token_id + 1`` fewer)."""
+    text = model_config.text
+    return {
+        "symbolic": int(model_config.symbolic.get("max_position_embeddings", 512)),
+        "text": int(text.get("max_position_embeddings", 512)) - int(text.get("pad_token_id", 1)) - 1,
+        "audio": int(model_config.audio.get("max_position_embeddings", 512)),
+    }
+
+
 @dataclass
 class _Segment:
     piece: int
     index: int
     start: int
     end: int
-
-
-def _onednn_linear_available() -> bool:
-    """Whether oneDNN's fused linear (the kernel torch.compile uses on CPU) runs and agrees here."""
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        generator = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 5, 16), (8, 16), (8,)))
-        plain = F.gelu(F.linear(x, w, b))
-        return bool(torch.allclose(op(x, w, b, "gelu", [], "none"), plain, atol=1e-5))
-    except (RuntimeError, TypeError):
-        return False
-
-
-@contextlib.contextmanager
-def onednn_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
-    """Run the model's plain ``nn.Linear`` layers through oneDNN, with the BERT/XLM-R intermediate
-    GELU fused into its matmul, for CPU inference (~12% faster at the official size in float32, the
-    same features within 1e-5). With ``dtype=torch.bfloat16`` inputs and (once-cast) weights go to
-    bfloat16 kernels. Forwards are restored on exit, so training is never affected."""
-    op = torch.ops.mkldnn._linear_pointwise
-    patched: list[tuple[nn.Module, object]] = []  # (module, the instance forward it had, if any)
-    cast: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def params(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if dtype == torch.float32:
-            return layer.weight, layer.bias
-        if id(layer) not in cast:
-            bias = None if layer.bias is None else layer.bias.to(dtype)
-            cast[id(layer)] = (layer.weight.to(dtype), bias)
-        return cast[id(layer)]
-
-    def linear(layer: nn.Linear, attr: str, algorithm: str):
-        def forward(h: torch.Tensor) -> torch.Tensor:
-            weight, bias = params(layer)
-            return op(h.to(dtype), weight, bias, attr, [], algorithm)
-        return forward
-
-    try:
-        for module in model.modules():
-            if isinstance(module, (BertIntermediate, XLMRobertaIntermediate)) and type(module.dense) is nn.Linear \
-                    and type(module.intermediate_act_fn).__name__ == "GELUActivation":
-                patched.append((module, vars(module).get("forward")))
-                module.forward = linear(module.dense, "gelu", "none")
-            elif type(module) is nn.Linear:
-                patched.append((module, vars(module).get("forward")))
-                module.forward = linear(module, "none", "")
-        yield
-    finally:
-        for module, previous in patched:
-            if previous is None:
-                del module.forward  # back to the class's forward
-            else:
-                module.forward = previous  # e.g. a hook wrapper someone else installed
 
 
 def load_text_tokenizer(name_or_path: str):
@@ -126,31 +88,44 @@ class FeatureExtractor:
     def __init__(
         self,
         model: CLaMP3Model,
-        device: str | torch.device = "cpu",
-        dtype: str = "float32",
-        tokens_per_batch: int = 8192,
-        tokenizer=None,
+        device: str | torch.device | None = None,
+        dtype: str = config.EXTRACT_DTYPE,
+        tokens_per_batch: int = config.EXTRACT_TOKENS_PER_BATCH,
+        tokenizer: Any = None,
         patchilizer: M3Patchilizer | None = None,
         segment_lengths: dict[str, int] | None = None,
-        max_padding: float = 0.1,
+        max_padding: float = config.EXTRACT_MAX_PADDING,
     ):
+        """Defaults are config.py's; ``from_config`` takes them from a run's configuration instead.
+        ``device`` defaults to the model's. ``segment_lengths`` overrides PATCH_LENGTH,
+        MAX_TEXT_LENGTH and MAX_AUDIO_LENGTH per modality; the model's position limits cap them."""
+        check_dtype(dtype)
         self.model = model
-        self.device = torch.device(device)
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = dtype
         self.tokens_per_batch = tokens_per_batch
         self.max_padding = max_padding
-        self.use_onednn = _onednn_linear_available()
+        self.use_onednn = onednn_linear_available()
         self.tokenizer = tokenizer
         self.patchilizer = patchilizer or M3Patchilizer(model.model_config.patch_size)
-        # Official: PATCH_LENGTH, MAX_TEXT_LENGTH and MAX_AUDIO_LENGTH of config.py.
-        self.segment_lengths = {
-            "symbolic": int(model.model_config.symbolic.get("max_position_embeddings", 512)),
-            "text": 128,
-            "audio": int(model.model_config.audio.get("max_position_embeddings", 128)),
-            **(segment_lengths or {}),
-        }
+        requested = {"symbolic": config.PATCH_LENGTH, "text": config.MAX_TEXT_LENGTH,
+                     "audio": config.MAX_AUDIO_LENGTH, **(segment_lengths or {})}
+        limits = segment_length_limits(model.model_config)
+        self.segment_lengths = {modality: min(int(requested[modality]), limits[modality]) for modality in limits}
+
+    @classmethod
+    def from_config(cls, model: CLaMP3Model, cfg: dict[str, Any], tokenizer: Any = None,
+                    device: str | torch.device | None = None) -> FeatureExtractor:
+        """An extractor with every setting from ``cfg`` (``runconfig.build_config``): EXTRACT_DTYPE,
+        EXTRACT_TOKENS_PER_BATCH, EXTRACT_MAX_PADDING, the segment lengths PATCH_LENGTH,
+        MAX_TEXT_LENGTH and MAX_AUDIO_LENGTH, and EXTRACT_DEVICE unless ``device`` is given."""
+        return cls(
+            model, device=resolve_device(cfg["EXTRACT_DEVICE"]) if device is None else device,
+            dtype=cfg["EXTRACT_DTYPE"], tokens_per_batch=cfg["EXTRACT_TOKENS_PER_BATCH"], tokenizer=tokenizer,
+            max_padding=cfg["EXTRACT_MAX_PADDING"],
+            segment_lengths={"symbolic": cfg["PATCH_LENGTH"], "text": cfg["MAX_TEXT_LENGTH"],
+                             "audio": cfg["MAX_AUDIO_LENGTH"]},
+        )
 
     # ------------------------------------------------------------------ inputs
     def symbolic_input(self, text: str) -> torch.Tensor:
@@ -181,7 +156,7 @@ class FeatureExtractor:
     def read_input(self, path: str | Path) -> tuple[str, torch.Tensor]:
         """(modality, model input) for one file, by extension."""
         path = Path(path)
-        modality = MUSIC_EXTENSIONS.get(path.suffix.lower())
+        modality = MODALITY_OF_EXTENSION.get(path.suffix.lower())
         if modality is None:
             raise ValueError(f"unsupported file type {path.suffix!r}")
         if modality == "audio":
@@ -205,8 +180,9 @@ class FeatureExtractor:
         return torch.autocast(self.device.type, dtype=getattr(torch, self.dtype))
 
     def _fast_kernels(self):
-        if self.use_onednn and self.device.type == "cpu" and self.dtype in ("float32", "bfloat16"):
-            return onednn_linears(self.model, getattr(torch, self.dtype))
+        dtype = getattr(torch, self.dtype)
+        if self.use_onednn and self.device.type == "cpu" and dtype in ONEDNN_DTYPES:
+            return onednn_linears(self.model, dtype)
         return contextlib.nullcontext()
 
     def _batches(self, segments: list[_Segment]) -> list[list[_Segment]]:

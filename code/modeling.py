@@ -103,12 +103,17 @@ class ModelConfig:
 
     @classmethod
     def resolve(cls, cfg: dict[str, Any], model_config_path: str | os.PathLike | None = None) -> ModelConfig:
-        """``--model_config`` if given, else ``MODEL_CONFIG`` from the config, else the official sizes."""
-        path = model_config_path or cfg.get("MODEL_CONFIG") or ""
-        if path:
-            from runconfig import resolve_path
+        """The JSON model config at ``model_config_path`` if given, else the official sizes of ``cfg``.
 
-            return cls.from_json(resolve_path(path))
+        The path is used as it is: callers resolve it by the path rule of docs/ARCHITECTURE.md (a
+        ``--model_config`` typed on the command line against the working directory, ``MODEL_CONFIG``
+        of the configuration against the repository root), so the model core knows nothing of either.
+        """
+        if model_config_path:
+            return cls.from_json(model_config_path)
+        if cfg.get("MODEL_CONFIG"):
+            raise ValueError(f"MODEL_CONFIG={cfg['MODEL_CONFIG']!r} is set but no model config path was "
+                             "given: resolve it (fileio.repo_path) and pass it as model_config_path")
         return cls.from_constants(cfg)
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +146,11 @@ class M3PatchEncoder(nn.Module):
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """``[B, L, patch_size]`` char ids -> ``[B, L, hidden]`` patch embeddings."""
         weight, bias = self.patch_embedding.weight, self.patch_embedding.bias
-        if self.use_one_hot:
+        # An adapter layer (PEFT LoRA/DoRA on the patch embedding, recognisable by its
+        # ``base_layer``) adds to the product of ``weight``; reading ``weight`` would bypass it, so
+        # it runs its own forward on the one-hot input. PEFT's modules_to_save wrapper needs no
+        # such care: its ``weight`` is the active trained copy (tests/test_lora.py checks both).
+        if self.use_one_hot or hasattr(self.patch_embedding, "base_layer"):
             one_hot = F.one_hot(patches, num_classes=CHAR_VOCAB).to(weight.dtype)
             return self.patch_embedding(one_hot.reshape(*patches.shape[:-1], -1))
         batch, length, slots = patches.shape
@@ -266,8 +275,6 @@ def load_clamp3(
         check_state_dict(model, state, source=str(weights))
         model.load_state_dict(state, strict=True)
     return model.to(device).eval()
-
-
 
 
 def resolve_device(name: str = "auto") -> torch.device:

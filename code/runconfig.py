@@ -159,6 +159,14 @@ def split_override(token: str) -> tuple[str, str]:
     return key, text
 
 
+def model_config_path(typed: str | None, cfg: dict[str, Any]) -> Path | None:
+    """``--model_config`` as typed (relative to the working directory), else ``MODEL_CONFIG``
+    (relative to the repository root), else None for the official sizes."""
+    if typed:
+        return Path(typed)
+    return repo_path(cfg["MODEL_CONFIG"]) if cfg["MODEL_CONFIG"] else None
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """A config path: absolute as given, relative to the repository root otherwise."""
     return repo_path(path)

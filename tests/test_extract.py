@@ -6,12 +6,17 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import extract_clamp3
 import numpy as np
 import pytest
+import runconfig
 import torch
 from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from extraction import extract_config_path
 from features import FeatureExtractor, segment_bounds, segment_weights
+from fileio import find_files, with_extension
 
 TINY = ["--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG)]
 SUBDIRS = ("int_abc", "int_abc_from_abc_inputs", "mtf")
@@ -39,19 +44,22 @@ def test_segmentation_rules():
 
 
 @pytest.mark.slow  # end to end through the CLI subprocess
-def test_global_features_match_official(official_inputs, tmp_path):
+def test_global_features_match_official(official_inputs, tmp_path, tiny_model):
     result = run_extract(str(official_inputs), str(tmp_path), "--get_global", *TINY)
     assert result.returncode == 0, result.stderr
     expected = sorted((OFFICIAL / "features" / "global").rglob("*.npy"))
     assert len(expected) == 62
+    input_of = {with_extension(rel, ".npy"): rel for rel in find_files(official_inputs, [".abc", ".mtf"])}
+    extractor = FeatureExtractor(tiny_model)
     segmented = 0
     for ref_path in expected:
-        ours = np.load(tmp_path / ref_path.relative_to(OFFICIAL / "features" / "global"))
+        rel = ref_path.relative_to(OFFICIAL / "features" / "global")
+        ours = np.load(tmp_path / rel)
         ref = np.load(ref_path)
         assert ours.shape == ref.shape == (1, 32) and ours.dtype == np.float32
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5, err_msg=str(ref_path))
-    cases = json.loads((OFFICIAL / "cases.json").read_text())
-    segmented = sum(1 for c in cases if c.get("n_segments", 0) > 1)
+        patches = extractor.symbolic_input((official_inputs / input_of[rel]).read_text(encoding="utf-8"))
+        segmented += len(patches) > extractor.segment_lengths["symbolic"]
     assert segmented == 18  # the long pieces were among those compared
 
 
@@ -162,7 +170,9 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
     result = run_extract(str(inputs), str(out), "--get_global", *TINY, "--error_log", str(log))
     assert result.returncode == 0, result.stderr
     assert "1 extracted" in result.stdout and "3 failed" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["extract_config.json", "good piece $ [1].npy"]
+    assert sorted(p.name for p in out.iterdir()) == ["good piece $ [1].npy"]  # features only
+    saved = json.loads((tmp_path / "out.extract_config.json").read_text())
+    assert saved["get_global"] is True and saved["weights"] == str(TINY_WEIGHTS)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert {r["file"].rsplit("/", 1)[-1] for r in records} == {"empty.abc", "latin1.abc", "broken.npy"}
     assert all(r["reason"] for r in records)
@@ -221,3 +231,43 @@ def test_bfloat16_path_is_close_to_float32(tiny_model):
     for a, b in zip(low, reference, strict=True):
         a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
         assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
+
+
+def test_from_config_takes_every_extraction_setting(tiny_model):
+    cfg = runconfig.build_config(overrides={
+        "EXTRACT_DTYPE": "bfloat16", "EXTRACT_TOKENS_PER_BATCH": 300, "EXTRACT_MAX_PADDING": 0.25,
+        "EXTRACT_DEVICE": "cpu", "PATCH_LENGTH": 100, "MAX_TEXT_LENGTH": 1000, "MAX_AUDIO_LENGTH": 64})
+    extractor = FeatureExtractor.from_config(tiny_model, cfg, tokenizer="a tokenizer")
+    assert (extractor.dtype, extractor.tokens_per_batch, extractor.max_padding) == ("bfloat16", 300, 0.25)
+    assert extractor.device == torch.device("cpu") and extractor.tokenizer == "a tokenizer"
+    # text: 514 positions less the padding offset of 2 cap MAX_TEXT_LENGTH
+    assert extractor.segment_lengths == {"symbolic": 100, "text": 512, "audio": 64}
+    from_defaults = FeatureExtractor.from_config(tiny_model, runconfig.default_config(), device="cpu")
+    plain = FeatureExtractor(tiny_model)
+    assert from_defaults.segment_lengths == SEGMENT_LENGTHS
+    for name in ("device", "dtype", "tokens_per_batch", "max_padding", "segment_lengths"):
+        assert getattr(from_defaults, name) == getattr(plain, name), name  # the signature's defaults are config.py's
+    with pytest.raises(ValueError, match="EXTRACT_DTYPE must be float32, bfloat16 or float16, not 'fp8'"):
+        FeatureExtractor.from_config(tiny_model, {**cfg, "EXTRACT_DTYPE": "fp8"})
+
+
+def test_feature_folder_config_goes_beside_the_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert extract_config_path("features/abc/") == tmp_path / "features" / "abc.extract_config.json"
+    assert extract_config_path(".") == tmp_path.parent / f"{tmp_path.name}.extract_config.json"
+    assert extract_clamp3.build_parser().parse_args(["in", "out"]).error_log == str(
+        REPO_ROOT / "logs" / "extract_clamp3_failures.jsonl")
+
+
+def test_cli_paths_typed_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    shutil.copy(OFFICIAL / "outputs" / "mtf" / "m21test_test01.mtf", tmp_path / "in")
+    shutil.copy(TINY_MODEL_CONFIG, tmp_path / "sizes.json")
+    shutil.copy(TINY_WEIGHTS, tmp_path / "tiny.pth")
+    monkeypatch.chdir(tmp_path)
+    argv = ["in", "out", "--get_global", "--weights", "tiny.pth", "--model_config", "sizes.json", "--quiet",
+            "--MODEL_CONFIG=no/such/file.json"]  # what is typed wins over the configuration
+    assert extract_clamp3.main(argv) == 0
+    assert np.load(tmp_path / "out" / "m21test_test01.npy").shape == (1, 32)
+    saved = json.loads((tmp_path / "out.extract_config.json").read_text())
+    assert saved["model_config"]["projection_size"] == 32 and Path(saved["weights"]).samefile("tiny.pth")

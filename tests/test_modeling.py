@@ -7,11 +7,8 @@ import ast
 import pytest
 import runconfig
 import torch
-from conftest import OFFICIAL, SHARED_DIR
+from conftest import REPO_ROOT, SHARED_DIR, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from modeling import CheckpointMismatchError, CLaMP3Model, ModelConfig, load_clamp3
-
-TINY_WEIGHTS = OFFICIAL / "model" / "tiny_clamp3.pth"
-TINY_CONFIG = OFFICIAL / "model" / "tiny_model_config.json"
 
 
 def official_keys() -> dict[str, tuple[int, ...]]:
@@ -31,7 +28,7 @@ def test_full_size_state_dict_equals_official_layout():
 
 
 def test_tiny_checkpoint_loads_strictly_and_heads_come_from_config():
-    model = load_clamp3(ModelConfig.from_json(TINY_CONFIG), TINY_WEIGHTS)
+    model = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS)
     # hidden 32 // 64 would give 0 heads: the count must come from the model config
     assert model.symbolic_model.base.config.num_attention_heads == 2
     assert model.text_model.config.num_attention_heads == 2
@@ -59,18 +56,18 @@ def test_mismatched_checkpoint_names_the_key(tmp_path, change, expected):
         state["audio_proj.weight"] = state["audio_proj.weight"][:, :31].clone()
     path = _save_state(tmp_path, state)
     with pytest.raises(CheckpointMismatchError) as info:
-        load_clamp3(ModelConfig.from_json(TINY_CONFIG), path)
+        load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), path)
     assert expected in str(info.value)
     assert str(path) in str(info.value)
 
 
 def test_missing_checkpoint_says_where_to_get_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="sander-wood/clamp3"):
-        load_clamp3(ModelConfig.from_json(TINY_CONFIG), tmp_path / "nope.pth")
+        load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), tmp_path / "nope.pth")
 
 
 def test_gathered_patch_embedding_equals_official_one_hot():
-    model = load_clamp3(ModelConfig.from_json(TINY_CONFIG), TINY_WEIGHTS)
+    model = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS)
     encoder = model.symbolic_model
     patches = torch.randint(0, 128, (3, 7, 64), generator=torch.Generator().manual_seed(0))
     fast = encoder.embed_patches(patches)
@@ -86,3 +83,20 @@ def test_model_config_errors_are_clear(tmp_path):
         ModelConfig.from_json(bad)
     with pytest.raises(FileNotFoundError, match="model config not found"):
         ModelConfig.from_json(tmp_path / "absent.json")
+
+
+def test_model_config_path_is_used_as_given(tmp_path, monkeypatch):
+    (tmp_path / "sizes.json").write_text(TINY_MODEL_CONFIG.read_text())
+    monkeypatch.chdir(tmp_path)
+    cfg = runconfig.default_config()
+    assert ModelConfig.resolve(cfg, "sizes.json").projection_size == 32  # relative: the working directory
+    assert ModelConfig.resolve(cfg).to_dict() == ModelConfig.from_constants(cfg).to_dict()
+    with pytest.raises(ValueError, match="MODEL_CONFIG='sizes.json' is set but no model config path"):
+        ModelConfig.resolve({**cfg, "MODEL_CONFIG": "sizes.json"})
+
+
+def test_model_core_does_not_import_the_cli_layer():
+    tree = ast.parse((REPO_ROOT / "code" / "modeling.py").read_text(encoding="utf-8"))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {"runconfig", "config"} & imported
