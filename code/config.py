@@ -40,19 +40,75 @@ EXTRACT_TOKENS_PER_BATCH = 8192  # patches (or tokens) per forward pass, padding
 EXTRACT_MAX_PADDING = 0.1  # a batch takes no segment it would pad by more than this fraction
 EXTRACT_FILES_PER_CHUNK = 256  # files read and batched together
 
-# ---------------------------------------------------------------- LoRA
+# ---------------------------------------------------------------- training (code/train_clamp3_lora.py)
+# "lora": the base checkpoint frozen, PEFT LoRA on the symbolic encoder, one adapter per format.
+# "full": the official symbolic stage (symbolic encoder + projection, and the text tower unless
+# FREEZE_TEXT), saved as an official-format checkpoint.
+TRAIN_MODE = "lora"
+FREEZE_TEXT = True  # full mode only; lora mode never trains the text tower
+# "clamp3": the official loss (unnormalised projected features, fixed LOGIT_SCALE).
+# "normalized": L2-normalised features with a learnable temperature (init 1/0.07, clamped at 100).
+LOSS = "clamp3"
+
 LORA_R = 8
 LORA_ALPHA = 16
 LORA_DROPOUT = 0.1
 LORA_TARGET_MODULES = ["query", "key", "value"]  # inside the symbolic encoder only
+LORA_USE_RSLORA = False  # PEFT use_rslora: scale alpha / sqrt(r) instead of alpha / r
+LORA_USE_DORA = False  # PEFT use_dora: weight-decomposed LoRA
+# PEFT init_lora_weights: "default" (B = 0, so a fresh adapter is the base) or "gaussian". Inits
+# that rewrite the base weights (pissa, olora, ...) are refused: adapters load onto stock weights.
+LORA_INIT_WEIGHTS = "default"
+# Modules trained in full and saved with the adapter (PEFT modules_to_save), per format; e.g.
+# ["patch_embedding", "symbolic_proj"] for a format the base never saw.
+LORA_ABC_MODULES_TO_SAVE = []
+LORA_MTF_MODULES_TO_SAVE = []
+
 LORA_NUM_EPOCHS = 10
-LORA_BATCH_SIZE = 32
+LORA_BATCH_SIZE = 32  # pieces per rank per step; the global batch is this x world size
 LORA_LEARNING_RATE = 1e-4
+LORA_WEIGHT_DECAY = 0.01
+LORA_WARMUP_STEPS = 100  # linear warmup, then cosine decay to LORA_MIN_LR_RATIO x the peak
+LORA_MIN_LR_RATIO = 0.0
+LORA_MAX_GRAD_NORM = 1.0  # gradient clipping (0 = off)
+LORA_MAX_STEPS = 0  # stop after this many optimizer steps (0 = no limit), for short runs
+LORA_PATIENCE = 3  # epochs without a better validation MRR before stopping (0 = never stop early)
+LORA_KEEP_CHECKPOINTS = 3  # resumable checkpoints kept in the run folder
+# GradCache: split each batch into micro-batches of this many pieces (0 = off). Same gradient as
+# the full batch, memory of one micro-batch; replaces gradient accumulation, which would shrink
+# the pool of negatives.
+GRAD_CACHE_MICRO_BATCH = 0
+GRADIENT_CHECKPOINTING = False
+TRAIN_DEVICE = "auto"  # auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)
+TRAIN_PRECISION = "bf16"  # on CUDA: bf16 autocast | fp16 autocast with a GradScaler | fp32; CPU: fp32
+NUM_WORKERS = 2  # DataLoader workers per rank
+DIST_TIMEOUT_MINUTES = 30  # a lost rank ends the job after this long instead of hanging it
+
 LORA_ABC_TRAIN_JSONL = "data/training/clamp3_train_abc.jsonl"
+LORA_ABC_VALID_JSONL = "data/training/clamp3_valid_abc.jsonl"  # "" or missing: VALID_FRACTION held out
 LORA_MTF_TRAIN_JSONL = "data/training/clamp3_train_mtf.jsonl"
+LORA_MTF_VALID_JSONL = "data/training/clamp3_valid_mtf.jsonl"
+VALID_FRACTION = 0.01  # held out by piece hash when there is no validation file
 LORA_ABC_ADAPTER_DIR = "code/adapters/lora_abc_adapter/"
 LORA_MTF_ADAPTER_DIR = "code/adapters/lora_mtf_adapter/"
-LORA_LOG_DIR = "code/logs/lora_training/"
+LORA_LOG_DIR = "code/logs/lora_training/"  # the run folder: logs, history, config, checkpoints
+FULL_WEIGHTS_PATH = "code/weights_clamp3_symbolic_full.pth"  # full mode's output checkpoint
+
+# Data pipeline and augmentation (the official ones, each switchable).
+TEXT_DROPOUT = True  # official text dropout of the record's fields
+RANDOM_FILEPATH = True  # a random choice among a record's files of the format
+REMOVE_INSTRUMENT_PROB = 0.9  # official remove_instrument_info probability (0 = off)
+RANDOM_TRUNCATION = True  # random head/tail/middle truncation of long pieces in training
+LENGTH_BUCKETING = True  # batches of similar lengths, padded to their longest piece
+NO_DUPLICATE_NEGATIVES = True  # same text or same music never serve as each other's negatives
+# Cached text features (frozen text tower): this many text-dropout samples per record, embedded
+# once and memory-mapped; 0 runs the text tower every step as the official code does.
+TEXT_VARIANTS = 8
+TEXT_CACHE_DIR = "cache/text_features/"
+
+WANDB_ENABLED = False
+WANDB_PROJECT = "clamp3-lora"
+WANDB_MODE = "offline"  # offline works with no network; "online" to sync
 
 # ---------------------------------------------------------------- general
 SEED = 42
