@@ -1,0 +1,1 @@
+"""The trainer's building blocks: loss, cross-rank communication, gradient caching, checkpoints."""
