@@ -16,10 +16,9 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_abc  # noqa: E402
-import bench_midi2mtf  # noqa: E402
+# Run as a script, Python puts bench/ first on sys.path, so the sibling benchmarks import by name.
+import bench_abc
+import bench_midi2mtf
 
 
 def main(argv: list[str] | None = None) -> int:

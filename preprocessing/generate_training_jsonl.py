@@ -8,14 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-import runconfig
-
-try:
-    from preprocess import training_jsonl as tj
-except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "code"))
-    from preprocess import training_jsonl as tj
-from runconfig import resolve_path
+from fileio import repo_path
+from preprocess import training_jsonl as tj
 
 DESCRIPTION = f"""\
 Write the CLaMP 3 training files from the PDMX metadata (preprocessing/parse_pdmx_csv.py) and the
@@ -56,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes for checking files (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
+    args = parser.parse_args(argv)
 
-    metadata = Path(args.metadata_dir) if args.metadata_dir else resolve_path("data/processed")
-    data_dir = Path(args.data_dir) if args.data_dir else resolve_path("data")
-    output_dir = Path(args.output_dir) if args.output_dir else resolve_path("data/training")
+    metadata = Path(args.metadata_dir) if args.metadata_dir else repo_path("data/processed")
+    data_dir = Path(args.data_dir) if args.data_dir else repo_path("data")
+    output_dir = Path(args.output_dir) if args.output_dir else repo_path("data/training")
     if not data_dir.is_dir():
         print(f"error: data directory not found: {data_dir}", file=sys.stderr)
         return 2
@@ -76,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary.lines():
         print(line)
     print(f"written to {output_dir}" + (f" (drops listed in {output_dir / tj.DROPPED_NAME})"
-                                        if summary.dropped else ""))
+                                        if summary.drops else ""))
     return 0
 
 

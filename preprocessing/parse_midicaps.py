@@ -8,14 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-import runconfig
-
-try:
-    from preprocess import midicaps
-except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "code"))
-    from preprocess import midicaps
-from runconfig import resolve_path
+from fileio import repo_path
+from preprocess import midicaps
 
 DESCRIPTION = f"""\
 Turn the MidiCaps table (CSV, or the JSONL train.json) into CLaMP 3 records.
@@ -55,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes for checking files (default: all cores)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
+    args = parser.parse_args(argv)
 
-    output_dir = Path(args.output_dir) if args.output_dir else resolve_path("data/training")
+    output_dir = Path(args.output_dir) if args.output_dir else repo_path("data/training")
     try:
         summary = midicaps.convert(
             args.input, args.mtf_root, output_dir, strip_prefix=args.strip_prefix,
@@ -70,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary.lines():
         print(line)
     print(f"written to {output_dir}" + (f" (drops listed in {output_dir / midicaps.DROPPED_NAME})"
-                                        if summary.dropped else ""))
+                                        if summary.drops else ""))
     return 0
 
 

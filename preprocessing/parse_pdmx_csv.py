@@ -7,14 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import runconfig
-
-try:
-    from preprocess import pdmx
-except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "code"))
-    from preprocess import pdmx
-from runconfig import resolve_path
+from fileio import repo_path
+from preprocess import pdmx
 
 DESCRIPTION = f"""\
 Read PDMX.csv and write one metadata JSONL for the pieces of a subset.
@@ -49,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check_files", action="store_true",
                         help="also require the mxl/mid files to exist under --base_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
+    args = parser.parse_args(argv)
 
-    csv_path = Path(args.csv_path) if args.csv_path else resolve_path("data/PDMX.csv")
-    output_dir = Path(args.output_dir) if args.output_dir else resolve_path("data/processed")
+    csv_path = Path(args.csv_path) if args.csv_path else repo_path("data/PDMX.csv")
+    output_dir = Path(args.output_dir) if args.output_dir else repo_path("data/processed")
     base_dir = Path(args.base_dir) if args.base_dir else csv_path.parent
     try:
         summary = pdmx.run(csv_path, output_dir, base_dir, args.subset, progress=not args.quiet,

@@ -7,14 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import runconfig
-
-try:
-    from preprocess import wikimt
-except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "code"))
-    from preprocess import wikimt
-from runconfig import resolve_path
+from fileio import repo_path
+from preprocess import wikimt
 
 DESCRIPTION = f"""\
 Prepare WikiMT-X for retrieval evaluation. Each lead sheet goes through the same normalisation as
@@ -44,9 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_musicxml_roundtrip", action="store_true",
                         help="interleave the lead sheets as written, without the ABC -> MusicXML -> ABC "
                              "normalisation")
-    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
+    args = parser.parse_args(argv)
 
-    output_dir = Path(args.output_dir) if args.output_dir else resolve_path("data/eval/wikimt")
+    output_dir = Path(args.output_dir) if args.output_dir else repo_path("data/eval/wikimt")
     try:
         summary = wikimt.prepare(args.input, output_dir, progress=not args.quiet,
                                  roundtrip=not args.no_musicxml_roundtrip)

@@ -14,7 +14,7 @@ import pytest
 from patchilizer import M3Patchilizer
 from preprocess import abc_normalise
 from preprocess.abc_normalise import abc_to_musicxml, normalise_abc
-from preprocess.batch import ConversionError
+from preprocess.errors import ConversionError
 from preprocess.interleave import interleave_abc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,6 +130,8 @@ def test_nothing_is_printed(tunes, capfd):
     ("X:1\nT:No key\nabc|def|\n", "no K: (key) field"),
     ("hello, this is not ABC", "no K: (key) field"),
     ("X:1\nK:C\nabc|\nX:2\nK:G\ndef|\n", "2 tunes (X: fields) in one text"),
+    # The rule interleave_abc applies too: a K: line ends the header, an inline [K:] does not.
+    ("X:1\nT:Inline key only\n[K:G]\nGABc|\n", "no K: (key) field"),
     ("X:1\nT:Only a header\nK:C\n", "no notes"),
     ("X:1\nT:Bad score\n%%score (1\nK:C\nabc|\n", "abc2xml cannot parse the tune: Expected ')'"),
 ])

@@ -15,10 +15,14 @@ from pathlib import Path
 
 import pytest
 from conftest import OFFICIAL, REPO_ROOT
+from fileio import failure_log_path
 from preprocess import batch
 
 MIDI2MTF = REPO_ROOT / "preprocessing" / "midi" / "batch_midi2mtf.py"
 MTF2MIDI = REPO_ROOT / "preprocessing" / "midi" / "batch_mtf2midi.py"
+XML2ABC = REPO_ROOT / "preprocessing" / "abc" / "batch_xml2abc.py"
+INTERLEAVE = REPO_ROOT / "preprocessing" / "abc" / "batch_interleaved_abc.py"
+SCRIPTS = [MIDI2MTF, MTF2MIDI, XML2ABC, INTERLEAVE, *sorted((REPO_ROOT / "preprocessing").glob("*.py"))]
 MID_DIR = OFFICIAL / "inputs" / "mid"
 MTF_DIR = OFFICIAL / "outputs" / "mtf"
 
@@ -71,6 +75,14 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def script_arguments(script: Path, tmp_path: Path) -> list[str]:
+    """Arguments that are valid for ``script`` (its required ones), so only the extra flag is wrong."""
+    if script.parent.name in ("midi", "abc"):
+        return [str(tmp_path), str(tmp_path / "out")]
+    required = {"parse_midicaps.py": ["--input", "x.csv", "--midi_root", "m"], "prepare_wikimt.py": ["--input", "x"]}
+    return required.get(script.name, [])
+
+
 def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix != ".mtf")]
 
@@ -119,13 +131,23 @@ def test_batch_logs_bad_files_converts_good_ones_and_resumes(input_dir, tmp_path
     assert run_script(MIDI2MTF, *args, "--strict", cwd=tmp_path).returncode == 0
 
 
-def test_default_error_log_is_relative_to_the_working_directory(input_dir, tmp_path):
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    result = run_script(MIDI2MTF, str(input_dir / "bad"), str(tmp_path / "out"), "--quiet", "--workers", "1",
-                        "--max_mb", "0.05", cwd=work)
-    assert result.returncode == 0
-    assert len(read_log(work / "logs" / "midi2mtf_error_log.jsonl")) == len(BAD_FILES)
+@pytest.mark.parametrize(("script", "tool"), [(MIDI2MTF, "midi2mtf"), (MTF2MIDI, "mtf2midi"),
+                                            (XML2ABC, "xml2abc"), (INTERLEAVE, "interleave")],
+                         ids=lambda p: getattr(p, "name", p))
+def test_default_failure_log_is_in_the_repository(script, tool, tmp_path):
+    # The default is read from --help rather than by a run, which would write into the real logs/.
+    result = run_script(script, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert str(failure_log_path(tool)) == str(REPO_ROOT / "logs" / f"{tool}_failures.jsonl")
+    assert str(failure_log_path(tool)) in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_configuration_overrides_are_unknown_options(script, tmp_path):
+    # No preprocessing script reads config.py, so --KEY=value must not be silently accepted.
+    result = run_script(script, *script_arguments(script, tmp_path), "--LORA_R=4", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --LORA_R=4" in result.stderr
 
 
 def test_shards_partition_the_files(input_dir, tmp_path):
@@ -228,7 +250,7 @@ def test_a_worker_that_dies_is_reported_and_the_batch_goes_on(tmp_path, hang_gua
     assert "worker process died (exit code 3)" in reasons["die.x"]
     assert "worker process died (signal 9 (SIGKILL))" in reasons["kill.x"]
     assert all(r["stage"] == "worker" for r in records)
-    assert [r["file"] for r in summary.failures] == [r["file"] for r in records]
+    assert [r["file"] for r in summary.failures.rows] == [r["file"] for r in records]
     for name in good:
         assert calls.count(name) == 1, name  # converted exactly once, even when sent to a worker that died
         assert (out / name).with_suffix(".y").read_text(encoding="utf-8") == f"CONTENT OF {name.upper()}"

@@ -16,7 +16,7 @@ from abctoolkit.rotate import rotate_abc
 from abctoolkit.utils import remove_bar_no_annotations, remove_information_field, strip_empty_bars
 from conftest import OFFICIAL, REPO_ROOT
 from patchilizer import M3Patchilizer
-from preprocess.batch import ConversionError
+from preprocess.errors import ConversionError
 from preprocess.interleave import convert_file, interleave_abc, read_abc_text
 
 STD_ABC = OFFICIAL / "outputs" / "std_abc"
@@ -234,6 +234,7 @@ def test_crlf_and_missing_final_newline():
         ("X:1\nM:4/4\nK:C\nV:1\nCDEF|GABc|c4 z4|\nV:2\nC,8|G,8|\n", "different numbers of bars"),
         ("X:1\nM:4/4\nK:C\nz8|z8|]\n", "no bar holds a note"),
         ("X:1\nK:C\nCDEF|\nX:2\nK:G\nGABc|\n", "2 tunes"),
+        ("X:1\nK:C\nCDEF|\n X:2\nK:G\nGABc|\n", "2 tunes"),  # abc2xml's rule: leading blanks allowed
         ("X:1\nT:only a header\nM:4/4\n", "no K:"),
         ("X:1\nT:t\nK:C\n% nothing but a comment\n", "no music"),
     ],

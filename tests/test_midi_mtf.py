@@ -11,7 +11,7 @@ from pathlib import Path
 import mido
 import pytest
 from conftest import OFFICIAL
-from preprocess.batch import describe_exception
+from preprocess.errors import describe_exception
 from preprocess.midi_mtf import (
     M3_SKIPPED_META_TYPES,
     MidiFormatError,

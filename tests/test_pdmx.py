@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from preprocess import pdmx
+from records import parse_bool, parse_list
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE = DATA / "pdmx_sample.csv"
@@ -83,10 +84,10 @@ def test_dash_joined_lists_from_the_pdmx_wrangling_code(tmp_path):
     records, _, _ = pdmx.parse_pdmx(SAMPLE, tmp_path, subset="all", progress=False)
     assert by_id(records)["QmConflict"]["text"]["genres"] == ["soundtrack", "rock", "n", "roll"]
     # only list columns are split, and only letters-and-dashes text
-    assert pdmx.parse_list("hip-hop", dash_joined=True) == ["hip", "hop"]
-    assert pdmx.parse_list("Hip-Hop", dash_joined=True) == ["Hip-Hop"]
-    assert pdmx.parse_list("['hip-hop']", dash_joined=True) == ["hip-hop"]
-    assert pdmx.parse_list("hip-hop") == ["hip-hop"]
+    assert parse_list("hip-hop", dash_joined=True) == ["hip", "hop"]
+    assert parse_list("Hip-Hop", dash_joined=True) == ["Hip-Hop"]
+    assert parse_list("['hip-hop']", dash_joined=True) == ["hip-hop"]
+    assert parse_list("hip-hop") == ["hip-hop"]
 
 
 def test_drops_are_reported_with_reasons(parsed):
@@ -101,7 +102,7 @@ def test_drops_are_reported_with_reasons(parsed):
     assert summary.rows == 10
     assert summary.not_in_subset == 2  # licence conflict, and "false" in lower case
     assert summary.kept == 4 and summary.kept_without_mxl == 1
-    assert summary.rows == summary.kept + summary.not_in_subset + sum(summary.dropped.values())
+    assert summary.rows == summary.kept + summary.not_in_subset + len(summary.drops)
 
 
 @pytest.mark.parametrize(
@@ -125,7 +126,7 @@ def test_check_files_removes_paths_of_absent_files(tmp_path):
     assert [r["id"] for r in records] == ["QmElise01"]
     assert records[0]["paths"]["mxl"] == "mxl/Q/Qm/QmElise01.mxl" and "mid" not in records[0]["paths"]
     # Moonlight, Sakura, Ave Maria and the text-less row: no file checks out under base_dir
-    assert summary.dropped["mxl/mid files not found under base_dir"] == 4
+    assert summary.drops.counts["mxl/mid files not found under base_dir"] == 4
 
 
 @pytest.mark.parametrize(
@@ -146,7 +147,7 @@ def test_check_files_removes_paths_of_absent_files(tmp_path):
     ],
 )
 def test_parse_list(value, expected):
-    assert pdmx.parse_list(value) == expected
+    assert parse_list(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -155,12 +156,12 @@ def test_parse_list(value, expected):
      ("", False), (float("nan"), False), (None, False)],
 )
 def test_parse_bool(value, expected):
-    assert pdmx.parse_bool(value) is expected
+    assert parse_bool(value) is expected
 
 
 def test_parse_bool_rejects_garbage():
     with pytest.raises(ValueError):
-        pdmx.parse_bool("maybe")
+        parse_bool("maybe")
 
 
 def test_missing_subset_column_is_a_clear_error(tmp_path):

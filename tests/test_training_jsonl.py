@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from fileio import write_jsonl
 from preprocess import training_jsonl as tj
-from preprocess.pdmx import METADATA_NAME, write_jsonl
+from preprocess.pdmx import METADATA_NAME
 
 SCRIPT = Path(__file__).resolve().parent.parent / "preprocessing" / "generate_training_jsonl.py"
 N_PIECES = 40
@@ -60,7 +61,7 @@ def generate(tree: Path, out: Path | None = None, **kwargs) -> tj.TrainingSummar
 
 
 def split_ids(out: Path) -> dict[tuple[str, str], list[str]]:
-    return {(m, s): [r["id"] for r in read(out / tj.output_name(m, s))] for m in tj.MODALITIES
+    return {(f, s): [r["id"] for r in read(out / tj.output_name(f, s))] for f in tj.FORMATS
             for s in tj.SPLITS}
 
 
@@ -86,17 +87,17 @@ def test_records_follow_the_official_format(tree):
 def test_filepaths_resolve_relative_to_the_jsonl(tree, official_dir):
     generate(tree)
     out = tree / "training"
-    for modality, sources, folder in (("abc", ABC_SOURCES, "int_abc"), ("mtf", MTF_SOURCES, "mtf")):
+    for format, sources, folder in (("abc", ABC_SOURCES, "int_abc"), ("mtf", MTF_SOURCES, "mtf")):
         for split in tj.SPLITS:
-            jsonl = out / tj.output_name(modality, split)
+            jsonl = out / tj.output_name(format, split)
             for row in read(jsonl):
                 file = jsonl.parent / row["filepaths"][0]  # what the official loader does
-                assert file.is_file() and file.suffix == "." + modality
+                assert file.is_file() and file.suffix == "." + format
                 i = int(row["id"][2:6])
                 assert file.read_bytes() == (official_dir / "outputs" / folder / sources[i % 3]).read_bytes()
 
 
-def test_split_is_by_piece_deterministic_and_shared_by_modalities(tree, tmp_path):
+def test_split_is_by_piece_deterministic_and_shared_by_formats(tree, tmp_path):
     generate(tree)
     first = split_ids(tree / "training")
     assert set(first[("abc", "train")]) == set(first[("mtf", "train")])
@@ -136,9 +137,9 @@ def test_missing_files_are_dropped_by_default_and_reported(tree):
     ids = split_ids(tree / "training")
     assert piece_id(1) not in ids[("abc", "train")] + ids[("abc", "valid")]
     assert piece_id(1) in ids[("mtf", "train")] + ids[("mtf", "valid")]
-    assert summary.dropped[("abc", "missing file")] == 1
+    assert summary.dropped_by_format()[("abc", "missing file")] == 1
     log = read(tree / "training" / tj.DROPPED_NAME)
-    assert log == [{"id": piece_id(1), "modality": "abc", "reason": "missing file",
+    assert log == [{"id": piece_id(1), "format": "abc", "reason": "missing file",
                     "file": str(tree / "abc_interleaved/0/00/Qm0001x.abc")}]
     # --allow_missing keeps the record (for writing the JSONL before the conversion has run)
     generate(tree, allow_missing=True)
@@ -153,9 +154,9 @@ def test_verify_files_drops_bad_files_with_reasons(tree):
     (tree / "abc_interleaved/0/00/Qm0004x.abc").write_text("no barlines and no header\n", encoding="utf-8")
     (tree / "mtf/0/00/Qm0007x.mtf").write_text("   \n\n", encoding="utf-8")
     # without --verify_files these all exist and are kept
-    assert sum(generate(tree).dropped.values()) == 1
+    assert len(generate(tree).drops) == 1
     summary = generate(tree, verify_files=True)
-    log = {(d["id"], d["modality"]): d["reason"] for d in read(tree / "training" / tj.DROPPED_NAME)}
+    log = {(d["id"], d["format"]): d["reason"] for d in read(tree / "training" / tj.DROPPED_NAME)}
     assert log == {
         (piece_id(1), "abc"): "missing file",
         (piece_id(2), "mtf"): "empty file",
@@ -163,7 +164,7 @@ def test_verify_files_drops_bad_files_with_reasons(tree):
         (piece_id(4), "abc"): "patchilizer produced no content patches",
         (piece_id(7), "mtf"): "blank file (whitespace only)",
     }
-    assert sum(summary.dropped.values()) == 5
+    assert len(summary.drops) == 5
     counts = summary.written
     assert counts[("abc", "train")] + counts[("abc", "valid")] == N_PIECES - 3
     assert counts[("mtf", "train")] + counts[("mtf", "valid")] == N_PIECES - 2
@@ -175,7 +176,7 @@ def test_verify_files_in_parallel_gives_the_same_result(tree, tmp_path):
     assert 2 * N_PIECES >= 64  # enough files for the process pool to be used
     generate(tree, tmp_path / "one", verify_files=True, workers=1)
     generate(tree, tmp_path / "two", verify_files=True, workers=2)
-    for name in [tj.output_name(m, s) for m in tj.MODALITIES for s in tj.SPLITS] + [tj.DROPPED_NAME]:
+    for name in [tj.output_name(f, s) for f in tj.FORMATS for s in tj.SPLITS] + [tj.DROPPED_NAME]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
@@ -185,7 +186,7 @@ def test_exclude_titles_from_text_or_jsonl(tree, tmp_path):
     summary = generate(tree, exclude_titles=plain)
     kept = {i for ids in split_ids(tree / "training").values() for i in ids}
     assert piece_id(5) not in kept and piece_id(12) not in kept and piece_id(11) in kept
-    assert summary.dropped[("piece", "title in --exclude_titles")] == 2
+    assert summary.dropped_by_format()[("piece", "title in --exclude_titles")] == 2
 
     wikimt = tmp_path / "wikimt.jsonl"
     wikimt.write_text(
@@ -199,6 +200,14 @@ def test_exclude_titles_from_text_or_jsonl(tree, tmp_path):
     assert len(kept) == N_PIECES - 2  # the blank title excludes nothing
 
 
+def test_exclude_titles_jsonl_with_a_broken_line_is_an_error(tree, tmp_path):
+    # A broken record is reported, not read as a title that would exclude nothing.
+    titles = tmp_path / "titles.jsonl"
+    titles.write_text(json.dumps({"title": "Fur Elise"}) + "\n{broken\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"titles\.jsonl:2"):
+        generate(tree, exclude_titles=titles)
+
+
 def test_normalise_title():
     assert tj.normalise_title("  Für   Elise! ") == "fur elise"
     assert tj.normalise_title("Ода к радости") == "oda k radosti"
@@ -209,7 +218,7 @@ def test_normalise_title():
 def test_outputs_are_complete_files_only(tree):
     generate(tree)
     names = sorted(p.name for p in (tree / "training").iterdir())
-    assert names == sorted([tj.output_name(m, s) for m in tj.MODALITIES for s in tj.SPLITS]
+    assert names == sorted([tj.output_name(f, s) for f in tj.FORMATS for s in tj.SPLITS]
                            + [tj.DROPPED_NAME, tj.SUMMARY_NAME])
     info = json.loads((tree / "training" / tj.SUMMARY_NAME).read_text(encoding="utf-8"))
     assert sum(info["written"].values()) == 2 * N_PIECES

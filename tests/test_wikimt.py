@@ -11,7 +11,7 @@ import pytest
 from patchilizer import M3Patchilizer
 from preprocess import wikimt
 from preprocess.abc_normalise import normalise_abc
-from preprocess.batch import ConversionError
+from preprocess.errors import ConversionError
 from preprocess.interleave import interleave_abc
 
 SCRIPT = Path(__file__).resolve().parent.parent / "preprocessing" / "prepare_wikimt.py"
@@ -120,7 +120,7 @@ def test_records_and_failures(jsonl, tmp_path):
     for row in rows:
         assert (out / row["filepaths"][0]).is_file()
     failures = read(out / wikimt.FAILURES_NAME)
-    assert [(f["line"], f["id"]) for f in failures] == [(3, "0002"), (4, None), (5, "0004")]
+    assert [(f["line"], f.get("id")) for f in failures] == [(3, "0002"), (4, None), (5, "0004")]
     assert "K:" in failures[0]["reason"] and failures[0]["title"] == "Broken"
     assert "MusicXML round trip" in failures[0]["reason"]  # both ways failed, both reasons given
     assert failures[1]["reason"].startswith("not valid JSON")

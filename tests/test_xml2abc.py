@@ -13,9 +13,10 @@ from xml.etree import ElementPath, ElementTree
 
 import pytest
 from conftest import OFFICIAL, REPO_ROOT
+from fileio import with_extension
 from patchilizer import M3Patchilizer
 from preprocess import xml2abc
-from preprocess.batch import ConversionError
+from preprocess.errors import ConversionError
 from preprocess.interleave import interleave_abc
 
 XML_DIR = OFFICIAL / "inputs" / "xml"
@@ -171,7 +172,7 @@ def test_messages_are_captured():
 
 
 def test_output_name():
-    assert xml2abc.output_name(Path("a/b/x.y.MXL")) == Path("a/b/x.y.abc")
+    assert with_extension(Path("a/b/x.y.MXL"), ".abc") == Path("a/b/x.y.abc")
 
 
 def test_batch_script_odd_names_and_failures(tmp_path):

@@ -34,8 +34,10 @@ abc2xml is a command-line script whose state lives at module level. Each call he
 Because the module globals are swapped for the duration of a call, calls must not run
 concurrently in threads of one process (the batch runner uses processes).
 
-Input contract: one tune per text. Several tunes (several ``X:`` lines) raise ``ConversionError``
-rather than silently keeping the first one, like ``interleave_abc`` (split collections first).
+Input contract: one tune per text, with a ``K:`` line ending its header; the rule is
+``interleave.check_one_tune``, the one ``interleave_abc`` applies. Several tunes (several ``X:``
+lines) raise ``ConversionError`` rather than silently keeping the first one (split collections
+first).
 Blank lines are dropped before conversion: in ABC a blank line ends a tune, so abc2xml would
 silently discard everything after the first one, whereas the direct ``interleave_abc`` path keeps
 all lines; dropping them keeps both paths' notes the same.
@@ -47,14 +49,14 @@ deterministic.
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
+from patching import patched
 from pyparsing import ParseException
 
-from preprocess.batch import ConversionError
-from preprocess.interleave import interleave_abc, read_abc_text
+from preprocess.errors import ConversionError, describe_exception
+from preprocess.interleave import check_one_tune, interleave_abc, read_abc_text
 from preprocess.xml2abc import musicxml_to_abc
 
 with warnings.catch_warnings():
@@ -65,9 +67,6 @@ with warnings.catch_warnings():
 # Taken before any conversion of ours, so every call starts from abc2xml's defaults.
 _CLASS_DICTS = {name: dict(getattr(_a2x.MusicXml, name)) for name in ("uSyms", "metaMap")}
 
-# abc2xml's own tune separator (getXmlDocs): a line starting with X:, leading blanks allowed.
-_TUNE_START = re.compile(r"^\s*X:", re.M)
-_KEY_FIELD = re.compile(r"^\s*\[?K:", re.M)
 _STOP = (TimeoutError, MemoryError, KeyboardInterrupt)  # the batch runner's limits, not the tune's
 
 
@@ -93,10 +92,6 @@ class _IsolatedMusicXml(_a2x.MusicXml):
             raise
 
 
-def _count_tunes(text: str) -> int:
-    return len(_TUNE_START.findall(text))
-
-
 def _failure_reason(failure: BaseException | None, log: list[str]) -> str:
     if isinstance(failure, ParseException):
         # A syntax error in the music is logged as the offending line, a caret line and a verdict
@@ -105,8 +100,7 @@ def _failure_reason(failure: BaseException | None, log: list[str]) -> str:
         detail = " | ".join(shown) if len(shown) == 3 else " ".join(str(failure).split())
         return f"abc2xml cannot parse the tune: {detail}"
     if failure is not None:
-        message = " ".join(str(failure).split()) or "no message"
-        return f"abc2xml failed: {type(failure).__name__}: {message}"
+        return f"abc2xml failed: {describe_exception(failure)}"
     return "abc2xml produced no score"
 
 
@@ -115,22 +109,14 @@ def abc_to_musicxml(text: str, messages: list[str] | None = None) -> bytes:
 
     abc2xml's warnings (skipped header fields, misplaced symbols it dropped...) are appended to
     ``messages`` when given; nothing is printed. Raises ``ConversionError`` (stage ``abc2xml``)
-    for empty input, several tunes in one text, a text without a ``K:`` field, ABC that abc2xml cannot parse, and tunes
-    without notes.
+    for empty input, several tunes in one text, a text without a ``K:`` line, ABC that abc2xml
+    cannot parse, and tunes without notes.
     """
     lines = [line for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
     if not lines:
         raise ConversionError("empty ABC text", stage="abc2xml")
     text = "\n".join(lines) + "\n"
-    tunes = _count_tunes(text)
-    if tunes > 1:
-        raise ConversionError(f"{tunes} tunes (X: fields) in one text; split it into single tunes",
-                              stage="abc2xml")
-    if not _KEY_FIELD.search(text):
-        # abc2xml would read any text as notes ("hello" -> e, l, l, o...); without the K: field
-        # that ends an ABC header this is not a tune, as interleave_abc also rules.
-        raise ConversionError("no K: (key) field, so no tune body: not a complete ABC tune",
-                              stage="abc2xml")
+    check_one_tune(lines, stage="abc2xml")  # the same rule as interleave_abc
 
     log: list[str] = []
     converter = _IsolatedMusicXml()
@@ -138,30 +124,27 @@ def abc_to_musicxml(text: str, messages: list[str] | None = None) -> bytes:
     def refuse_include(path: str, errmsg: str = "") -> None:  # noqa: ARG001 - readfile's signature
         log.append(f"-- %%abc-include {path.strip()} ignored (no file access while converting)")
 
-    saved = {key: _a2x.__dict__[key] for key in ("mxm", "info", "readfile", "prevloc")}
-    _a2x.mxm = converter
-    _a2x.info = lambda message, warn=1: log.append(("-- " if warn else "") + str(message))
-    _a2x.readfile = refuse_include
-    _a2x.prevloc = 0
+    def collect(message: str, warn: int = 1) -> None:
+        log.append(("-- " if warn else "") + str(message))
+
     try:
-        with warnings.catch_warnings():
-            # abc2xml calls pyparsing's camelCase API, deprecated in pyparsing 3.3: not the tune's fault.
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            docs = _a2x.getXmlDocs(text, skip=0, num=1)
-        if isinstance(converter.failure, _STOP):
-            raise converter.failure
-        if isinstance(converter.failure, RecursionError):
-            raise ConversionError("tune structure too deeply nested for abc2xml", stage="abc2xml")
-        if not docs:
-            raise ConversionError(_failure_reason(converter.failure, log), stage="abc2xml")
-        score = docs[0]
-        if score.find("part/measure/note") is None:
-            raise ConversionError("the tune has no notes or rests (abc2xml wrote an empty score)",
-                                  stage="abc2xml")
-        xml = _a2x.fixDoctype(score)
+        with patched(_a2x, mxm=converter, info=collect, readfile=refuse_include, prevloc=0):
+            with warnings.catch_warnings():
+                # abc2xml calls pyparsing's camelCase API, deprecated in pyparsing 3.3: not the tune's fault.
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                docs = _a2x.getXmlDocs(text, skip=0, num=1)
+            if isinstance(converter.failure, _STOP):
+                raise converter.failure
+            if isinstance(converter.failure, RecursionError):
+                raise ConversionError("tune structure too deeply nested for abc2xml", stage="abc2xml")
+            if not docs:
+                raise ConversionError(_failure_reason(converter.failure, log), stage="abc2xml")
+            score = docs[0]
+            if score.find("part/measure/note") is None:
+                raise ConversionError("the tune has no notes or rests (abc2xml wrote an empty score)",
+                                      stage="abc2xml")
+            xml = _a2x.fixDoctype(score)
     finally:
-        for key, value in saved.items():
-            setattr(_a2x, key, value)
         if messages is not None:
             messages.extend(log)
     return (xml + "\n").encode("utf-8")

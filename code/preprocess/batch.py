@@ -1,5 +1,5 @@
 """The batch runner every converter shares: discovery, sharding, workers, resume, atomic writes,
-an error log, and a closing summary.
+a failure log, and a closing summary.
 
 A converter is a picklable function ``convert(path) -> str | bytes`` that raises on bad input; the
 runner never builds a shell command, so any file name the file system allows is fine. A worker
@@ -23,43 +23,17 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from fileio import DropLog, atomic_write_bytes, atomic_write_text, find_files
+from fileio import DropLog, atomic_write_bytes, atomic_write_text, failure_log_path, find_files
 from tqdm import tqdm
 
-
-class ConversionError(Exception):
-    """Bad input, with the stage where it was found and a reason a person can act on."""
-
-    def __init__(self, reason: str, stage: str = "convert"):
-        super().__init__(reason)
-        self.reason = reason
-        self.stage = stage
+from preprocess.errors import ConversionError, describe_exception
 
 
-_EMPTY_MESSAGE_HINTS = {
-    "EOFError": "unexpected end of file (truncated or empty input)",
-    "KeyError": "missing key",
-    "IndexError": "index out of range",
-    "StopIteration": "unexpected end of data",
-    "TimeoutError": "conversion timed out",
-    "MemoryError": "out of memory",
-}
-
-
-def describe_exception(exc: BaseException) -> str:
-    """A non-empty, one-line reason for ``exc`` (many parsers raise exceptions with no message)."""
-    if isinstance(exc, ConversionError):
-        return exc.reason
-    name = type(exc).__name__
-    message = " ".join(str(exc).split())
-    if not message:
-        message = _EMPTY_MESSAGE_HINTS.get(name, "no message")
-    return f"{name}: {message}"
-
-
-def find_inputs(input_dir: str | os.PathLike, extensions: Iterable[str]) -> list[Path]:
-    """Files under ``input_dir`` whose extension matches (case-insensitive), as sorted relative paths."""
-    return find_files(input_dir, extensions)
+def process_context() -> multiprocessing.context.BaseContext:
+    """The one start method of the project's process pools. fork on Linux: a converter defined in a
+    script loaded by path reaches the workers, and nothing is imported again per worker; spawn
+    elsewhere (fork is unsafe on macOS), which needs every converter importable by name."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def shard_of(relative_path: Path, num_shards: int) -> int:
@@ -77,8 +51,11 @@ def select_shard(files: list[Path], num_shards: int, shard_index: int) -> list[P
 class BatchSummary:
     converted: int = 0
     skipped: int = 0
-    failed: int = 0
-    failures: list[dict] = field(default_factory=list)
+    failures: DropLog = field(default_factory=lambda: DropLog("batch"))
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
 
     def line(self, name: str) -> str:
         return f"{name}: {self.converted} converted, {self.skipped} skipped (already done), {self.failed} failed"
@@ -204,10 +181,8 @@ class _WorkerPool:
     """
 
     def __init__(self, tasks: list[_Task], size: int, convert: Callable, max_bytes: int, timeout: float):
-        # fork (as multiprocessing.Pool did) lets a converter defined in a script loaded by path
-        # reach the workers; spawn needs it importable by name.
-        self._fork = sys.platform.startswith("linux")
-        self._ctx = multiprocessing.get_context("fork" if self._fork else "spawn")
+        self._ctx = process_context()
+        self._fork = self._ctx.get_start_method() == "fork"
         self._args = (convert, max_bytes, timeout)
         self._timeout = timeout
         self._queue: deque[_Task] = deque(tasks)
@@ -341,8 +316,9 @@ def run_batch(
     Only a process that may not have children (a daemonic one) converts in-process.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    files = select_shard(find_inputs(input_dir, extensions), num_shards, shard_index)
-    summary = BatchSummary()
+    files = select_shard(find_files(input_dir, extensions), num_shards, shard_index)
+    summary = BatchSummary(failures=DropLog(name, error_log,
+                                            echo=lambda message: tqdm.write(message, file=sys.stderr)))
     tasks = []
     for rel in files:
         target = output_dir / output_name(rel)
@@ -363,7 +339,6 @@ def run_batch(
         pool = _WorkerPool(tasks, workers, convert, max_bytes, timeout)
         results = pool.results()
     bar = tqdm(total=len(tasks), desc=name, unit="file", disable=not progress, dynamic_ncols=True)
-    log = DropLog(name, error_log, echo=lambda message: tqdm.write(message, file=sys.stderr))
     finished = False
     try:
         for task, status, stage, reason in results:
@@ -371,19 +346,20 @@ def run_batch(
             if status == "converted":
                 summary.converted += 1
                 continue
-            summary.failed += 1
-            summary.failures.append(log.fail(task.source, stage, reason))
+            summary.failures.fail(task.source, stage, reason)
         finished = True
     finally:
         if pool is not None:
             pool.close(abort=not finished)  # after an interrupt or error: no orphaned workers
         bar.close()
-        log.close()
+        summary.failures.close()
     return summary
 
 
-def add_batch_arguments(parser: argparse.ArgumentParser, default_log: str) -> None:
-    """The options every batch script shares."""
+def add_batch_arguments(parser: argparse.ArgumentParser, tool: str) -> None:
+    """The options every batch script shares; ``tool`` names the default failure log
+    (``fileio.failure_log_path``)."""
+    default_log = failure_log_path(tool)
     parser.add_argument("input_dir", help="folder searched recursively for input files")
     parser.add_argument("output_dir", help="outputs mirror the input folder structure here")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,

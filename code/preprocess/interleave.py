@@ -28,16 +28,19 @@ in one text, no ``K:`` line) raises ``ConversionError`` with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from abctoolkit import check as _check
 from abctoolkit import duration as _duration
 from abctoolkit import utils as _utils
 from abctoolkit.rotate import rotate_abc
+from patching import patched
 
-from preprocess.batch import ConversionError
+from preprocess.errors import ConversionError, describe_exception
 
 ABC_EXTENSIONS = (".abc",)
 
@@ -51,6 +54,8 @@ _FIELD_LINE = re.compile(r"^[A-Za-z]:")
 _BODY_FIELD = re.compile(r"^([IKLMmNPQRrsTUVWw]):(.*)$")
 _MUSICAL_BODY_FIELDS = "KLMQP"  # kept as inline fields; the rest carry no notes
 _INLINE_VOICE = re.compile(r"\[V:\s*([^\]\s]*)[^\]]*\]")
+# abc2xml's own tune separator (getXmlDocs): a line starting with X:, leading blanks allowed.
+_TUNE_START = re.compile(r"^\s*X:")
 
 
 def _read_lines(text: str) -> list[str]:
@@ -74,29 +79,36 @@ def _drop_quotes_with_barlines(line: str) -> str:
     return line
 
 
-class _Printed:
-    """Collects what abctoolkit prints, without touching ``sys.stdout``.
+@contextlib.contextmanager
+def _captured_prints() -> Iterator[list[str]]:
+    """What abctoolkit prints during the block, as a list of lines, without touching ``sys.stdout``.
 
     abctoolkit reports problems with bare ``print`` calls; a module-level ``print`` shadows the
     builtin inside those modules for the duration of one conversion.
     """
+    messages: list[str] = []
 
-    _modules = (_utils, _check, _duration)
+    def collect(*args, **kwargs) -> None:  # noqa: ARG001 - print's signature
+        messages.append(" ".join(str(a) for a in args).strip())
 
-    def __init__(self) -> None:
-        self.messages: list[str] = []
+    with contextlib.ExitStack() as stack:
+        for module in (_utils, _check, _duration):
+            stack.enter_context(patched(module, print=collect))
+        yield messages
 
-    def __call__(self, *args, **kwargs) -> None:  # noqa: ARG002 - print's signature
-        self.messages.append(" ".join(str(a) for a in args).strip())
 
-    def __enter__(self) -> _Printed:
-        for module in self._modules:
-            module.print = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for module in self._modules:
-            module.__dict__.pop("print", None)
+def check_one_tune(lines: list[str], stage: str) -> int:
+    """The index of the ``K:`` line that ends the header of the one tune in ``lines`` (non-blank
+    lines of an ABC text). Raises ``ConversionError`` for several tunes, rather than silently keeping
+    the first, and for a text without a ``K:`` line, which has no tune body (any text would
+    otherwise be read as notes: "hello" -> e, l, l, o)."""
+    tunes = sum(1 for line in lines if _TUNE_START.match(line))
+    if tunes > 1:
+        raise ConversionError(f"{tunes} tunes (X: fields) in one text; split it into single tunes", stage=stage)
+    key_index = next((i for i, line in enumerate(lines) if line.startswith("K:")), None)
+    if key_index is None:
+        raise ConversionError("no K: (key) field, so no tune body: not a complete ABC tune", stage=stage)
+    return key_index
 
 
 def _official_steps(lines: list[str], warnings: list[str] | None) -> str:
@@ -109,24 +121,24 @@ def _official_steps(lines: list[str], warnings: list[str] | None) -> str:
     for i, line in enumerate(lines):
         if not (_FIELD_LINE.search(line) or line.startswith("%")):
             lines[i] = _drop_quotes_with_barlines(line)
-    with _Printed() as printed:
+    with _captured_prints() as printed:
         try:
             stripped, _ = _utils.strip_empty_bars(lines)
         except Exception as exc:  # noqa: BLE001 - abctoolkit raises anything on odd input
-            raise ConversionError(f"cannot split the voices into bars: {_describe(exc)}",
+            raise ConversionError(f"cannot split the voices into bars: {describe_exception(exc)}",
                                   stage="interleave") from exc
         if stripped is None:
-            if "Unequal bar numbers." in printed.messages:
+            if "Unequal bar numbers." in printed:
                 raise ConversionError(f"voices have different numbers of bars ({_bar_counts(lines)})",
                                       stage="interleave")
             raise ConversionError("empty piece: no bar holds a note", stage="interleave")
         if warnings is not None:
             _alignment_warnings(stripped, warnings)
-            warnings.extend(printed.messages)
+            warnings.extend(printed)
     try:
         rotated = rotate_abc(stripped)
     except Exception as exc:  # noqa: BLE001
-        raise ConversionError(f"cannot rotate the voices: {_describe(exc)}", stage="interleave") from exc
+        raise ConversionError(f"cannot rotate the voices: {describe_exception(exc)}", stage="interleave") from exc
     return "".join(rotated)
 
 
@@ -135,17 +147,12 @@ def _alignment_warnings(stripped: list[str], warnings: list[str]) -> None:
     try:
         _, bars_equal, durations_equal = _check.check_alignment_unrotated(stripped)
     except Exception as exc:  # noqa: BLE001 - e.g. durations inside chord brackets: [B2g2]
-        warnings.append(f"alignment not checked: {_describe(exc)}")
+        warnings.append(f"alignment not checked: {describe_exception(exc)}")
         return
     if not bars_equal:
         warnings.append("Unequal bar number")
     if not durations_equal:
         warnings.append("Unequal bar duration (unaligned)")
-
-
-def _describe(exc: BaseException) -> str:
-    message = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _bar_counts(lines: list[str]) -> str:
@@ -174,14 +181,7 @@ def _strip_comment(line: str) -> str:
 def _to_voice_layout(text: str) -> list[str]:
     """Rewrite a standard ABC tune into xml2abc's layout (bare ``V:n`` line before each voice body)."""
     lines = [line.rstrip("\n") for line in _read_lines(text) if line.strip()]
-    tunes = sum(1 for line in lines if line.startswith("X:"))
-    if tunes > 1:
-        raise ConversionError(f"{tunes} tunes (X: fields) in one text; split it into single tunes",
-                              stage="interleave")
-    key_index = next((i for i, line in enumerate(lines) if line.startswith("K:")), None)
-    if key_index is None:
-        raise ConversionError("no K: (key) field, so no tune body: not a complete ABC tune",
-                              stage="interleave")
+    key_index = check_one_tune(lines, stage="interleave")
 
     voices: dict[str, list[str]] = {}  # voice id -> chunks of music, in order of first appearance
     declarations: dict[str, str] = {}  # voice id -> attributes of its first V: line that has any

@@ -42,7 +42,7 @@ import os
 import struct
 from operator import itemgetter
 
-from preprocess.batch import ConversionError
+from preprocess.errors import ConversionError
 
 __all__ = [
     "M3_SKIPPED_META_TYPES",

@@ -7,7 +7,7 @@ Each row becomes::
      "tempo_word": "...", "duration_word": "...", "instrument_summary": [...], "chord_summary": [...]}
 
 ``location`` ("lmd_full/1/1a07....mid") is mapped to ``<mtf_root>/<location minus strip_prefix>``
-with the suffix replaced by ``.mtf`` (what ``batch_midi2mtf.py`` writes). Rows whose ``test_set``
+named as ``batch_midi2mtf.py`` names it (``fileio.with_extension``: the stem ends at the last dot). Rows whose ``test_set``
 is true go to the evaluation file, all others to the training file. Numeric columns (``tempo``,
 ``duration``, probabilities) and per-chord timings are not text and are left out.
 """
@@ -21,7 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from preprocess.pdmx import clean_text, parse_bool, parse_list, write_jsonl
+from fileio import DropLog, read_jsonl, with_extension, write_jsonl
+from records import clean_text, parse_bool, parse_list
+
 from preprocess.training_jsonl import check_files, relative_to
 
 # Text columns in the order they appear in a record; caption first, as the main description.
@@ -51,27 +53,30 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
             raise MidiCapsError(f"cannot read MidiCaps CSV {path}: {exc}") from exc
         rows = frame.to_dict("records")
-    else:
-        text = path.read_text(encoding="utf-8")
-        if text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise MidiCapsError(f"{path}: not valid JSON ({exc.msg})") from exc
-        else:
-            rows = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise MidiCapsError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    elif _first_character(path) == "[":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise MidiCapsError(f"{path}: not valid JSON ({exc.msg})") from exc
         if not all(isinstance(r, dict) for r in rows):
             raise MidiCapsError(f"{path}: every row must be a JSON object")
+    else:
+        try:
+            rows = read_jsonl(path)
+        except ValueError as exc:  # names the file and the line
+            raise MidiCapsError(str(exc)) from exc
     if rows and "location" not in rows[0]:
         raise MidiCapsError(f"{path}: no 'location' column; is this MidiCaps?")
     return rows
+
+
+def _first_character(path: Path) -> str:
+    """The first non-blank character of a text file ("" for a blank one), without reading it all."""
+    with open(path, encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
 
 
 def mtf_path(location: str, mtf_root: str | os.PathLike, strip_prefix: str = "") -> Path:
@@ -82,7 +87,7 @@ def mtf_path(location: str, mtf_root: str | os.PathLike, strip_prefix: str = "")
     prefix = strip_prefix.strip("/")
     if prefix and rel.startswith(prefix + "/"):
         rel = rel[len(prefix) + 1:]
-    return Path(mtf_root) / Path(rel).with_suffix(".mtf")
+    return Path(mtf_root) / with_extension(Path(rel), ".mtf")
 
 
 def text_fields(row: dict) -> dict:
@@ -103,12 +108,12 @@ def text_fields(row: dict) -> dict:
 class MidiCapsSummary:
     rows: int = 0
     written: Counter = field(default_factory=Counter)  # "train"/"test" -> records
-    dropped: Counter = field(default_factory=Counter)
+    drops: DropLog = field(default_factory=lambda: DropLog("midicaps"))
 
     def lines(self) -> list[str]:
         out = [f"rows read: {self.rows}", f"train: {self.written['train']}, test: {self.written['test']}",
-               f"dropped: {sum(self.dropped.values())}"]
-        out += [f"  {reason}: {n}" for reason, n in sorted(self.dropped.items())]
+               f"dropped: {len(self.drops)}"]
+        out += [f"  {reason}: {n}" for reason, n in sorted(self.drops.counts.items())]
         return out
 
 
@@ -127,40 +132,33 @@ def convert(
     rows = read_rows(input_path)
     output_dir = Path(output_dir)
     summary = MidiCapsSummary(rows=len(rows))
-    dropped: list[dict] = []
-
-    def drop(index: int, location: object, reason: str, detail: str = "") -> None:
-        summary.dropped[reason] += 1
-        entry = {"row": index, "location": location, "reason": reason}
-        if detail:
-            entry["detail"] = detail
-        dropped.append(entry)
+    drops = summary.drops
 
     pending: list[tuple[int, str, dict, str, Path]] = []  # (row, location, record, split, file)
     seen: set[str] = set()
     for index, row in enumerate(rows):
         location = clean_text(row.get("location"))
         if location is None:
-            drop(index, None, "no location")
+            drops.add("no location", row=index)
             continue
         try:
             file = mtf_path(location, mtf_root, strip_prefix)
         except ValueError as exc:
-            drop(index, location, "bad location", str(exc))
+            drops.add("bad location", row=index, location=location, detail=str(exc))
             continue
         pid = posixpath.splitext(posixpath.normpath(location.replace("\\", "/")))[0]
         if pid in seen:
-            drop(index, location, "duplicate location")
+            drops.add("duplicate location", row=index, location=location)
             continue
         seen.add(pid)
         text = text_fields(row)
         if "caption" not in text:
-            drop(index, location, "no caption")
+            drops.add("no caption", row=index, location=location)
             continue
         try:
             split = "test" if parse_bool(row.get("test_set")) else "train"
         except ValueError as exc:
-            drop(index, location, "bad test_set value", str(exc))
+            drops.add("bad test_set value", row=index, location=location, detail=str(exc))
             continue
         pending.append((index, location, {"id": pid, **text}, split, file))
 
@@ -170,7 +168,7 @@ def convert(
     outputs: dict[str, list[dict]] = {"train": [], "test": []}
     for (index, location, record, split, file), reason in zip(pending, reasons, strict=True):
         if reason is not None:
-            drop(index, location, reason, str(file))
+            drops.add(reason, row=index, location=location, detail=str(file))
             continue
         record = {"id": record["id"], "filepaths": [relative_to(file, output_dir)],
                   **{k: v for k, v in record.items() if k != "id"}}
@@ -178,5 +176,5 @@ def convert(
         summary.written[split] += 1
     write_jsonl(output_dir / TRAIN_NAME, outputs["train"])
     write_jsonl(output_dir / TEST_NAME, outputs["test"])
-    write_jsonl(output_dir / DROPPED_NAME, dropped)
+    drops.write(output_dir / DROPPED_NAME)
     return summary

@@ -16,9 +16,7 @@ metadata stays valid when the data folder moves; ``base_dir`` is recorded once i
 
 from __future__ import annotations
 
-import ast
 import json
-import math
 import os
 import posixpath
 import re
@@ -28,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fileio import atomic_write_text
+from fileio import DropLog, atomic_write_text, write_jsonl
+from records import clean_text, dedupe, parse_bool, parse_list
 from tqdm import tqdm
 
 # The PDMX.csv column set, in the order the dataset documentation lists it (DATA_AND_ASSETS.md).
@@ -70,95 +69,9 @@ METADATA_NAME = "pdmx_metadata.jsonl"
 DROPPED_NAME = "pdmx_dropped.jsonl"
 SUMMARY_NAME = "pdmx_metadata_summary.json"
 
-# Spellings of "no value" that survive a CSV round trip of Python/pandas objects.
-_NULL_STRINGS = {"", "nan", "none", "null", "nat", "<na>", "[]", "{}", "()", "''", '""', "n/a"}
-_TRUE_STRINGS = {"true", "1", "1.0", "yes", "t", "y"}
-_FALSE_STRINGS = {"false", "0", "0.0", "no", "f", "n", ""}
-
 
 class PdmxError(Exception):
     """A CSV that cannot be used at all (missing file or columns); names the file."""
-
-
-def _is_null(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    try:  # pandas.NA / NaT without importing pandas here
-        return bool(value != value)  # noqa: PLR0124 - NaN-like values are not equal to themselves
-    except (TypeError, ValueError):
-        return False
-
-
-def clean_text(value: Any) -> str | None:
-    """One text value with whitespace collapsed, or None for every spelling of "missing"."""
-    if _is_null(value):
-        return None
-    text = " ".join(str(value).split())
-    # "NA" is the missing-value marker PDMX's wrangling code writes; only the upper-case spelling
-    # is treated as missing so that a real word such as "Na" survives.
-    if text.casefold() in _NULL_STRINGS or text == "NA":
-        return None
-    return text
-
-
-# PDMX's own wrangling code stores genres/groups/tags as lower-case letters-only items joined by "-"
-# ("classical-piano"); the letters-only rule means a "-" there can only be a separator.
-_DASH_JOINED = re.compile(r"^[a-z]+(?:-[a-z]+)+$")
-
-
-def parse_list(value: Any, dash_joined: bool = False) -> list[str]:
-    """A list-valued cell ("['a', 'b']", '["a"]', "a, b" inside brackets, or a plain "a") as clean,
-    case-insensitively deduplicated strings in their first-seen order. With ``dash_joined``, a
-    PDMX-style "classical-piano" is split too."""
-    if isinstance(value, (list, tuple)):
-        items: list[Any] = list(value)
-    else:
-        text = clean_text(value)
-        if text is None:
-            return []
-        items = [text]
-        if dash_joined and _DASH_JOINED.match(text):
-            items = text.split("-")
-        elif text.startswith("[") and text.endswith("]"):
-            try:
-                parsed = ast.literal_eval(text)
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                # Not a Python literal (e.g. unquoted words): fall back to splitting on commas.
-                parsed = [part.strip().strip("'\"") for part in text[1:-1].split(",")]
-            items = list(parsed) if isinstance(parsed, (list, tuple, set)) else [parsed]
-    return dedupe(clean_text(item) for item in items)
-
-
-def dedupe(values: Any) -> list[str]:
-    """Drop None and repeats (compared case-insensitively), keeping the first spelling and order."""
-    seen: set[str] = set()
-    out = []
-    for value in values:
-        if value is None:
-            continue
-        key = value.casefold()
-        if key not in seen:
-            seen.add(key)
-            out.append(value)
-    return out
-
-
-def parse_bool(value: Any) -> bool:
-    """A subset flag: a real boolean, or "True"/"False"/"1"/"0" text; missing counts as False."""
-    if isinstance(value, bool):
-        return value
-    if _is_null(value):
-        return False
-    if isinstance(value, (int, float)):
-        return bool(value)
-    text = str(value).strip().casefold()
-    if text in _TRUE_STRINGS:
-        return True
-    if text in _FALSE_STRINGS:
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
 
 
 def normalise_relative_path(value: Any) -> str | None:
@@ -223,8 +136,8 @@ class PdmxSummary:
     kept: int = 0
     kept_without_mxl: int = 0
     kept_without_mid: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    files_not_found: Counter = field(default_factory=Counter)
+    files_not_found: Counter = field(default_factory=Counter)  # "mxl"/"mid" -> paths removed
+    drops: DropLog = field(default_factory=lambda: DropLog("pdmx"))
 
     def lines(self, subset: str) -> list[str]:
         out = [
@@ -232,12 +145,12 @@ class PdmxSummary:
             f"not in subset {subset!r}: {self.not_in_subset}",
             f"kept: {self.kept} (without mxl path: {self.kept_without_mxl}, without mid path: "
             f"{self.kept_without_mid})",
-            f"dropped: {sum(self.dropped.values())}",
+            f"dropped: {len(self.drops)}",
         ]
         if self.files_not_found:
             out.insert(3, "files not found under base_dir (path removed): "
                        + ", ".join(f"{k} {v}" for k, v in sorted(self.files_not_found.items())))
-        out += [f"  {reason}: {count}" for reason, count in sorted(self.dropped.items())]
+        out += [f"  {reason}: {count}" for reason, count in sorted(self.drops.counts.items())]
         return out
 
 
@@ -279,16 +192,9 @@ def parse_pdmx(
     base = Path(base_dir)
 
     records: list[dict] = []
-    dropped: list[dict] = []
     summary = PdmxSummary(rows=len(frame))
+    drops = summary.drops
     seen_ids: dict[str, int] = {}
-
-    def drop(index: int, pid: str | None, reason: str, detail: str = "") -> None:
-        summary.dropped[reason] += 1
-        entry = {"row": index, "id": pid, "reason": reason}
-        if detail:
-            entry["detail"] = detail
-        dropped.append(entry)
 
     for index in tqdm(range(len(frame)), desc="PDMX rows", unit="row", disable=not progress,
                       dynamic_ncols=True):
@@ -296,7 +202,7 @@ def parse_pdmx(
         try:
             in_subset = parse_bool(row[subset_column])
         except ValueError as exc:
-            drop(index, None, f"bad {subset_column} value", str(exc))
+            drops.add(f"bad {subset_column} value", row=index, detail=str(exc))
             continue
         if not in_subset:
             summary.not_in_subset += 1
@@ -313,10 +219,10 @@ def parse_pdmx(
                 paths[column] = rel
         pid = piece_id(paths)
         if bad_path is not None:
-            drop(index, pid, "bad path", bad_path)
+            drops.add("bad path", row=index, id=pid, detail=bad_path)
             continue
         if "mxl" not in paths and "mid" not in paths:
-            drop(index, pid, "no mxl or mid path")
+            drops.add("no mxl or mid path", row=index, id=pid)
             continue
         if check_files:
             absent = [c for c in ("mxl", "mid") if c in paths and not (base / paths[c]).is_file()]
@@ -324,15 +230,15 @@ def parse_pdmx(
                 summary.files_not_found[column] += 1
                 del paths[column]
             if "mxl" not in paths and "mid" not in paths:
-                drop(index, pid, "mxl/mid files not found under base_dir",
-                     ", ".join(str(base / p) for p in absent))
+                drops.add("mxl/mid files not found under base_dir", row=index, id=pid,
+                          detail=", ".join(str(base / p) for p in absent))
                 continue
         text = build_text_fields(row)
         if not text:
-            drop(index, pid, "no usable text")
+            drops.add("no usable text", row=index, id=pid)
             continue
         if pid in seen_ids:
-            drop(index, pid, "duplicate id", f"same file stem as row {seen_ids[pid]}")
+            drops.add("duplicate id", row=index, id=pid, detail=f"same file stem as row {seen_ids[pid]}")
             continue
         seen_ids[pid] = index
         summary.kept += 1
@@ -343,29 +249,7 @@ def parse_pdmx(
         if license_text is not None:
             record["license"] = license_text
         records.append(record)
-    return records, dropped, summary
-
-
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
-    """All rows as one JSONL file, written atomically (UTF-8, non-ASCII kept readable)."""
-    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every JSON object of a JSONL file; a bad line raises ValueError naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            rows.append(obj)
-    return rows
+    return records, drops.rows, summary
 
 
 def resolve_path(record: dict, kind: str, base_dir: str | os.PathLike) -> Path | None:
@@ -377,14 +261,14 @@ def resolve_path(record: dict, kind: str, base_dir: str | os.PathLike) -> Path |
 def run(csv_path: str | os.PathLike, output_dir: str | os.PathLike, base_dir: str | os.PathLike,
         subset: str = DEFAULT_SUBSET, progress: bool = True, check_files: bool = False) -> PdmxSummary:
     """Parse the CSV and write metadata, the dropped-row log and a summary under ``output_dir``."""
-    records, dropped, summary = parse_pdmx(csv_path, base_dir, subset, progress, check_files)
+    records, _, summary = parse_pdmx(csv_path, base_dir, subset, progress, check_files)
     output_dir = Path(output_dir)
     write_jsonl(output_dir / METADATA_NAME, records)
-    write_jsonl(output_dir / DROPPED_NAME, dropped)
+    summary.drops.write(output_dir / DROPPED_NAME)
     info = {"csv_path": str(Path(csv_path).resolve()), "base_dir": str(Path(base_dir).resolve()),
             "subset": subset, "rows": summary.rows, "not_in_subset": summary.not_in_subset,
             "kept": summary.kept, "kept_without_mxl": summary.kept_without_mxl,
-            "kept_without_mid": summary.kept_without_mid, "dropped": dict(summary.dropped),
+            "kept_without_mid": summary.kept_without_mid, "dropped": dict(summary.drops.counts),
             "files_not_found": dict(summary.files_not_found), "check_files": check_files}
     atomic_write_text(output_dir / SUMMARY_NAME, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return summary
@@ -395,5 +279,5 @@ def main_summary(summary: PdmxSummary, subset: str, output_dir: str | os.PathLik
         print(line)
     out = Path(output_dir)
     print(f"metadata: {out / METADATA_NAME}")
-    if summary.dropped:
+    if summary.drops:
         print(f"dropped rows and reasons: {out / DROPPED_NAME}", file=sys.stderr)

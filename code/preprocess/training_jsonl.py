@@ -18,23 +18,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import re
-import sys
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fileio import atomic_write_text
+from fileio import DropLog, atomic_write_text, iter_jsonl, read_jsonl, with_extension, write_jsonl
 from tqdm import tqdm
 
-from preprocess.pdmx import METADATA_NAME, read_jsonl, write_jsonl
+from preprocess.batch import process_context
+from preprocess.errors import describe_exception
+from preprocess.pdmx import METADATA_NAME
 
-# modality -> (source path key in the metadata, converted folder under the data root, suffix)
-MODALITIES: dict[str, tuple[str, str, str]] = {
+# format -> (source path key in the metadata, converted folder under the data root, suffix)
+FORMATS: dict[str, tuple[str, str, str]] = {
     "abc": ("mxl", "abc_interleaved", ".abc"),
     "mtf": ("mid", "mtf", ".mtf"),
 }
@@ -44,8 +43,8 @@ SUMMARY_NAME = "training_jsonl_summary.json"
 RESERVED_KEYS = {"id", "filepaths"}
 
 
-def output_name(modality: str, split: str) -> str:
-    return f"clamp3_{split}_{modality}.jsonl"
+def output_name(format: str, split: str) -> str:
+    return f"clamp3_{split}_{format}.jsonl"
 
 
 # ----------------------------------------------------------------------------- titles
@@ -63,30 +62,24 @@ def normalise_title(text: str) -> str:
 
 def load_titles(path: str | os.PathLike) -> set[str]:
     """Normalised titles from a text file (one per line) or a JSONL whose objects have ``title``
-    (a string or a list of strings; e.g. a WikiMT-X file). Blank titles are ignored."""
+    (a string or a list of strings; e.g. a WikiMT-X file). Blank titles are ignored.
+
+    The file is JSONL when its first non-blank line starts with ``{``; then every line must be a
+    JSON object (ValueError naming the line otherwise), so a broken record is not read as a title.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"title list not found: {path}")
-    titles: set[str] = set()
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            values: Iterable = [line]
-            if line.startswith("{"):
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    obj = None
-                if isinstance(obj, dict):
-                    title = obj.get("title")
-                    values = title if isinstance(title, list) else [title] if title else []
-            for value in values:
-                norm = normalise_title(value) if isinstance(value, str) else ""
-                if norm:
-                    titles.add(norm)
-    return titles
+        lines = [line.strip() for line in f if line.strip()]
+    if lines and lines[0].startswith("{"):
+        values = []
+        for _, obj in iter_jsonl(path):
+            title = obj.get("title")
+            values += title if isinstance(title, list) else [title]
+    else:
+        values = lines
+    return {norm for value in values if isinstance(value, str) and (norm := normalise_title(value))}
 
 
 # ----------------------------------------------------------------------------- split
@@ -104,11 +97,11 @@ def split_of(piece_id: str, valid_fraction: float, seed: int = 42) -> str:
 
 def converted_path(source_rel: str, data_dir: str | os.PathLike, folder: str, suffix: str) -> Path:
     """Where the batch converters put the output for a PDMX file: the path below its top folder
-    ("mxl/0/00/x.mxl" -> "0/00/x") under ``data_dir/folder`` with the new suffix (last suffix
-    replaced, as the official scripts name outputs by stem)."""
+    ("mxl/0/00/x.mxl" -> "0/00/x") under ``data_dir/folder``, named as the converters name it
+    (``fileio.with_extension``)."""
     parts = Path(source_rel).parts
     below = Path(*parts[1:]) if len(parts) > 1 else Path(parts[0])
-    return Path(data_dir) / folder / below.with_suffix(suffix)
+    return Path(data_dir) / folder / with_extension(below, suffix)
 
 
 _PATCHILIZER = None
@@ -144,8 +137,6 @@ def check_file(path: str | os.PathLike, verify: bool) -> str | None:
             _PATCHILIZER = M3Patchilizer()
         patches = _PATCHILIZER.encode(text, add_special_patches=True)
     except Exception as exc:  # noqa: BLE001 - any failure of a file is a reason to drop it
-        from preprocess.batch import describe_exception
-
         return f"patchilizer failed: {describe_exception(exc)}"
     if len(patches) <= 2:  # only the BOS and EOS patches: nothing for the model to read
         return "patchilizer produced no content patches"
@@ -168,8 +159,7 @@ def check_files(paths: list[Path], verify: bool, workers: int = 1, progress: boo
                 results.append(_check_task(task))
                 bar.update(1)
             return results
-        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        with ctx.Pool(workers) as pool:
+        with process_context().Pool(workers) as pool:
             results = []
             for result in pool.imap(_check_task, tasks, chunksize=32):
                 results.append(result)
@@ -205,17 +195,22 @@ def relative_to(path: str | os.PathLike, folder: str | os.PathLike) -> str:
 @dataclass
 class TrainingSummary:
     pieces: int = 0
-    written: Counter = field(default_factory=Counter)  # (modality, split) -> records
-    dropped: Counter = field(default_factory=Counter)  # (modality, reason) -> count
+    written: Counter = field(default_factory=Counter)  # (format, split) -> records
+    # One row per piece or file left out; "format" is "abc", "mtf", or "piece" for both at once.
+    drops: DropLog = field(default_factory=lambda: DropLog("training_jsonl"))
+
+    def dropped_by_format(self) -> Counter[tuple[str, str]]:
+        """(format, reason) -> how many were left out."""
+        return Counter((row["format"], row["reason"]) for row in self.drops.rows)
 
     def lines(self) -> list[str]:
         out = [f"pieces in metadata: {self.pieces}"]
-        for modality in MODALITIES:
-            counts = ", ".join(f"{split} {self.written[(modality, split)]}" for split in SPLITS)
-            out.append(f"{modality}: {counts}")
-        if self.dropped:
-            out.append(f"dropped: {sum(self.dropped.values())}")
-            out += [f"  [{m}] {reason}: {n}" for (m, reason), n in sorted(self.dropped.items())]
+        for format in FORMATS:
+            counts = ", ".join(f"{split} {self.written[(format, split)]}" for split in SPLITS)
+            out.append(f"{format}: {counts}")
+        if self.drops:
+            out.append(f"dropped: {len(self.drops)}")
+            out += [f"  [{f}] {reason}: {n}" for (f, reason), n in sorted(self.dropped_by_format().items())]
         return out
 
 
@@ -249,69 +244,62 @@ def generate(
     excluded = load_titles(exclude_titles) if exclude_titles else set()
     output_dir = Path(output_dir)
     summary = TrainingSummary(pieces=len(records))
-    dropped_log: list[dict] = []
+    drops = summary.drops
 
-    def drop(pid: object, modality: str, reason: str, file: str | None = None) -> None:
-        summary.dropped[(modality, reason)] += 1
-        entry = {"id": pid, "modality": modality, "reason": reason}
-        if file is not None:
-            entry["file"] = file
-        dropped_log.append(entry)
-
-    # Piece-level filters first, so both modalities see the same set of pieces.
+    # Piece-level filters first, so both formats see the same set of pieces.
     candidates: list[tuple[str, dict, dict, str]] = []  # (id, paths, text, split)
     seen: set[str] = set()
     for meta in records:
         pid = meta.get("id")
         if not isinstance(pid, str) or not pid:
-            drop(pid, "piece", "no id")
+            drops.add("no id", id=pid, format="piece")
             continue
         if pid in seen:
-            drop(pid, "piece", "duplicate id")
+            drops.add("duplicate id", id=pid, format="piece")
             continue
         seen.add(pid)
         text = text_fields(meta)
         if not text:
-            drop(pid, "piece", "no usable text")
+            drops.add("no usable text", id=pid, format="piece")
             continue
         titles = [text.get("title"), text.get("song_name")]
         if excluded and any(isinstance(t, str) and normalise_title(t) in excluded for t in titles):
-            drop(pid, "piece", "title in --exclude_titles")
+            drops.add("title in --exclude_titles", id=pid, format="piece")
             continue
         candidates.append((pid, meta.get("paths") or {}, text, split_of(pid, valid_fraction, seed)))
 
     # Collect every file to check, then check them in one (optionally parallel) pass.
-    jobs: list[tuple[str, str, dict, str, Path]] = []  # (modality, id, text, split, file)
+    jobs: list[tuple[str, str, dict, str, Path]] = []  # (format, id, text, split, file)
     for pid, paths, text, split in candidates:
-        for modality, (source_key, folder, suffix) in MODALITIES.items():
+        for format, (source_key, folder, suffix) in FORMATS.items():
             source = paths.get(source_key)
             if not source:
-                drop(pid, modality, f"no {source_key} path in metadata")
+                drops.add(f"no {source_key} path in metadata", id=pid, format=format)
                 continue
-            jobs.append((modality, pid, text, split, converted_path(source, data_dir, folder, suffix)))
+            jobs.append((format, pid, text, split, converted_path(source, data_dir, folder, suffix)))
     if allow_missing and not verify_files:
         reasons: list[str | None] = [None] * len(jobs)
     else:
         reasons = check_files([j[4] for j in jobs], verify_files, workers, progress)
 
-    outputs: dict[tuple[str, str], list[dict]] = {(m, s): [] for m in MODALITIES for s in SPLITS}
-    for (modality, pid, text, split, file), reason in zip(jobs, reasons, strict=True):
+    outputs: dict[tuple[str, str], list[dict]] = {(f, s): [] for f in FORMATS for s in SPLITS}
+    for (format, pid, text, split, file), reason in zip(jobs, reasons, strict=True):
         if reason is not None:
-            drop(pid, modality, reason, str(file))
+            drops.add(reason, id=pid, format=format, file=str(file))
             continue
         record = {"id": pid, "filepaths": [relative_to(file, output_dir)], **text}
-        outputs[(modality, split)].append(record)
-        summary.written[(modality, split)] += 1
+        outputs[(format, split)].append(record)
+        summary.written[(format, split)] += 1
 
-    for (modality, split), rows in outputs.items():
-        write_jsonl(output_dir / output_name(modality, split), rows)
-    write_jsonl(output_dir / DROPPED_NAME, dropped_log)
+    for (format, split), rows in outputs.items():
+        write_jsonl(output_dir / output_name(format, split), rows)
+    drops.write(output_dir / DROPPED_NAME)
     info = {
         "metadata": str(Path(metadata).resolve()), "data_dir": str(Path(data_dir).resolve()),
         "valid_fraction": valid_fraction, "seed": seed, "verify_files": verify_files,
         "exclude_titles": str(exclude_titles) if exclude_titles else None, "pieces": summary.pieces,
-        "written": {output_name(m, s): n for (m, s), n in sorted(summary.written.items())},
-        "dropped": {f"{m}: {r}": n for (m, r), n in sorted(summary.dropped.items())},
+        "written": {output_name(f, s): n for (f, s), n in sorted(summary.written.items())},
+        "dropped": {f"{f}: {r}": n for (f, r), n in sorted(summary.dropped_by_format().items())},
     }
     atomic_write_text(output_dir / SUMMARY_NAME, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     return summary

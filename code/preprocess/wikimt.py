@@ -9,7 +9,8 @@ description, scene``). Output under ``output_dir``::
     wikimt.jsonl                   {"id", "filepaths": ["abc/<id>.abc"], "normalisation", "title",
                                     "artists", "genre", "background", "analysis", "description",
                                     "scene"}
-    wikimt_failures.jsonl          {"line", "id", "title", "reason"} for every piece left out
+    wikimt_failures.jsonl          {"line", "id", "title", "reason"} for every piece left out (a
+                                   piece without a usable id or title has no such field)
 
 Lead sheets must reach the model in the layout of the training data, which xml2abc (``-d 8 -x``)
 wrote from MusicXML. So by default each lead sheet first makes the round trip ABC -> MusicXML ->
@@ -33,11 +34,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fileio import atomic_write_text
+from fileio import DropLog, atomic_write_text, write_jsonl
+from records import clean_text, parse_list
 from tqdm import tqdm
 
-from preprocess.batch import ConversionError, describe_exception
-from preprocess.pdmx import clean_text, parse_list, write_jsonl
+from preprocess import abc_normalise
+from preprocess.errors import ConversionError, describe_exception
+from preprocess.interleave import interleave_abc
 
 TEXT_TYPES = ("background", "analysis", "description", "scene")
 RECORDS_NAME = "wikimt.jsonl"
@@ -55,23 +58,32 @@ class WikiMTError(Exception):
 class WikiMTSummary:
     pieces: int = 0
     written: int = 0
-    failed: int = 0
     direct: int = 0  # written pieces interleaved without the MusicXML round trip
-    failures: Counter = field(default_factory=Counter)
     missing_text: Counter = field(default_factory=Counter)  # text type -> pieces without it
+    failures: DropLog = field(default_factory=lambda: DropLog("wikimt"))
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
 
     def lines(self) -> list[str]:
         out = [f"pieces read: {self.pieces}", f"written: {self.written}", f"failed: {self.failed}"]
         if self.direct:
             out.append(f"written without the MusicXML round trip: {self.direct}")
-        out += [f"  {reason}: {n}" for reason, n in sorted(self.failures.items())]
+        # Reasons quote the tune; a summary line shows the start of each.
+        shown: Counter = Counter()
+        for reason, n in self.failures.counts.items():
+            shown[reason[:120]] += n
+        out += [f"  {reason}: {n}" for reason, n in sorted(shown.items())]
         if self.missing_text:
             out.append("pieces without a text: " + ", ".join(f"{t} {n}" for t, n in sorted(self.missing_text.items())))
         return out
 
 
 def read_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
-    """(line number, text) of every non-blank line."""
+    """(line number, text) of every non-blank line. Each line is parsed on its own (not with
+    ``fileio.iter_jsonl``, which stops at the first bad line): a line that is not a JSON object
+    is one piece that fails, and the others are still prepared."""
     path = Path(path)
     if not path.is_file():
         raise WikiMTError(f"WikiMT-X file not found: {path}")
@@ -99,9 +111,6 @@ def long_text(value: object) -> str | None:
 
 
 def _interleave(leadsheet: str, normalise: bool) -> str:
-    from preprocess import abc_normalise  # looked up at call time, so tests can replace it
-    from preprocess.interleave import interleave_abc
-
     try:
         abc = interleave_abc(abc_normalise.normalise_abc(leadsheet) if normalise else leadsheet)
     except ConversionError:
@@ -159,43 +168,36 @@ def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, progre
     lines = read_lines(input_path)
     output_dir = Path(output_dir)
     summary = WikiMTSummary(pieces=len(lines))
+    failures = summary.failures
     records: list[dict] = []
-    failures: list[dict] = []
     seen: set[str] = set()
     width = max(4, len(str(len(lines) - 1)))
-
-    def fail(number: int, pid: str | None, title: object, reason: str) -> None:
-        summary.failed += 1
-        summary.failures[reason[:120]] += 1
-        failures.append({"line": number, "id": pid, "title": title if isinstance(title, str) else None,
-                         "reason": reason})
-        if pid is not None and _SAFE_ID.match(pid):
-            _remove_outputs(output_dir, pid)
 
     for index, (number, line) in enumerate(tqdm(lines, desc="WikiMT-X", unit="piece", disable=not progress,
                                                 dynamic_ncols=True)):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            fail(number, None, None, f"not valid JSON: {exc.msg}")
+            failures.add(f"not valid JSON: {exc.msg}", line=number)
             continue
         if not isinstance(obj, dict):
-            fail(number, None, None, "not a JSON object")
+            failures.add("not a JSON object", line=number)
             continue
         own_id = obj.get("id")
         pid = str(own_id).strip() if own_id is not None and str(own_id).strip() else f"{index:0{width}d}"
-        title = obj.get("title")
+        title = obj.get("title") if isinstance(obj.get("title"), str) else None
         if not _SAFE_ID.match(pid):
-            fail(number, None, title, f"id {pid!r} is not usable as a file name")
+            failures.add(f"id {pid!r} is not usable as a file name", line=number, title=title)
             continue
         if pid in seen:
-            fail(number, None, title, f"duplicate id {pid!r}")
+            failures.add(f"duplicate id {pid!r}", line=number, title=title)
             continue
         seen.add(pid)
         try:
             abc, texts, normalisation = convert_piece(obj, roundtrip=roundtrip)
         except ConversionError as exc:
-            fail(number, pid, title, f"{exc.stage}: {exc.reason}")
+            failures.add(f"{exc.stage}: {exc.reason}", line=number, id=pid, title=title)
+            _remove_outputs(output_dir, pid)  # never pair its texts with music from an earlier run
             continue
         atomic_write_text(output_dir / "abc" / f"{pid}.abc", abc)
         for text_type in TEXT_TYPES:
@@ -217,5 +219,5 @@ def prepare(input_path: str | os.PathLike, output_dir: str | os.PathLike, progre
         records.append(record)
         summary.written += 1
     write_jsonl(output_dir / RECORDS_NAME, records)
-    write_jsonl(output_dir / FAILURES_NAME, failures)
+    failures.write(output_dir / FAILURES_NAME)
     return summary

@@ -40,9 +40,9 @@ from pathlib import Path
 from xml.etree import ElementPath, ElementTree
 
 from abctoolkit import xml2abc as _x2a  # NOT abctoolkit.convert: importing it runs a shell command
-from fileio import with_extension
+from patching import patched
 
-from preprocess.batch import ConversionError
+from preprocess.errors import ConversionError, describe_exception
 
 XML_EXTENSIONS = (".mxl", ".xml", ".musicxml")
 
@@ -240,8 +240,7 @@ def _explain_failure(exc: BaseException, data: bytes) -> str:
     """A reason a person can act on, for an exception raised inside xml2abc's parser."""
     if isinstance(exc, ElementTree.ParseError):
         return f"invalid XML: {exc}"
-    message = " ".join(str(exc).split()) or "no message"
-    return _document_problem(data) or f"xml2abc failed: {type(exc).__name__}: {message}"
+    return _document_problem(data) or f"xml2abc failed: {describe_exception(exc)}"
 
 
 def musicxml_to_abc(data: bytes, name: str = "input.xml", messages: list[str] | None = None) -> str:
@@ -254,14 +253,14 @@ def musicxml_to_abc(data: bytes, name: str = "input.xml", messages: list[str] | 
     log: list[str] = []
     output = _VendoredOutput(os.path.splitext(name)[0] + ".abc", "", 0, options)
     output.outfile = io.StringIO()
-    saved = {key: _x2a.__dict__.get(key) for key in ("abcOut", "info", "Note")}
-    _x2a.abcOut = output
-    _x2a.info = lambda text, warn=1: log.append(("-- " if warn else "") + text)
-    _x2a.Note = _VendoredNote
-    for function_name, function in _FAST_ELEMENTPATH.items():
-        setattr(ElementPath, function_name, function)
+
+    def collect(text: str, warn: int = 1) -> None:
+        log.append(("-- " if warn else "") + text)
+
     try:
-        _x2a.Parser(options).parse(io.BytesIO(data))
+        with (patched(_x2a, abcOut=output, info=collect, Note=_VendoredNote),
+              patched(ElementPath, **_FAST_ELEMENTPATH)):
+            _x2a.Parser(options).parse(io.BytesIO(data))
     except (TimeoutError, MemoryError, KeyboardInterrupt):
         raise  # the batch runner's own limits, not a property of the file
     except RecursionError as exc:
@@ -269,13 +268,6 @@ def musicxml_to_abc(data: bytes, name: str = "input.xml", messages: list[str] | 
     except Exception as exc:  # noqa: BLE001 - xml2abc raises anything on bad input
         raise ConversionError(_explain_failure(exc, data), stage="convert") from exc
     finally:
-        for function_name, function in _ELEMENTPATH_ORIGINALS.items():
-            setattr(ElementPath, function_name, function)
-        for key, value in saved.items():
-            if value is None:
-                _x2a.__dict__.pop(key, None)
-            else:
-                setattr(_x2a, key, value)
         if messages is not None:
             messages.extend(log)
     text = output.outfile.getvalue()
@@ -289,7 +281,3 @@ def convert_file(path: str | os.PathLike, messages: list[str] | None = None) -> 
     """Standard ABC for one MusicXML file (``.mxl``, ``.xml`` or ``.musicxml``)."""
     return musicxml_to_abc(read_musicxml(path), name=os.fspath(path), messages=messages)
 
-
-def output_name(relative: Path) -> Path:
-    """``a/b/score.mxl`` -> ``a/b/score.abc`` (the official naming: stem up to the last dot)."""
-    return with_extension(relative, ".abc")

@@ -6,15 +6,8 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from pathlib import Path
 
-import runconfig
-
-try:
-    from preprocess import abc_normalise, interleave
-except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "code"))
-    from preprocess import abc_normalise, interleave
+from preprocess import abc_normalise, interleave
 from preprocess.batch import add_batch_arguments, run_from_args
 
 DESCRIPTION = """\
@@ -23,7 +16,7 @@ interleaved ABC at OUTPUT_DIR/<same relative path and name>. Output is byte-iden
 official script wherever that converts a file. Files it skips are converted too when possible:
 tunes without a `V:1` line (plain folk ABC, lead sheets), inline [V:n] voice bodies, and chords with
 durations inside brackets such as [B2g2]. Tunes that cannot be interleaved (voices with different
-bar counts, no notes, several tunes in one file) are listed with a reason in the error log.
+bar counts, no notes, several tunes in one file) are listed with a reason in the failure log.
 Files that are not valid UTF-8 are read as Latin-1 unless --strict_utf8 is given.
 
 --normalise (for plain folk ABC collections) first rewrites each tune by the round trip ABC ->
@@ -34,16 +27,17 @@ training data (L:1/8, V:1, xml2abc's decorations). Without it the output is unch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_batch_arguments(parser, default_log="logs/interleave_errors.jsonl")
+    add_batch_arguments(parser, tool="interleave")
     parser.add_argument("--strict_utf8", action="store_true",
                         help="report files that are not valid UTF-8 instead of reading them as Latin-1")
     parser.add_argument("--normalise", action="store_true",
                         help="normalise each tune through ABC -> MusicXML -> ABC (xml2abc -d 8 -x) before "
                              "interleaving (for plain folk ABC; see above)")
-    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
+    args = parser.parse_args(argv)
     # A partial over a module-level function: the batch runner sends it to worker processes.
     module = abc_normalise if args.normalise else interleave
     convert = functools.partial(module.convert_file, latin1_fallback=not args.strict_utf8)
+    # Same name as the input, extension spelling included (x.ABC -> x.ABC), as the official script.
     return run_from_args(args, convert, extensions=interleave.ABC_EXTENSIONS,
                          output_name=lambda relative: relative, name="interleave")
 

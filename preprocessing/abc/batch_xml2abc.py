@@ -5,15 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import runconfig
-
-try:
-    from preprocess import xml2abc
-except ImportError:  # not installed with `pip install -e .`: use the checkout's code/ folder
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "code"))
-    from preprocess import xml2abc
+from fileio import with_extension
+from preprocess import xml2abc
 from preprocess.batch import add_batch_arguments, run_from_args
 
 DESCRIPTION = """\
@@ -22,16 +16,16 @@ to standard ABC at OUTPUT_DIR/<relative folder>/<name up to the last dot>.abc, w
 as the official `xml2abc.py -d 8 -x` (VERSION 143). Conversion runs in-process (no interpreter per
 file) and works from any working directory. Unlike the official script, it also converts .mxl
 archives whose score is a .musicxml member. Files that cannot be converted (invalid XML, not
-MusicXML, no notes, broken archives) are listed with a reason in the error log; the batch goes on.
+MusicXML, no notes, broken archives) are listed with a reason in the failure log; the batch goes on.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_batch_arguments(parser, default_log="logs/xml2abc_errors.jsonl")
-    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
+    add_batch_arguments(parser, tool="xml2abc")
+    args = parser.parse_args(argv)
     return run_from_args(args, xml2abc.convert_file, extensions=xml2abc.XML_EXTENSIONS,
-                         output_name=xml2abc.output_name, name="xml2abc")
+                         output_name=lambda relative: with_extension(relative, ".abc"), name="xml2abc")
 
 
 if __name__ == "__main__":

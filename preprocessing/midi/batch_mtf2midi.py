@@ -9,24 +9,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import runconfig
 from fileio import with_extension
 from preprocess.batch import add_batch_arguments, run_from_args
 from preprocess.midi_mtf import mtf_file_to_midi
 
 
-def midi_name(relative_input: Path) -> Path:
-    """``dir/name.mtf`` -> ``dir/name.mid`` (the stem ends at the last dot)."""
-    return with_extension(relative_input, ".mid")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_batch_arguments(parser, default_log="logs/mtf2midi_error_log.jsonl")
-    args, _config = runconfig.parse_args(parser, argv)  # accepts --config/--KEY=value like every script
-    return run_from_args(args, mtf_file_to_midi, extensions=(".mtf",), output_name=midi_name, name="mtf2midi")
+    add_batch_arguments(parser, tool="mtf2midi")
+    args = parser.parse_args(argv)
+    return run_from_args(args, mtf_file_to_midi, extensions=(".mtf",),
+                         output_name=lambda relative: with_extension(relative, ".mid"), name="mtf2midi")
 
 
 if __name__ == "__main__":
