@@ -74,6 +74,7 @@ LORA_MAX_GRAD_NORM = 1.0  # gradient clipping (0 = off)
 LORA_MAX_STEPS = 0  # stop after this many optimizer steps (0 = no limit), for short runs
 LORA_PATIENCE = 3  # epochs without a better validation MRR before stopping (0 = never stop early)
 LORA_KEEP_CHECKPOINTS = 3  # resumable checkpoints kept in the run folder
+LORA_CHECKPOINT_STEPS = 0  # also checkpoint every this many steps inside an epoch (0 = epoch ends only)
 # GradCache: split each batch into micro-batches of this many pieces (0 = off). Same gradient as
 # the full batch, memory of one micro-batch; replaces gradient accumulation, which would shrink
 # the pool of negatives.
@@ -92,7 +93,7 @@ VALID_FRACTION = 0.01  # held out by piece hash when there is no validation file
 LORA_ABC_ADAPTER_DIR = "code/adapters/lora_abc_adapter/"
 LORA_MTF_ADAPTER_DIR = "code/adapters/lora_mtf_adapter/"
 LORA_LOG_DIR = "code/logs/lora_training/"  # the run folder: logs, history, config, checkpoints
-FULL_WEIGHTS_PATH = "code/weights_clamp3_symbolic_full.pth"  # full mode's output checkpoint
+FULL_WEIGHTS_PATH = "code/weights_clamp3_symbolic_full_{format}.pth"  # full mode's best checkpoint
 
 # Data pipeline and augmentation (the official ones, each switchable).
 TEXT_DROPOUT = True  # official text dropout of the record's fields

@@ -91,26 +91,30 @@ class M3Patchilizer:
         add_special_patches: bool = False,
         truncate: bool = False,
         random_truncate: bool = False,
+        rng: random.Random | None = None,
     ) -> list[list[int]]:
         """Official ``encode``: a list of ``patch_size``-long id lists.
 
-        With ``truncate`` and more than ``patch_length`` patches, ``random.choice`` is always
-        called (as in the official code, so the RNG stream matches) and picks head/tail/middle
-        only when ``random_truncate`` is set; otherwise the head is kept.
+        With ``truncate`` and more than ``patch_length`` patches, ``choice`` is always called on
+        ``rng`` (the ``random`` module's global state by default, as officially, so the stream
+        matches) and picks head/tail/middle only when ``random_truncate`` is set; otherwise the
+        head is kept. A trainer passes its own ``random.Random`` so examples do not depend on
+        global state.
         """
         if patch_size is not None and patch_size != self.patch_size:
             return M3Patchilizer(patch_size, self.patch_length).encode(
                 item, add_special_patches=add_special_patches, truncate=truncate,
-                random_truncate=random_truncate)
+                random_truncate=random_truncate, rng=rng)
+        source = random if rng is None else rng
         patches = self.patch_strings(item, add_special_patches=add_special_patches)
         if truncate and len(patches) > self.patch_length:
-            choice = random.choice(["head", "tail", "middle"])
+            choice = source.choice(["head", "tail", "middle"])
             if choice == "head" or not random_truncate:
                 patches = patches[: self.patch_length]
             elif choice == "tail":
                 patches = patches[-self.patch_length :]
             else:
-                start = random.randint(1, len(patches) - self.patch_length)
+                start = source.randint(1, len(patches) - self.patch_length)
                 patches = patches[start : start + self.patch_length]
         return [self.bar2patch(p) for p in patches]
 

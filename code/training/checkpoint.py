@@ -1,0 +1,102 @@
+"""The run folder of a training run: resumable checkpoints (rotated), RNG states, fingerprints.
+
+A checkpoint holds everything that decides what happens next (trainable parameters, optimizer,
+scheduler, scaler, every RNG, epoch, step, position in the epoch's batch plan, history, best
+score), so a run killed at any point and resumed from its last checkpoint ends bitwise equal to
+one that was never interrupted (on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fileio import atomic_write_bytes
+from lora import FORMATS
+
+CHECKPOINT_DIR = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^(?P<fmt>[a-z]+)_step(?P<step>\d{8})\.pt$")
+
+
+class ResumeError(RuntimeError):
+    """No checkpoint to resume from, or one that does not fit this run."""
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_name(fmt: str, step: int) -> str:
+    return f"{fmt}_step{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's checkpoints, oldest first: a run trains its formats in the order of ``FORMATS``
+    (abc, then mtf), so (format, step) orders them as they were written."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [(m, p) for p in folder.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
+    order = {fmt: i for i, fmt in enumerate(FORMATS)}
+    return [p for m, p in sorted(found, key=lambda mp: (order.get(mp[0]["fmt"], len(order)),
+                                                         int(mp[0]["step"])))]
+
+
+def save_checkpoint(run_dir: str | os.PathLike, fmt: str, step: int, state: dict[str, Any],
+                    keep: int = 3) -> Path:
+    """Write ``state`` atomically as ``checkpoints/<fmt>_step<N>.pt``, then keep only the ``keep``
+    newest checkpoints."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path = atomic_write_bytes(Path(run_dir) / CHECKPOINT_DIR / checkpoint_name(fmt, step), buffer.getvalue())
+    checkpoints = list_checkpoints(run_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - max(1, keep))]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path:
+    """``--resume latest`` (the newest checkpoint of the run folder) or a checkpoint path."""
+    if resume == "latest":
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise ResumeError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR} "
+                              "(start without --resume, or pass a checkpoint path)")
+        return checkpoints[-1]
+    path = Path(resume)
+    if not path.is_file():
+        raise ResumeError(f"--resume {resume}: checkpoint not found")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    # weights_only=False: the checkpoint holds RNG states and the optimizer's plain Python
+    # objects; it is the run's own file, never a downloaded one.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes (the base checkpoint an adapter was trained on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

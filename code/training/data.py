@@ -1,0 +1,583 @@
+"""The trainer's data: training records of one format, the official text dropout and music
+augmentation (reference sections 5 and 6), and per-epoch batch plans.
+
+Determinism: every random choice for an example comes from a ``random.Random`` seeded from
+``(seed, epoch, record index, stream)``, never from global state, and a plan of *global* batches
+is drawn from ``(seed, epoch)``; rank r takes its own rows of each global batch. So an epoch gives
+the same examples with any number of DataLoader workers, on any number of ranks (N ranks of B rows
+= one process of N*B rows), and after a resume at any batch position.
+
+Bad records are found once, when the records are loaded (every music file is read and patchified),
+and left out with a reason in a ``fileio.DropLog``: the model never sees an empty text or an
+unreadable file, and no batch is ever skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import random
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from fileio import DropLog, iter_jsonl
+from patchilizer import M3Patchilizer, remove_instrument_info
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from training.text_cache import TextFeatureCache
+
+FORMATS = ("abc", "mtf")
+TEXT_SEPARATOR = "</s>"  # the literal the official code joins text lines with (XLM-R id 2)
+NON_TEXT_KEYS = frozenset({"id", "filepaths", "language", "translations"})
+TRANSLATION_P = 0.5  # official: translated fields are the candidates half of the time
+KEEP_LINE_P = 0.5
+REMOVE_INSTRUMENTS_P = 0.9
+TRUNCATIONS = ("head", "tail", "middle")
+
+
+# ----------------------------------------------------------------------------- hashing
+
+
+def stable_hash(*parts: object) -> int:
+    """A signed 64-bit hash of the parts' text, the same in every process (unlike ``hash``)."""
+    text = "\x1f".join(str(part) for part in parts)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def bytes_hash(data: bytes) -> int:
+    """A signed 64-bit content hash (fits an int64 tensor)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def seeded_rng(*parts: object) -> random.Random:
+    """A generator of its own, seeded from the parts (e.g. seed, epoch, record index, stream)."""
+    return random.Random(stable_hash(*parts) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def example_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
+    """The generator of one example's ``stream`` (``"text"`` or ``"music"``): separate streams, so
+    switching one augmentation off leaves the other draws of the example unchanged."""
+    return seeded_rng("example", seed, epoch, index, stream)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _strings(mapping: dict[str, Any], skip: Iterable[str]) -> list[str]:
+    skip = set(skip)
+    found: list[str] = []
+    for key, value in mapping.items():
+        if key in skip:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                found.append(item)
+    return found
+
+
+def text_lines(fields: dict[str, Any], translations: bool = False) -> list[str]:
+    """The distinct non-blank lines of a record's text fields (or of its ``translations``), in
+    record order. Official: the same candidates, deduplicated through a ``set`` (process-dependent
+    order); here the first occurrence wins and lines are stripped."""
+    if translations:
+        translated = fields.get("translations")
+        values = _strings(translated, {"language"}) if isinstance(translated, dict) else []
+    else:
+        values = _strings(fields, NON_TEXT_KEYS)
+    lines: dict[str, None] = {}
+    for value in values:
+        for line in value.split("\n"):
+            line = line.strip()
+            if line:
+                lines.setdefault(line, None)
+    return list(lines)
+
+
+def validation_text(fields: dict[str, Any]) -> str:
+    """Every text line in record order, joined with ``</s>`` (translations only when a record has
+    nothing else); empty when the record has no usable text."""
+    lines = text_lines(fields) or text_lines(fields, translations=True)
+    return TEXT_SEPARATOR.join(lines)
+
+
+def text_dropout(fields: dict[str, Any], rng: random.Random) -> str:
+    """Official text dropout, deterministic given ``rng``: translations with p 0.5, each line kept
+    with p 0.5 (all of them if none is kept), shuffled, joined with ``</s>``.
+
+    Unlike the official code, a record whose chosen source (translations or not) is empty falls
+    back to the other, so the result is never empty for a record that ``validation_text`` accepts.
+    """
+    use_translations = rng.random() < TRANSLATION_P
+    lines = text_lines(fields, use_translations) or text_lines(fields, not use_translations)
+    kept = [line for line in lines if rng.random() < KEEP_LINE_P] or list(lines)
+    rng.shuffle(kept)
+    return TEXT_SEPARATOR.join(kept)
+
+
+def normalised_text_key(text: str) -> int:
+    """Hash of the casefolded, whitespace-collapsed text: records that read the same share it."""
+    return stable_hash(" ".join(unicodedata.normalize("NFKC", text).casefold().split()))
+
+
+def truncate_ids(ids: list[int], max_length: int, rng: random.Random | None) -> list[int]:
+    """Official ``random_truncate`` of token ids longer than ``max_length``: head, tail or a middle
+    window starting at ``randint(1, n - max_length)``; the head when ``rng`` is None (validation)."""
+    if len(ids) <= max_length:
+        return ids
+    choice = "head" if rng is None else rng.choice(TRUNCATIONS)
+    if choice == "head":
+        return ids[:max_length]
+    if choice == "tail":
+        return ids[-max_length:]
+    start = rng.randint(1, len(ids) - max_length)
+    return ids[start : start + max_length]
+
+
+def text_token_ids(tokenizer: Any, text: str, max_length: int, rng: random.Random | None) -> list[int]:
+    """``tokenizer(text)`` with special tokens and without truncation, then ``truncate_ids``."""
+    return truncate_ids(list(tokenizer(text)["input_ids"]), max_length, rng)
+
+
+def token_key(ids: Sequence[int]) -> int:
+    """Signed 64-bit hash of token ids: equal ids (equal inputs to the text tower) share it."""
+    return bytes_hash(np.asarray(ids, dtype="<i8").tobytes())
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingRecord:
+    """One usable text-music pair of one format.
+
+    ``index`` is the record's 0-based position in its JSONL (dropped records count), the key of
+    every per-record seed; ``id`` is the record's ``id``, or its first filepath as written when it
+    has none; ``fields`` are its text fields; ``music_files`` the paths of its files of the format
+    (resolved against the JSONL's folder) and ``music_keys`` their content hashes; ``length`` the
+    patches of its longest file (special patches included) capped at the patch length;
+    ``text_key`` the hash of its normalised full text.
+    """
+
+    index: int
+    id: str
+    fields: dict[str, Any]
+    music_files: tuple[str, ...]
+    music_keys: tuple[int, ...]
+    length: int
+    text_key: int
+
+
+@dataclass(frozen=True)
+class _FileCheck:
+    reason: str | None
+    patches: int = 0
+    key: int = 0
+    detail: str | None = None
+
+
+def read_music(path: str | os.PathLike) -> tuple[bytes, str]:
+    """A music file's bytes and its text (strict UTF-8, newlines translated as Python's text mode
+    does, which is how the official code reads files)."""
+    data = Path(path).read_bytes()
+    return data, data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _check_music_file(path: str, patchilizer: M3Patchilizer) -> _FileCheck:
+    try:
+        data, text = read_music(path)
+    except FileNotFoundError:
+        return _FileCheck("missing music file")
+    except UnicodeDecodeError as exc:
+        return _FileCheck("music file is not UTF-8", detail=str(exc))
+    except OSError as exc:
+        return _FileCheck("unreadable music file", detail=str(exc))
+    if not text.strip():
+        return _FileCheck("empty music file")
+    try:
+        patches = len(patchilizer.patch_strings(text))
+    except Exception as exc:  # whatever the patchilizer trips on, the file cannot train
+        return _FileCheck("unpatchifiable music file", detail=f"{type(exc).__name__}: {exc}")
+    if patches == 0:
+        return _FileCheck("no patches in music file")
+    return _FileCheck(None, patches + 2, bytes_hash(data))  # + the BOS and EOS patches
+
+
+def _check_music_files(paths: list[str], patchilizer: M3Patchilizer, workers: int,
+                       progress: bool, description: str) -> list[_FileCheck]:
+    check = partial(_check_music_file, patchilizer=patchilizer)
+    bar = tqdm(total=len(paths), desc=description, unit="file", disable=not progress)
+    try:
+        if workers <= 1 or len(paths) < 2:
+            results = []
+            for path in paths:
+                results.append(check(path))
+                bar.update()
+            return results
+        chunk = max(1, min(256, len(paths) // (workers * 16)))
+        with multiprocessing.get_context().Pool(min(workers, len(paths))) as pool:
+            results = []
+            for result in pool.imap(check, paths, chunksize=chunk):
+                results.append(result)
+                bar.update()
+            return results
+    finally:
+        bar.close()
+
+
+def load_records(jsonl_path: str | os.PathLike, fmt: str, patchilizer: M3Patchilizer, drops: DropLog,
+                 workers: int = 1, progress: bool = True) -> list[TrainingRecord]:
+    """The usable records of a training JSONL for one format (``abc`` or ``mtf``).
+
+    Only ``filepaths`` ending in ``.<fmt>`` count. Each distinct file is read and patchified once
+    (in a pool of ``workers`` processes when > 1). Left out, each with a row in ``drops``
+    (``reason``, ``id``, ``line`` and, for a file, ``file``): a record with no file of the format
+    (``no .<fmt> file``) or no usable text (``no text``); a file that is missing, empty, not UTF-8,
+    unpatchifiable or gives no patch. A record keeps its good files and is left out when none is
+    left (its bad files are its rows in the log).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    jsonl_path = Path(jsonl_path)
+    base = jsonl_path.parent
+    suffix = "." + fmt
+    pending: list[tuple[int, int, str, dict[str, Any], list[str]]] = []
+    for index, (line, obj) in enumerate(iter_jsonl(jsonl_path)):
+        filepaths = obj.get("filepaths")
+        filepaths = [filepaths] if isinstance(filepaths, str) else filepaths
+        filepaths = [p for p in filepaths if isinstance(p, str) and p] if isinstance(filepaths, list) else []
+        record_id = obj.get("id")
+        record_id = str(record_id) if record_id not in (None, "") else (filepaths[0] if filepaths else "")
+        own = [os.path.normpath(base / p) for p in filepaths if p.lower().endswith(suffix)]
+        if not own:
+            drops.add(f"no {suffix} file", id=record_id or None, line=line)
+            continue
+        fields = {k: v for k, v in obj.items() if k not in ("id", "filepaths")}
+        if not validation_text(fields):
+            drops.add("no text", id=record_id, line=line, file=own[0])
+            continue
+        pending.append((index, line, record_id, fields, list(dict.fromkeys(own))))
+
+    paths = sorted({path for *_, files in pending for path in files})
+    checks = dict(zip(paths, _check_music_files(paths, patchilizer, workers, progress,
+                                                f"checking {suffix} files"), strict=True))
+    records = []
+    for index, line, record_id, fields, files in pending:
+        good = []
+        for path in files:
+            check = checks[path]
+            if check.reason is None:
+                good.append((path, check))
+            else:
+                drops.add(check.reason, id=record_id, line=line, file=path, detail=check.detail)
+        if not good:
+            continue
+        records.append(TrainingRecord(
+            index=index, id=record_id, fields=fields,
+            music_files=tuple(path for path, _ in good),
+            music_keys=tuple(check.key for _, check in good),
+            length=min(max(check.patches for _, check in good), patchilizer.patch_length),
+            text_key=normalised_text_key(validation_text(fields)),
+        ))
+    return records
+
+
+def held_out_split(records: Sequence[TrainingRecord], fraction: float,
+                   seed: int) -> tuple[list[TrainingRecord], list[TrainingRecord]]:
+    """``(train, held_out)``: a record is held out when the hash of ``(seed, id)`` falls in the
+    first ``fraction`` of the hash range, so the split is by piece and the same on every run."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    threshold = fraction * 2.0**64
+    train, held_out = [], []
+    for record in records:
+        position = stable_hash("held-out", seed, record.id) & 0xFFFF_FFFF_FFFF_FFFF
+        (held_out if position < threshold else train).append(record)
+    return train, held_out
+
+
+# ----------------------------------------------------------------------------- music
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The official training augmentations, each switchable. Validation uses none of them
+    (full text, first file, instruments kept, head truncation)."""
+
+    text_dropout: bool = True  # official ``text_dropout``; off: the full text (``validation_text``)
+    random_file: bool = True  # a random choice among the record's files of the format
+    remove_instruments_p: float = REMOVE_INSTRUMENTS_P  # probability of ``remove_instrument_info``
+    random_truncation: bool = True  # head/tail/middle instead of the head
+
+    @classmethod
+    def none(cls) -> Augmentation:
+        return cls(text_dropout=False, random_file=False, remove_instruments_p=0.0, random_truncation=False)
+
+
+def music_patches(record: TrainingRecord, patchilizer: M3Patchilizer, rng: random.Random,
+                  augmentation: Augmentation | None) -> tuple[list[list[int]], int]:
+    """``(patches, file number)`` of one example: official ``encode`` with special patches and
+    truncation to the patch length. ``augmentation=None`` is validation. The file choice and the
+    instrument coin are always drawn, so a switch never shifts the other draws."""
+    file_choice = rng.randrange(len(record.music_files))
+    remove = rng.random() < (augmentation.remove_instruments_p if augmentation else 0.0)
+    number = file_choice if augmentation and augmentation.random_file else 0
+    _, text = read_music(record.music_files[number])
+    if remove:
+        text = remove_instrument_info(text)
+    random_truncate = bool(augmentation and augmentation.random_truncation)
+    patches = patchilizer.encode(text, add_special_patches=True, truncate=True,
+                                 random_truncate=random_truncate, rng=rng)
+    return patches, number
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Global batches (positions into the record list) of one epoch, in order.
+
+    ``unplaced``: records no batch could take without two equal text or music keys;
+    ``left_over``: records of the incomplete last global batch, left out in training.
+    """
+
+    batches: list[list[int]]
+    unplaced: int = 0
+    left_over: int = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _shuffled_order(records: Sequence[TrainingRecord], rng: random.Random, bucketing: bool,
+                    pool_size: int) -> list[int]:
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    if not bucketing:
+        return order
+    # Sorting within pools of many batches keeps the epoch random while neighbours have similar
+    # lengths; sorted() is stable, so ties keep the shuffled order.
+    return [position for start in range(0, len(order), pool_size)
+            for position in sorted(order[start : start + pool_size], key=lambda p: records[p].length)]
+
+
+class _BatchUnderConstruction:
+    def __init__(self, records: Sequence[TrainingRecord]):
+        self.records = records
+        self.positions: list[int] = []
+        self.text_keys: set[int] = set()
+        self.music_keys: set[int] = set()
+
+    def place(self, position: int) -> bool:
+        """Add the record unless its text or a music key is already in the batch."""
+        record = self.records[position]
+        if record.text_key in self.text_keys or not self.music_keys.isdisjoint(record.music_keys):
+            return False
+        self.positions.append(position)
+        self.text_keys.add(record.text_key)
+        self.music_keys.update(record.music_keys)
+        return True
+
+
+def _fill_batches(order: list[int], records: Sequence[TrainingRecord], size: int,
+                  no_duplicates: bool) -> tuple[list[list[int]], int]:
+    """Cut ``order`` into batches of ``size``; with ``no_duplicates`` a record whose text or music
+    key is already in the batch waits for a later one (oldest waiting first), as in
+    sentence-transformers' NO_DUPLICATES sampler. Returns the batches and how many never fit."""
+    if not no_duplicates:
+        return [order[start : start + size] for start in range(0, len(order), size)], 0
+    batches: list[list[int]] = []
+    waiting: list[int] = []
+    stream = iter(order)
+    while True:
+        batch = _BatchUnderConstruction(records)
+        still_waiting = []
+        for position in waiting:
+            if len(batch.positions) >= size or not batch.place(position):
+                still_waiting.append(position)
+        waiting = still_waiting
+        while len(batch.positions) < size:
+            position = next(stream, None)
+            if position is None:
+                break
+            if not batch.place(position):
+                waiting.append(position)
+        if not batch.positions:
+            break
+        batches.append(batch.positions)
+        if len(batch.positions) < size:  # the stream is spent and the waiting records clash with each other
+            break
+    return batches, len(waiting)
+
+
+def plan_epoch(records: Sequence[TrainingRecord], global_batch: int, epoch: int, seed: int,
+               bucketing: bool = True, no_duplicates: bool = True, pool_batches: int = 50) -> EpochPlan:
+    """The training batches of one epoch: a shuffle from ``(seed, epoch)``; with ``bucketing``,
+    pools of ``pool_batches`` global batches sorted by length, cut into batches, batch order
+    shuffled; with ``no_duplicates``, no two records with an equal text or music key in one global
+    batch. Every batch has exactly ``global_batch`` records (the incomplete last one is left out,
+    as the official code truncates), so every rank gets the same number of batches. Resume at
+    batch k by taking batches k.. of the same plan."""
+    if global_batch < 1:
+        raise ValueError(f"global batch must be positive, got {global_batch}")
+    rng = seeded_rng("plan", seed, epoch)
+    order = _shuffled_order(records, rng, bucketing, global_batch * pool_batches)
+    batches, unplaced = _fill_batches(order, records, global_batch, no_duplicates)
+    left_over = 0
+    if batches and len(batches[-1]) < global_batch:
+        left_over = len(batches.pop())
+    if bucketing:
+        rng.shuffle(batches)
+    return EpochPlan(batches, unplaced=unplaced, left_over=left_over)
+
+
+def plan_validation(records: Sequence[TrainingRecord], global_batch: int, seed: int,
+                    bucketing: bool = True, pool_batches: int = 50) -> EpochPlan:
+    """Every record once, in the same batches every epoch (a fixed shuffle, pools sorted by length
+    with ``bucketing``); the last batch may be smaller. No key-clash deferral: the loss masks
+    equal keys, and validation must not lose records."""
+    if global_batch < 1:
+        raise ValueError(f"global batch must be positive, got {global_batch}")
+    order = _shuffled_order(records, seeded_rng("validation plan", seed), bucketing,
+                            global_batch * pool_batches)
+    return EpochPlan([order[start : start + global_batch] for start in range(0, len(order), global_batch)])
+
+
+def rank_rows(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s rows of a global batch: ``[r*G//W, (r+1)*G//W)``, i.e. rows
+    ``[r*B, (r+1)*B)`` of a full batch of ``B*W``; a smaller last batch splits as evenly as it can
+    (sizes differ by at most one; a rank gets no row when fewer rows than ranks are left)."""
+    size = len(batch)
+    return list(batch[size * rank // world_size : size * (rank + 1) // world_size])
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+@dataclass(frozen=True)
+class LiveText:
+    """Text tokenized every step (the text tower runs): a Hugging Face tokenizer and the length
+    token ids are truncated to."""
+
+    tokenizer: Any
+    max_length: int
+
+
+class BatchDataset(Dataset):
+    """One rank's batches of an epoch plan, collated: ``DataLoader(ds, batch_size=None, ...)``.
+
+    Item k is the rank's rows of global batch ``start_batch + k``, a dict of tensors:
+    ``patches`` [b, L, patch_size] and ``patch_mask`` [b, L] (L = the longest in the batch with
+    ``pad_to_longest``, else the patch length, as officially); ``record_index``, ``music_keys``
+    (content hash of the file used) and ``text_keys`` (hash of the text's token ids: equal inputs
+    to the text tower share it), all [b] int64; and ``text_ids``/``text_mask`` [b, T] (``LiveText``)
+    or ``text_rows`` [b] (rows of a ``TextFeatureCache``).
+
+    ``train=False`` is validation: the full text (``validation_text``, head truncation), the first
+    file, no augmentation (``augmentation`` is ignored); a cache must then be a validation cache.
+    Long token sequences are cut at random in training whatever the augmentation, as officially.
+    """
+
+    def __init__(self, records: Sequence[TrainingRecord], plan: EpochPlan, patchilizer: M3Patchilizer, *,
+                 text: LiveText | TextFeatureCache, seed: int, epoch: int, train: bool = True,
+                 augmentation: Augmentation | None = None, rank: int = 0, world_size: int = 1,
+                 start_batch: int = 0, pad_to_longest: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if not 0 <= start_batch <= len(plan):
+            raise ValueError(f"start batch {start_batch} outside the plan's {len(plan)} batches")
+        if not isinstance(text, LiveText) and text.train != train:
+            raise ValueError(f"a {'training' if text.train else 'validation'} text cache cannot serve "
+                             f"{'training' if train else 'validation'} batches")
+        self.augmentation = (augmentation or Augmentation()) if train else None
+        if (self.augmentation is not None and not isinstance(text, LiveText)
+                and text.text_dropout != self.augmentation.text_dropout):
+            raise ValueError(f"the text cache was built with text_dropout={text.text_dropout}, the "
+                             f"augmentation has text_dropout={self.augmentation.text_dropout}")
+        self.records = records
+        self.plan = plan
+        self.patchilizer = patchilizer
+        self.text = text
+        self.seed = seed
+        self.epoch = epoch
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+        self.pad_to_longest = pad_to_longest
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.start_batch
+
+    def positions(self, k: int) -> list[int]:
+        """Positions (into ``records``) of this rank's rows of item ``k``."""
+        return rank_rows(self.plan.batches[self.start_batch + k], self.rank, self.world_size)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        records = [self.records[p] for p in self.positions(k)]
+        patch_lists, music_keys, text_keys, texts = [], [], [], []
+        for record in records:
+            patches, number = music_patches(record, self.patchilizer,
+                                            example_rng(self.seed, self.epoch, record.index, "music"),
+                                            self.augmentation)
+            patch_lists.append(patches)
+            music_keys.append(record.music_keys[number])
+            text_rng = example_rng(self.seed, self.epoch, record.index, "text")
+            if isinstance(self.text, LiveText):
+                dropout = self.augmentation is not None and self.augmentation.text_dropout
+                text = text_dropout(record.fields, text_rng) if dropout else validation_text(record.fields)
+                ids = text_token_ids(self.text.tokenizer, text, self.text.max_length,
+                                     text_rng if self.train else None)
+                texts.append(ids)
+                text_keys.append(token_key(ids))
+            else:
+                variant = text_rng.randrange(self.text.variants) if self.train else 0
+                texts.append(self.text.rows_for(record, variant))
+                text_keys.append(self.text.key_for(record, variant))
+        batch = self._collate_patches(patch_lists)
+        batch["record_index"] = torch.tensor([r.index for r in records], dtype=torch.long)
+        batch["music_keys"] = torch.tensor(music_keys, dtype=torch.long)
+        batch["text_keys"] = torch.tensor(text_keys, dtype=torch.long)
+        if isinstance(self.text, LiveText):
+            batch.update(self._collate_text(texts))
+        else:
+            batch["text_rows"] = torch.tensor(texts, dtype=torch.long)
+        return batch
+
+    def _collate_patches(self, patch_lists: list[list[list[int]]]) -> dict[str, torch.Tensor]:
+        size = self.patchilizer.patch_size
+        length = self.patchilizer.patch_length
+        if self.pad_to_longest:
+            length = max((len(p) for p in patch_lists), default=0)
+        patches = np.zeros((len(patch_lists), length, size), dtype=np.int64)
+        mask = np.zeros((len(patch_lists), length), dtype=np.int64)
+        for row, example in enumerate(patch_lists):
+            if example:
+                patches[row, : len(example)] = example
+                mask[row, : len(example)] = 1
+        return {"patches": torch.from_numpy(patches), "patch_mask": torch.from_numpy(mask)}
+
+    def _collate_text(self, id_lists: list[list[int]]) -> dict[str, torch.Tensor]:
+        assert isinstance(self.text, LiveText)
+        pad_id = self.text.tokenizer.pad_token_id
+        length = self.text.max_length
+        if self.pad_to_longest:
+            length = max((len(ids) for ids in id_lists), default=0)
+        ids = np.full((len(id_lists), length), pad_id, dtype=np.int64)
+        mask = np.zeros((len(id_lists), length), dtype=np.int64)
+        for row, example in enumerate(id_lists):
+            ids[row, : len(example)] = example
+            mask[row, : len(example)] = 1
+        return {"text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)}

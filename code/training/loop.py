@@ -1,0 +1,587 @@
+"""The training run, top to bottom: set-up, then one adapter (or the full symbolic stage) per format.
+
+For each format: load the base strictly, wrap it (LoRA) or unfreeze the symbolic side (full), load
+and check the records, cache the text features when the text tower is frozen, then epochs of
+contrastive steps with gradients averaged over ranks, validation (loss and text->music MRR) after
+every epoch, the best model saved, a resumable checkpoint at every epoch end (and every
+``LORA_CHECKPOINT_STEPS`` steps), early stopping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lora
+import metrics
+import runconfig
+import torch
+from features import load_text_tokenizer
+from fileio import DropLog, repo_path
+from modeling import CLaMP3Model, ModelConfig, load_clamp3
+from patchilizer import M3Patchilizer
+from peft import PeftModel
+from torch import nn
+from tqdm import tqdm
+
+from training import checkpoint as ckpt
+from training import data, distributed
+from training.loss import ContrastiveLoss, contrastive_step
+from training.run_folder import RunLogger, environment, git_commit, prepare_run_folder, run_file, write_json
+from training.text_cache import TextFeatureCache, fingerprint
+
+# Keys that only steer the run, not its results: they may differ on --resume.
+RUN_CONTROL_KEYS = {"NUM_WORKERS", "LORA_LOG_DIR", "LORA_ABC_ADAPTER_DIR", "LORA_MTF_ADAPTER_DIR",
+                    "FULL_WEIGHTS_PATH", "WANDB_ENABLED", "WANDB_PROJECT", "WANDB_MODE", "TEXT_CACHE_DIR",
+                    "DIST_TIMEOUT_MINUTES", "LORA_KEEP_CHECKPOINTS", "LORA_CHECKPOINT_STEPS",
+                    "EXTRACT_DEVICE", "EXTRACT_DTYPE", "EXTRACT_TOKENS_PER_BATCH", "EXTRACT_MAX_PADDING",
+                    "EXTRACT_FILES_PER_CHUNK"}
+
+
+@dataclass
+class RunContext:
+    """What every format of the run shares."""
+
+    cfg: dict[str, Any]
+    args: argparse.Namespace
+    dist: distributed.DistContext
+    run_dir: Path
+    model_config: ModelConfig
+    weights: Path | None
+    base_fingerprint: str | None
+    tokenizer: Any
+    progress: bool
+    formats: list[str]
+
+
+@dataclass
+class FormatState:
+    """Everything a checkpoint restores besides tensors of modules."""
+
+    epoch: int = 0
+    position: int = 0  # batches of the current epoch already done
+    step: int = 0
+    best_mrr: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_samples: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+
+# ------------------------------------------------------------------------------------ set-up
+
+
+def train(cfg: dict[str, Any], args: argparse.Namespace) -> int:
+    """The whole run on this process; returns the exit status."""
+    return distributed.run_distributed(lambda dist: _run(cfg, args, dist), device_name=cfg["TRAIN_DEVICE"],
+                                       timeout_minutes=float(cfg["DIST_TIMEOUT_MINUTES"]))
+
+
+def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistContext) -> int:
+    if cfg["TRAIN_MODE"] not in ("lora", "full"):
+        raise ValueError(f"TRAIN_MODE must be 'lora' or 'full', not {cfg['TRAIN_MODE']!r}")
+    if cfg["LOSS"] not in ("clamp3", "normalized"):
+        raise ValueError(f"LOSS must be 'clamp3' or 'normalized', not {cfg['LOSS']!r}")
+    lora.lora_config(cfg, "abc")  # refuse base-rewriting inits before any work
+    run_dir = repo_path(cfg["LORA_LOG_DIR"])
+    resume_path = None
+    if dist.is_main:
+        prepare_run_folder(run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+        if args.resume:
+            resume_path = ckpt.resolve_resume(args.resume, run_dir)
+    distributed.barrier()
+    resume_path = distributed.broadcast_object(resume_path)
+    model_config = ModelConfig.resolve(cfg, runconfig.model_config_path(args.model_config, cfg))
+    weights = Path(args.weights) if args.weights else repo_path(cfg["CLAMP3_WEIGHTS_PATH"])
+    if not weights.is_file():
+        raise FileNotFoundError(f"base checkpoint not found: {weights}. Download the official CLaMP 3 C2 "
+                                "weights (see README) or pass --weights PATH.")
+    base_fingerprint = ckpt.file_fingerprint(weights) if dist.is_main else None
+    base_fingerprint = distributed.broadcast_object(base_fingerprint)
+    formats = ["abc", "mtf"] if args.format == "both" else [args.format]
+    ctx = RunContext(cfg=cfg, args=args, dist=dist, run_dir=run_dir, model_config=model_config, weights=weights,
+                     base_fingerprint=base_fingerprint, tokenizer=load_text_tokenizer(cfg["TEXT_MODEL_NAME"]),
+                     progress=not args.quiet, formats=formats)
+    resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
+    if resume_state is not None:
+        _check_resumable(resume_state, ctx)
+    if dist.is_main:
+        write_json(run_dir / "config.json", {
+            "config": cfg, "argv": list(sys.argv), "commit": git_commit(), "environment": environment(),
+            "base_weights": str(weights), "base_fingerprint": base_fingerprint, "world_size": dist.world_size,
+            "formats": formats, "model_config": model_config.to_dict(), "resumed_from": str(resume_path or "")})
+    for fmt in formats:
+        if resume_state is not None and fmt in resume_state["completed_formats"]:
+            continue
+        state_for_format = resume_state if resume_state is not None and resume_state["format"] == fmt else None
+        train_format(ctx, fmt, state_for_format)
+        resume_state = None if state_for_format is not None else resume_state
+    return 0
+
+
+def _check_resumable(state: dict[str, Any], ctx: RunContext) -> None:
+    saved, current = state["config"], ctx.cfg
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RUN_CONTROL_KEYS and saved.get(k) != current.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:8])
+        raise ckpt.ResumeError(f"the checkpoint was trained with another configuration ({detail}); resume "
+                               "with the run's config.json, or start a new run")
+    if state["base_fingerprint"] != ctx.base_fingerprint:
+        raise ckpt.ResumeError("the checkpoint was trained on another base checkpoint (fingerprint differs)")
+    if state["world_size"] != ctx.dist.world_size:
+        raise ckpt.ResumeError(f"the checkpoint was written by {state['world_size']} processes; resume with "
+                               f"the same number (got {ctx.dist.world_size}) so batches stay the same")
+    if state["format"] not in ctx.formats:
+        raise ckpt.ResumeError(f"the checkpoint is for format {state['format']!r}, not in {ctx.formats}")
+
+
+# ------------------------------------------------------------------------------------ one format
+
+
+def _build_model(ctx: RunContext, fmt: str) -> tuple[nn.Module, CLaMP3Model, bool]:
+    """(the module whose parameters train, the CLaMP3Model that computes features, text frozen)."""
+    cfg = ctx.cfg
+    base = load_clamp3(ctx.model_config, ctx.weights, device="cpu", attn_implementation=cfg["ATTN_IMPLEMENTATION"])
+    if cfg["TRAIN_MODE"] == "lora":
+        model: nn.Module = lora.add_adapter(base, cfg, fmt)
+        core = model.get_base_model()
+        text_frozen = True
+    else:
+        text_frozen = bool(cfg["FREEZE_TEXT"])
+        trained = ("symbolic_model", "symbolic_proj") + (() if text_frozen else ("text_model", "text_proj"))
+        for name, parameter in base.named_parameters():
+            # The poolers are unused by CLaMP 3 (masked mean instead): training them only decays them.
+            parameter.requires_grad_(name.startswith(trained) and ".pooler." not in name)
+        model = core = base
+    core.to(ctx.dist.device)
+    if cfg["GRADIENT_CHECKPOINTING"]:
+        core.symbolic_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not text_frozen:
+            core.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, core, text_frozen
+
+
+def _set_train_mode(core: CLaMP3Model, text_frozen: bool) -> None:
+    """Dropout on where parameters train; frozen towers in eval mode, as the official code does."""
+    core.train()
+    core.audio_model.eval()
+    if text_frozen:
+        core.text_model.eval()
+
+
+def _parameter_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; biases, LayerNorm weights and the temperature undecayed."""
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    no_decay += [p for p in loss_fn.parameters() if p.requires_grad]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"TRAIN_PRECISION must be bf16, fp16 or fp32, not {precision!r}")
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _trainable_state(model: nn.Module, loss_fn: nn.Module) -> dict[str, torch.Tensor]:
+    state = {f"model.{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({f"loss.{n}": p.detach().cpu().clone() for n, p in loss_fn.named_parameters()})
+    return state
+
+
+def _restore_trainable_state(model: nn.Module, loss_fn: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    params.update({f"loss.{n}": p for n, p in loss_fn.named_parameters()})
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ckpt.ResumeError(f"checkpoint parameters do not fit this model (missing {missing[:3]}, "
+                               f"unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, parameter in params.items():
+            parameter.copy_(state[name])
+
+
+def _load_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drops: DropLog, log: RunLogger):
+    cfg = ctx.cfg
+    train_path = repo_path(cfg[f"LORA_{fmt.upper()}_TRAIN_JSONL"])
+    if not train_path.is_file():
+        raise FileNotFoundError(f"training records not found: {train_path} (set LORA_{fmt.upper()}_TRAIN_JSONL; "
+                                "see data/README.md)")
+    workers = max(1, int(cfg["NUM_WORKERS"]))
+    records = data.load_records(train_path, fmt, patchilizer, drops, workers=workers,
+                                progress=ctx.progress and ctx.dist.is_main)
+    valid_name = cfg[f"LORA_{fmt.upper()}_VALID_JSONL"]
+    valid_path = repo_path(valid_name) if valid_name else None
+    if valid_path is not None and valid_path.is_file():
+        valid = data.load_records(valid_path, fmt, patchilizer, drops, workers=workers,
+                                  progress=ctx.progress and ctx.dist.is_main)
+        log(f"[{fmt}] records: {len(records)} train ({train_path}), {len(valid)} validation ({valid_path})")
+    else:
+        records, valid = data.held_out_split(records, float(cfg["VALID_FRACTION"]), int(cfg["SEED"]))
+        log(f"[{fmt}] records: {len(records)} train, {len(valid)} validation held out by piece hash "
+            f"(VALID_FRACTION={cfg['VALID_FRACTION']}; no file at {valid_path})")
+    if drops.rows:
+        log(f"[{fmt}] {drops.summary_line()} (details: {drops.path})")
+    global_batch = int(cfg["LORA_BATCH_SIZE"]) * ctx.dist.world_size
+    if len(records) < global_batch:
+        raise ValueError(f"[{fmt}] {len(records)} training records are fewer than one global batch "
+                         f"({global_batch} = LORA_BATCH_SIZE x {ctx.dist.world_size} processes)")
+    if not valid:
+        raise ValueError(f"[{fmt}] no validation records (raise VALID_FRACTION or give a validation JSONL)")
+    return records, valid
+
+
+def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None) -> dict[str, Any]:
+    """Train the ``fmt`` adapter (or full model) from the base; returns the best epoch's entry."""
+    cfg, dist = ctx.cfg, ctx.dist
+    log = RunLogger(run_file(ctx.run_dir, fmt, "training"), dist.is_main)
+    # The adapter's initialisation draws from the RNG: the same seed on every rank (and for any
+    # number of ranks) gives every rank the same starting model. Dropout then draws per rank.
+    distributed.seed_everything(int(cfg["SEED"]))
+    model, core, text_frozen = _build_model(ctx, fmt)
+    seed = distributed.seed_everything(int(cfg["SEED"]), dist.rank)
+    log(f"[{fmt}] {cfg['TRAIN_MODE']} training on {dist.world_size} process(es), device {dist.device}, "
+        f"seed {int(cfg['SEED'])} (+ rank for dropout: {seed} here)")
+    if dist.is_main and isinstance(model, PeftModel):
+        model.print_trainable_parameters()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    log(f"[{fmt}] trainable parameters: {sum(p.numel() for p in trainable):,}")
+
+    patchilizer = M3Patchilizer(ctx.model_config.patch_size,
+                                int(ctx.model_config.symbolic.get("max_position_embeddings", cfg["PATCH_LENGTH"])))
+    drops = DropLog(f"{fmt} records", run_file(ctx.run_dir, fmt, "drops") if dist.is_main else None)
+    records, valid = _load_data(ctx, fmt, patchilizer, drops, log)
+
+    loss_fn = ContrastiveLoss(cfg["LOSS"], logit_scale=float(cfg["LOGIT_SCALE"])).to(dist.device)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, loss_fn, float(cfg["LORA_WEIGHT_DECAY"])),
+                                  lr=float(cfg["LORA_LEARNING_RATE"]))
+    per_rank = int(cfg["LORA_BATCH_SIZE"])
+    global_batch = per_rank * dist.world_size
+    batches_per_epoch = len(records) // global_batch
+    total_steps = int(cfg["LORA_NUM_EPOCHS"]) * batches_per_epoch
+    if int(cfg["LORA_MAX_STEPS"]) > 0:
+        total_steps = min(total_steps, int(cfg["LORA_MAX_STEPS"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, int(cfg["LORA_WARMUP_STEPS"]), total_steps, float(cfg["LORA_MIN_LR_RATIO"])))
+    fp16 = dist.device.type == "cuda" and cfg["TRAIN_PRECISION"] == "fp16"
+    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+
+    text_source = TextSide(ctx, core, text_frozen, records, valid, log)
+    state = FormatState()
+    if resume_state is not None:
+        _restore_trainable_state(model, loss_fn, resume_state["trainable"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        state = FormatState(**resume_state["state"])
+        ckpt.set_rng_state(resume_state["rng"][dist.rank])
+        log(f"[{fmt}] resumed at epoch {state.epoch + 1}, batch {state.position}, step {state.step}")
+    wandb_run = _start_wandb(ctx, fmt)
+
+    def save_checkpoint() -> None:
+        rng_states = distributed.all_gather_object(ckpt.rng_state())
+        if not dist.is_main:
+            return
+        payload = {
+            "format": fmt, "completed_formats": ctx.formats[: ctx.formats.index(fmt)],
+            "config": cfg, "base_fingerprint": ctx.base_fingerprint, "world_size": dist.world_size,
+            "trainable": _trainable_state(model, loss_fn), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "rng": rng_states, "state": vars(state).copy()}
+        ckpt.save_checkpoint(ctx.run_dir, fmt, state.step, payload, keep=int(cfg["LORA_KEEP_CHECKPOINTS"]))
+
+    log(f"[{fmt}] {len(records)} records, global batch {global_batch} ({per_rank} x {dist.world_size}), "
+        f"{batches_per_epoch} steps per epoch, {total_steps} steps in all"
+        + (f", GradCache micro-batch {cfg['GRAD_CACHE_MICRO_BATCH']}" if cfg["GRAD_CACHE_MICRO_BATCH"] else ""))
+    def encode_music(micro: dict[str, Any]) -> torch.Tensor:
+        with _autocast(dist.device, cfg["TRAIN_PRECISION"]):
+            return core.features("symbolic", micro["patches"], micro["patch_mask"])
+
+    max_steps = int(cfg["LORA_MAX_STEPS"])
+    checkpoint_every = int(cfg["LORA_CHECKPOINT_STEPS"])
+    while not state.done and state.epoch < int(cfg["LORA_NUM_EPOCHS"]):
+        epoch_start = time.time()
+        if dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dist.device)
+        plan = data.plan_epoch(records, global_batch, state.epoch, int(cfg["SEED"]),
+                               bucketing=bool(cfg["LENGTH_BUCKETING"]), no_duplicates=bool(cfg["NO_DUPLICATE_NEGATIVES"]))
+        dataset = data.BatchDataset(
+            records, plan, patchilizer, text=text_source.for_dataset(True), seed=int(cfg["SEED"]),
+            epoch=state.epoch, train=True, augmentation=_augmentation(cfg), rank=dist.rank,
+            world_size=dist.world_size, start_batch=state.position, pad_to_longest=bool(cfg["LENGTH_BUCKETING"]))
+        _set_train_mode(core, text_frozen)
+        bar = tqdm(total=len(plan), initial=state.position, desc=f"{fmt} epoch {state.epoch + 1}", unit="step",
+                   disable=not (ctx.progress and dist.is_main), dynamic_ncols=True)
+        samples_done = 0
+        for batch in _data_loader(ctx, dataset, state.epoch):
+            batch = _to_device(batch, dist.device)
+            keys = ({"text_keys": batch["text_keys"], "music_keys": batch["music_keys"]}
+                    if cfg["NO_DUPLICATE_NEGATIVES"] else {})
+            loss_value = contrastive_step(batch, encode_music, text_source.batch_side(core, batch, train=True),
+                                          loss_fn, micro_batch=int(cfg["GRAD_CACHE_MICRO_BATCH"]), scaler=scaler,
+                                          **keys)
+            distributed.all_reduce_gradients(trainable + list(loss_fn.parameters()))
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if float(cfg["LORA_MAX_GRAD_NORM"]) > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, float(cfg["LORA_MAX_GRAD_NORM"]))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.position += 1
+            state.epoch_loss_sum += float(loss_value) * global_batch
+            state.epoch_samples += global_batch
+            samples_done += global_batch
+            elapsed = max(1e-9, time.time() - epoch_start)
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss_value):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                            samples_s=f"{samples_done / elapsed:.1f}")
+            if wandb_run is not None:
+                wandb_run.log({f"{fmt}/train_loss": float(loss_value), f"{fmt}/lr": scheduler.get_last_lr()[0]},
+                              step=state.step)
+            if max_steps > 0 and state.step >= max_steps:
+                state.done = True
+                break
+            if checkpoint_every > 0 and state.step % checkpoint_every == 0 and state.position < len(plan):
+                save_checkpoint()
+        bar.close()
+        seconds = time.time() - epoch_start
+        valid_loss, valid_mrr = validate(ctx, core, loss_fn, valid, patchilizer, text_source)
+        entry = {"epoch": state.epoch + 1, "step": state.step,
+                 "train_loss": state.epoch_loss_sum / max(1, state.epoch_samples),
+                 "valid_loss": valid_loss, "valid_mrr": valid_mrr, "lr": scheduler.get_last_lr()[0],
+                 "samples_per_s": samples_done / max(1e-9, seconds), "seconds": seconds,
+                 "peak_memory_mb": _peak_memory_mb(dist.device)}
+        if loss_fn.learnable:
+            entry["logit_scale"] = float(loss_fn.scale().detach())
+        state.history.append(entry)
+        log(f"[{fmt}] epoch {entry['epoch']}: train loss {entry['train_loss']:.4f}, valid loss {valid_loss:.4f}, "
+            f"valid text->music MRR {valid_mrr:.4f} (N={len(valid)}), {entry['samples_per_s']:.1f} samples/s")
+        if wandb_run is not None:
+            wandb_run.log({f"{fmt}/{k}": v for k, v in entry.items()}, step=state.step)
+        if valid_mrr > state.best_mrr:
+            state.best_mrr, state.best_epoch, state.bad_epochs = valid_mrr, entry["epoch"], 0
+            _save_best(ctx, fmt, model, core, entry, len(valid))
+            log(f"[{fmt}] best so far: saved to {_best_location(ctx, fmt)}")
+        else:
+            state.bad_epochs += 1
+            if int(cfg["LORA_PATIENCE"]) > 0 and state.bad_epochs >= int(cfg["LORA_PATIENCE"]):
+                log(f"[{fmt}] no better validation MRR for {state.bad_epochs} epochs: stopping early")
+                state.done = True
+        state.epoch += 1
+        state.position = 0
+        state.epoch_loss_sum, state.epoch_samples = 0.0, 0
+        if dist.is_main:
+            write_json(run_file(ctx.run_dir, fmt, "history"), state.history)
+        save_checkpoint()
+    if wandb_run is not None:
+        wandb_run.finish()
+    best = next((e for e in state.history if e["epoch"] == state.best_epoch), None)
+    log(f"[{fmt}] done: best validation MRR {state.best_mrr:.4f} at epoch {state.best_epoch} -> "
+        f"{_best_location(ctx, fmt)}")
+    if ctx.args.export_merged and dist.is_main:
+        _export_merged(ctx, fmt, log)
+    distributed.barrier()
+    return best or {}
+
+
+# ------------------------------------------------------------------------------------ pieces
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class TextSide:
+    """Where a batch's text features come from: the memory-mapped cache (text tower frozen and
+    ``TEXT_VARIANTS`` > 0), the frozen tower run every step, or the tower training with the rest."""
+
+    def __init__(self, ctx: RunContext, core: CLaMP3Model, text_frozen: bool, records, valid,
+                 log: RunLogger):
+        cfg, dist = ctx.cfg, ctx.dist
+        self.ctx = ctx
+        self.frozen = text_frozen
+        self.live = data.LiveText(ctx.tokenizer, int(cfg["MAX_TEXT_LENGTH"]))
+        self.train_cache: TextFeatureCache | None = None
+        self.valid_cache: TextFeatureCache | None = None
+        if not (text_frozen and int(cfg["TEXT_VARIANTS"]) > 0):
+            log("text features: the text tower runs every step" + ("" if text_frozen else " (and trains)"))
+            return
+        core.text_model.eval()
+        # The features depend on the weights and on how they are computed (autocast dtype).
+        precision = cfg["TRAIN_PRECISION"] if dist.device.type == "cuda" else "fp32"
+        text_fingerprint = hashlib.blake2b(f"{fingerprint(core.text_model, core.text_proj)}-{precision}".encode(),
+                                           digest_size=16).hexdigest()
+
+        @torch.no_grad()
+        def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            with _autocast(dist.device, cfg["TRAIN_PRECISION"]):
+                return core.features("text", ids.to(dist.device), mask.to(dist.device)).float().cpu()
+
+        common = dict(tokenizer=ctx.tokenizer, encode=encode, text_fingerprint=text_fingerprint,
+                      max_text_length=int(cfg["MAX_TEXT_LENGTH"]), seed=int(cfg["SEED"]), rank=dist.rank,
+                      world_size=dist.world_size, barrier=distributed.barrier if dist.enabled else None,
+                      progress=ctx.progress and dist.is_main)
+        root = repo_path(cfg["TEXT_CACHE_DIR"])
+        self.train_cache = TextFeatureCache.build(root, records, variants=int(cfg["TEXT_VARIANTS"]), train=True,
+                                                  text_dropout=bool(cfg["TEXT_DROPOUT"]), **common)
+        self.valid_cache = TextFeatureCache.build(root, valid, variants=1, train=False, **common)
+        log(f"text features: cached in {self.train_cache.folder} ({cfg['TEXT_VARIANTS']} variants per record; "
+            f"{self.train_cache.computed + self.valid_cache.computed} computed on rank 0's share now)")
+
+    def for_dataset(self, train: bool) -> data.LiveText | TextFeatureCache:
+        cache = self.train_cache if train else self.valid_cache
+        return cache if cache is not None else self.live
+
+    def batch_side(self, core: CLaMP3Model, batch: dict[str, Any], train: bool):
+        """Text features of the batch (a tensor, no gradient) or, when the tower trains, the closure
+        that computes them with gradient."""
+        cfg, device = self.ctx.cfg, self.ctx.dist.device
+        cache = self.train_cache if train else self.valid_cache
+        if cache is not None:
+            return cache.features(batch["text_rows"]).to(device)
+
+        def encode_text(micro: dict[str, Any]) -> torch.Tensor:
+            with _autocast(device, cfg["TRAIN_PRECISION"]):
+                return core.features("text", micro["text_ids"], micro["text_mask"])
+
+        if self.frozen or not train:
+            with torch.no_grad():
+                return encode_text(batch).float()
+        return encode_text
+
+
+def _augmentation(cfg: dict[str, Any]) -> data.Augmentation:
+    return data.Augmentation(random_file=bool(cfg["RANDOM_FILEPATH"]),
+                             remove_instruments_p=float(cfg["REMOVE_INSTRUMENT_PROB"]),
+                             random_truncation=bool(cfg["RANDOM_TRUNCATION"]),
+                             text_dropout=bool(cfg["TEXT_DROPOUT"]))
+
+
+def _data_loader(ctx: RunContext, dataset: torch.utils.data.Dataset, epoch: int) -> torch.utils.data.DataLoader:
+    # A generator of its own: the DataLoader must not draw its worker seeds from the global RNG,
+    # which also drives dropout and is restored on resume.
+    generator = torch.Generator().manual_seed(int(ctx.cfg["SEED"]) * 1000 + epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                       num_workers=int(ctx.cfg["NUM_WORKERS"]), generator=generator,
+                                       pin_memory=ctx.dist.device.type == "cuda")
+
+
+@torch.no_grad()
+def validate(ctx: RunContext, core: CLaMP3Model, loss_fn: ContrastiveLoss, valid, patchilizer: M3Patchilizer,
+             text_side: TextSide) -> tuple[float, float]:
+    """(validation loss, text->music MRR) over every validation record. Each rank embeds its rows
+    of every batch; the features of all ranks are gathered, so no rank waits on another's work."""
+    cfg, dist = ctx.cfg, ctx.dist
+    core.eval()
+    global_batch = int(cfg["LORA_BATCH_SIZE"]) * dist.world_size
+    plan = data.plan_validation(valid, global_batch, int(cfg["SEED"]), bucketing=bool(cfg["LENGTH_BUCKETING"]))
+    dataset = data.BatchDataset(valid, plan, patchilizer, text=text_side.for_dataset(False), seed=int(cfg["SEED"]),
+                                epoch=0, train=False, rank=dist.rank, world_size=dist.world_size,
+                                pad_to_longest=bool(cfg["LENGTH_BUCKETING"]))
+    loss_sum, count = 0.0, 0
+    text_parts, music_parts = [], []
+    batches = tqdm(_data_loader(ctx, dataset, 0), total=len(dataset), desc="validation", unit="batch",
+                   disable=not (ctx.progress and dist.is_main), dynamic_ncols=True, leave=False)
+    for position, batch in enumerate(batches):
+        batch = _to_device(batch, dist.device)
+        with _autocast(dist.device, cfg["TRAIN_PRECISION"]):
+            music = core.features("symbolic", batch["patches"], batch["patch_mask"]).float()
+        text = text_side.batch_side(core, batch, train=False)
+        # The loss gathers every rank's rows: the same global-batch loss on every rank.
+        loss = loss_fn(text, music, text_keys=batch["text_keys"], music_keys=batch["music_keys"])
+        rows = len(plan.batches[position])
+        loss_sum += float(loss) * rows
+        count += rows
+        text_parts.append(text.float().cpu())
+        music_parts.append(music.cpu())
+    dim = ctx.model_config.projection_size
+    text_all = distributed.all_gather_tensor(torch.cat(text_parts) if text_parts else torch.zeros(0, dim))
+    music_all = distributed.all_gather_tensor(torch.cat(music_parts) if music_parts else torch.zeros(0, dim))
+    return loss_sum / max(1, count), metrics.mrr(text_all, music_all)
+
+
+def _best_location(ctx: RunContext, fmt: str) -> Path:
+    if ctx.cfg["TRAIN_MODE"] == "lora":
+        return lora.adapter_dir(ctx.cfg, fmt)
+    return repo_path(str(ctx.cfg["FULL_WEIGHTS_PATH"]).format(format=fmt))
+
+
+def _save_best(ctx: RunContext, fmt: str, model: nn.Module, core: CLaMP3Model, entry: dict[str, Any],
+               n_valid: int) -> None:
+    if not ctx.dist.is_main:
+        return
+    selection = {"format": fmt, "selected_by": "validation text->music MRR", "n_valid": n_valid, **entry,
+                 "run_dir": str(ctx.run_dir), "base_weights": str(ctx.weights),
+                 "base_fingerprint": ctx.base_fingerprint, "train_mode": ctx.cfg["TRAIN_MODE"]}
+    target = _best_location(ctx, fmt)
+    if ctx.cfg["TRAIN_MODE"] == "full":
+        lora.save_official_checkpoint(core.state_dict(), target, {"selection": selection, "config": ctx.cfg})
+        return
+    # Written beside the target, then swapped in, so the folder always holds one whole adapter.
+    staging = target.with_name(f".{target.name}.saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    write_json(staging / "selection.json", selection)
+    previous = target.with_name(f".{target.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        target.rename(previous)
+    staging.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _export_merged(ctx: RunContext, fmt: str, log: RunLogger) -> None:
+    """The best adapter merged into a fresh copy of the base, saved as an official checkpoint."""
+    base = load_clamp3(ctx.model_config, ctx.weights)
+    adapted = lora.load_adapter(base, lora.adapter_dir(ctx.cfg, fmt))
+    path = lora.save_official_checkpoint(lora.merged_state_dict(adapted), ctx.args.export_merged,
+                                         {"merged_adapter": str(lora.adapter_dir(ctx.cfg, fmt)), "format": fmt})
+    log(f"[{fmt}] merged model written to {path} (official format; load_clamp3 reads it)")
+
+
+def _start_wandb(ctx: RunContext, fmt: str):
+    if not (ctx.cfg["WANDB_ENABLED"] and ctx.dist.is_main):
+        return None
+    import wandb
+
+    return wandb.init(project=ctx.cfg["WANDB_PROJECT"], mode=ctx.cfg["WANDB_MODE"], dir=str(ctx.run_dir),
+                      name=f"{ctx.run_dir.name}-{fmt}", config=ctx.cfg, reinit=True)

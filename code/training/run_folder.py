@@ -1,0 +1,99 @@
+"""The run folder (``LORA_LOG_DIR``): what a training run writes, and the console/log-file logger.
+
+```
+<run>/config.json            effective configuration, argv, commit, versions, base fingerprint
+<run>/{ABC,MTF}_training.log what the console showed (rank 0)
+<run>/{ABC,MTF}_history.json one entry per epoch
+<run>/{ABC,MTF}_drops.jsonl  records left out of the data, with reasons
+<run>/checkpoints/           resumable checkpoints, the newest LORA_KEEP_CHECKPOINTS kept
+```
+A fresh run refuses a folder that already holds a run unless ``--resume`` or ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fileio import REPO_ROOT, atomic_write_text
+from tqdm import tqdm
+
+from training.checkpoint import CHECKPOINT_DIR
+
+_RUN_FILES = ("config.json", CHECKPOINT_DIR)
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that would be overwritten by accident."""
+
+
+def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create ``run_dir``; a folder that already holds a run needs ``--resume`` or ``--overwrite``."""
+    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in _RUN_FILES)
+    if holds_run and not (resume or overwrite):
+        raise RunFolderError(
+            f"{run_dir} already holds a training run; pass --resume latest to continue it, --overwrite to "
+            "start again (its checkpoints and logs are deleted), or another --LORA_LOG_DIR")
+    if holds_run and overwrite and not resume:
+        for name in os.listdir(run_dir):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_file(run_dir: Path, fmt: str, kind: str) -> Path:
+    """``<run>/ABC_training.log``, ``ABC_history.json``, ``ABC_drops.jsonl`` ..."""
+    suffix = {"training": ".log", "history": ".json", "drops": ".jsonl"}[kind]
+    return run_dir / f"{fmt.upper()}_{kind}{suffix}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class RunLogger:
+    """Lines to the console (through tqdm, so bars stay intact) and to the format's log file, on
+    the main rank only; other ranks stay silent."""
+
+    def __init__(self, path: Path | None, enabled: bool):
+        self.enabled = enabled
+        self.path = path
+        if enabled and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        tqdm.write(message)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")

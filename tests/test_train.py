@@ -1,0 +1,279 @@
+"""The trainer end to end on the tiny model: what trains, what is saved, resume, ranks, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import train_clamp3_lora
+from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from modeling import ModelConfig, load_clamp3
+from peft import PeftModel
+from safetensors.torch import load_file
+from training.checkpoint import list_checkpoints
+
+SCRIPT = REPO_ROOT / "code" / "train_clamp3_lora.py"
+
+
+def make_records(root: Path, fmt: str, valid: int = 8) -> Path:
+    """Training and validation records over the real fixture files of ``fmt`` (32 ABC, 30 MTF),
+    each with its own words as text (the test tokenizer knows w0 ... w199)."""
+    folders = ["int_abc", "int_abc_from_abc_inputs"] if fmt == "abc" else ["mtf"]
+    files = sorted(p for folder in folders for p in (OFFICIAL / "outputs" / folder).glob(f"*.{fmt}"))
+    music = root / "music"
+    music.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, path in enumerate(files):
+        shutil.copy(path, music / path.name)
+        rows.append({"id": f"{fmt}{i}", "filepaths": [f"music/{path.name}"],
+                     "title": f"w{i} w{(i * 7) % 50 + 50}", "genres": [f"w{100 + i % 5}"],
+                     "description": " ".join(f"w{(i * 13 + j) % 200}" for j in range(6))})
+    (root / f"valid_{fmt}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:valid]), encoding="utf-8")
+    jsonl = root / f"train_{fmt}.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[valid:]), encoding="utf-8")
+    return jsonl
+
+
+def no_dropout_model_config(path: Path) -> Path:
+    data = json.loads(TINY_MODEL_CONFIG.read_text())
+    for tower in ("symbolic", "text", "audio"):
+        data[tower].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def options(tmp_path: Path, tokenizer: Path, fmt: str = "abc", **overrides) -> list[str]:
+    settings = {
+        f"LORA_{fmt.upper()}_TRAIN_JSONL": str(tmp_path / f"train_{fmt}.jsonl"),
+        f"LORA_{fmt.upper()}_VALID_JSONL": str(tmp_path / f"valid_{fmt}.jsonl"), "TEXT_MODEL_NAME": str(tokenizer),
+        "LORA_LOG_DIR": str(tmp_path / "run"), f"LORA_{fmt.upper()}_ADAPTER_DIR": str(tmp_path / f"adapter_{fmt}"),
+        "LORA_BATCH_SIZE": 4, "LORA_NUM_EPOCHS": 2, "LORA_LEARNING_RATE": 5e-3, "LORA_WARMUP_STEPS": 0,
+        "LORA_R": 4, "NUM_WORKERS": 0, "TEXT_CACHE_DIR": str(tmp_path / "text_cache"), "LORA_PATIENCE": 0,
+        **overrides}
+    args = ["--format", fmt, "--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--quiet"]
+    return args + [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]
+
+
+def history(tmp_path: Path, fmt: str = "abc") -> list[dict]:
+    return json.loads((tmp_path / "run" / f"{fmt.upper()}_history.json").read_text())
+
+
+def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, args: list[str], timeout: float = 240, launcher: str = "torch.distributed.run",
+             ) -> subprocess.CompletedProcess:
+    """``torchrun`` (or the seed README's ``python -m torch.distributed.launch --use_env``)."""
+    extra = ["--use_env"] if launcher == "torch.distributed.launch" else []
+    command = [sys.executable, "-m", launcher, f"--nproc_per_node={nproc}", *extra,
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+@pytest.fixture
+def abc_records(tmp_path):
+    return make_records(tmp_path, "abc")
+
+
+def test_lora_training_lowers_the_loss_and_touches_only_the_adapter(tmp_path, word_tokenizer, abc_records):
+    base_state = torch.load(TINY_WEIGHTS, weights_only=True)["model"]
+    args = options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=6, LORA_LEARNING_RATE=1e-2, LOSS="normalized",
+                   LORA_ABC_MODULES_TO_SAVE=["symbolic_proj"], LORA_CHECKPOINT_STEPS=0)
+    assert train_clamp3_lora.main(args) == 0
+    entries = history(tmp_path)
+    assert len(entries) == 6
+    assert entries[-1]["train_loss"] < entries[0]["train_loss"] - 0.1
+    assert all(0.0 < e["valid_mrr"] <= 1.0 and e["samples_per_s"] > 0 and e["logit_scale"] > 0 for e in entries)
+    adapter = tmp_path / "adapter_abc"
+    selection = json.loads((adapter / "selection.json").read_text())
+    assert selection["valid_mrr"] == max(e["valid_mrr"] for e in entries) and selection["n_valid"] == 8
+
+    # Only adapter tensors were optimised: the checkpoint's trainable state and the optimizer.
+    checkpoint = torch.load(list_checkpoints(tmp_path / "run")[-1], weights_only=False)
+    trainable = [k for k in checkpoint["trainable"] if k.startswith("model.")]
+    assert trainable and all(".lora_" in k or ".modules_to_save." in k for k in trainable)
+    optimised = sum(len(group["params"]) for group in checkpoint["optimizer"]["param_groups"])
+    assert optimised == len(checkpoint["trainable"])  # adapter tensors + the temperature
+
+    # The adapter loads onto a plain model with plain PEFT; every weight it does not adapt is the
+    # stock one, bit for bit.
+    reloaded = PeftModel.from_pretrained(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS),
+                                         str(adapter))
+    merged = reloaded.merge_and_unload().state_dict()
+    adapted = [k for k in merged if "symbolic_model.base.encoder" in k and "attention.self" in k
+               and k.endswith(".weight") or k.startswith("symbolic_proj.")]
+    assert len(adapted) == 2 * 3 + 2
+    for key in merged:
+        if key not in adapted:
+            assert torch.equal(merged[key], base_state[key]), key
+    assert any(not torch.equal(merged[k], base_state[k]) for k in adapted)
+
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["LORA_R"] == 4 and len(saved["base_fingerprint"]) == 64
+    assert "epoch 6" in (run / "ABC_training.log").read_text()
+
+
+def test_a_fresh_run_refuses_a_used_run_folder_and_resume_latest_needs_a_checkpoint(tmp_path, word_tokenizer,
+                                                                                   abc_records, capsys):
+    (tmp_path / "run").mkdir()
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer) + ["--resume", "latest"]) == 2
+    assert "--resume latest: no checkpoint in" in capsys.readouterr().err
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1)) == 0
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1)) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1) + ["--overwrite"]) == 0
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1, LORA_R=2)
+                                  + ["--resume", "latest"]) == 2
+    assert "another configuration (LORA_R: 4 -> 2)" in capsys.readouterr().err
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_INIT_WEIGHTS="pissa")
+                                  + ["--overwrite"]) == 2
+    assert "rewrites the base weights" in capsys.readouterr().err
+
+
+def test_checkpoints_rotate_and_a_killed_run_resumes_bitwise(tmp_path, word_tokenizer):
+    """One run trains uninterrupted; another is killed with SIGKILL once it has written a
+    checkpoint, then resumed with --resume latest: the final adapters are bitwise equal."""
+    make_records(tmp_path / "a", "abc")
+    make_records(tmp_path / "b", "abc")
+    common = {"LORA_NUM_EPOCHS": 3, "LORA_CHECKPOINT_STEPS": 1, "LORA_DROPOUT": 0.1, "GRAD_CACHE_MICRO_BATCH": 2}
+    uninterrupted = options(tmp_path / "a", word_tokenizer, **common)
+    assert train_clamp3_lora.main(uninterrupted) == 0
+    assert len(list_checkpoints(tmp_path / "a" / "run")) == 3  # rotation keeps the newest 3
+
+    killed_args = options(tmp_path / "b", word_tokenizer, **common)
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *killed_args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list_checkpoints(tmp_path / "b" / "run") and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, f"run ended before it could be killed: {process.stderr.read()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "b" / "adapter_abc").exists() or len(history(tmp_path / "b")) < 3
+    assert train_clamp3_lora.main(killed_args + ["--resume", "latest"]) == 0
+    assert "resumed at epoch" in (tmp_path / "b" / "run" / "ABC_training.log").read_text()
+
+    a, b = adapter_weights(tmp_path / "a" / "adapter_abc"), adapter_weights(tmp_path / "b" / "adapter_abc")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [e["train_loss"] for e in history(tmp_path / "a")] == [e["train_loss"] for e in history(tmp_path / "b")]
+
+
+def test_bad_records_are_logged_and_training_goes_on(tmp_path, word_tokenizer, abc_records):
+    rows = [json.loads(line) for line in abc_records.read_text().splitlines()]
+    (tmp_path / "music" / "empty.abc").write_text("")
+    (tmp_path / "music" / "garbled.abc").write_bytes(b"\xff\xfe\x00\x81 not text")
+    rows += [{"id": "missing", "filepaths": ["music/nowhere.abc"], "title": "w1"},
+             {"id": "empty", "filepaths": ["music/empty.abc"], "title": "w2"},
+             {"id": "garbled", "filepaths": ["music/garbled.abc"], "title": "w3"},
+             {"id": "no_text", "filepaths": [rows[0]["filepaths"][0]]}]
+    abc_records.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1)) == 0
+    drops = [json.loads(line) for line in (tmp_path / "run" / "ABC_drops.jsonl").read_text().splitlines()]
+    assert {d.get("id") for d in drops} == {"missing", "empty", "garbled", "no_text"}
+    assert all(d["reason"] for d in drops)
+    log = (tmp_path / "run" / "ABC_training.log").read_text()
+    assert "left out 4" in log
+
+
+def test_full_mode_saves_an_official_checkpoint(tmp_path, word_tokenizer):
+    make_records(tmp_path, "mtf")
+    target = tmp_path / "full_{format}.pth"
+    args = options(tmp_path, word_tokenizer, "mtf", TRAIN_MODE="full", LORA_NUM_EPOCHS=1,
+                   FULL_WEIGHTS_PATH=str(target), TEXT_VARIANTS=0)
+    assert train_clamp3_lora.main(args) == 0
+    saved = tmp_path / "full_mtf.pth"
+    model = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), saved)  # strict
+    base = torch.load(TINY_WEIGHTS, weights_only=True)["model"]
+    state = model.state_dict()
+    assert not torch.equal(state["symbolic_proj.weight"], base["symbolic_proj.weight"])
+    assert torch.equal(state["text_proj.weight"], base["text_proj.weight"])  # FREEZE_TEXT
+    assert torch.equal(state["audio_proj.weight"], base["audio_proj.weight"])
+
+
+def test_export_merged_writes_an_official_checkpoint(tmp_path, word_tokenizer, abc_records):
+    out = tmp_path / "merged.pth"
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1) + ["--export_merged", str(out)]) == 0
+    merged = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), out)
+    adapted = PeftModel.from_pretrained(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS),
+                                        str(tmp_path / "adapter_abc"))
+    patches = torch.randint(0, 128, (2, 9, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    with torch.no_grad():
+        expected = adapted.get_base_model().features("symbolic", patches, mask)
+        assert torch.allclose(merged.features("symbolic", patches, mask), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # two torchrun jobs
+def test_two_gloo_ranks_equal_one_process_with_modules_to_save_and_checkpointing(tmp_path, word_tokenizer):
+    for name in ("one", "two"):
+        make_records(tmp_path / name, "abc")
+    model_config = no_dropout_model_config(tmp_path / "model.json")
+    common = {"LORA_NUM_EPOCHS": 2, "LORA_DROPOUT": 0.0, "LORA_ABC_MODULES_TO_SAVE": ["symbolic_proj"],
+              "GRADIENT_CHECKPOINTING": True, "LOSS": "normalized"}
+
+    def args(name: str, batch: int) -> list[str]:
+        listed = options(tmp_path / name, word_tokenizer, LORA_BATCH_SIZE=batch, **common)
+        return [str(model_config) if a == str(TINY_MODEL_CONFIG) else a for a in listed]
+
+    one = torchrun(1, args("one", 4), launcher="torch.distributed.launch")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(2, args("two", 2))
+    assert two.returncode == 0, two.stderr[-3000:]
+    for a, b in zip(history(tmp_path / "one"), history(tmp_path / "two"), strict=True):
+        for key in ("train_loss", "valid_loss", "valid_mrr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    a, b = adapter_weights(tmp_path / "one" / "adapter_abc"), adapter_weights(tmp_path / "two" / "adapter_abc")
+    assert a.keys() == b.keys() and any("symbolic_proj" in k for k in a)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-5), key
+
+
+def test_wandb_offline_writes_into_the_run_folder(tmp_path, word_tokenizer, abc_records, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the config's "offline" decides; no network
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1, WANDB_ENABLED=True)) == 0
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_padding_to_the_longest_piece_changes_no_feature(tmp_path, tiny_model, word_tokenizer, abc_records):
+    """Length bucketing pads each batch to its longest piece instead of 512: same features."""
+    from fileio import DropLog
+    from patchilizer import M3Patchilizer
+    from training import data
+    from transformers import AutoTokenizer
+
+    patchilizer = M3Patchilizer(64, 512)
+    records = data.load_records(abc_records, "abc", patchilizer, DropLog("test"), progress=False)
+    plan = data.plan_validation(records, 6, seed=0, bucketing=True)
+    live = data.LiveText(AutoTokenizer.from_pretrained(word_tokenizer), 128)
+    features = {}
+    for pad_to_longest in (True, False):
+        dataset = data.BatchDataset(records, plan, patchilizer, text=live, seed=0, epoch=0, train=False,
+                                    pad_to_longest=pad_to_longest)
+        with torch.no_grad():
+            features[pad_to_longest] = [tiny_model.features("symbolic", dataset[k]["patches"], dataset[k]["patch_mask"])
+                                        for k in range(len(dataset))]
+        assert (dataset[0]["patches"].shape[1] < 512) == pad_to_longest
+    for short, full in zip(features[True], features[False], strict=True):
+        assert torch.allclose(short, full, rtol=0, atol=1e-5)
+
