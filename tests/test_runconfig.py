@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import fileio
 import pytest
 import runconfig
 from runconfig import ConfigError, build_config
@@ -58,4 +59,4 @@ def test_parse_args_separates_script_options(tmp_path, capsys):
 
 
 def test_relative_paths_resolve_against_the_repository():
-    assert runconfig.resolve_path("data/x") == runconfig.REPO_ROOT / "data" / "x"
+    assert runconfig.resolve_path("data/x") == fileio.REPO_ROOT / "data" / "x"
