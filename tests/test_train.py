@@ -195,19 +195,52 @@ def test_bad_records_are_logged_and_training_goes_on(tmp_path, word_tokenizer, a
     assert "left out 4" in log
 
 
-def test_full_mode_saves_an_official_checkpoint(tmp_path, word_tokenizer):
+@pytest.mark.parametrize("freeze_text", [True, False])
+def test_full_mode_saves_an_official_checkpoint(tmp_path, word_tokenizer, freeze_text):
     make_records(tmp_path, "mtf")
     target = tmp_path / "full_{format}.pth"
     args = options(tmp_path, word_tokenizer, "mtf", TRAIN_MODE="full", LORA_NUM_EPOCHS=1,
-                   FULL_WEIGHTS_PATH=str(target), TEXT_VARIANTS=0)
+                   FULL_WEIGHTS_PATH=str(target), FREEZE_TEXT=freeze_text, LORA_LEARNING_RATE=1e-3)
     assert train_clamp3_lora.main(args) == 0
     saved = tmp_path / "full_mtf.pth"
     model = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), saved)  # strict
     base = torch.load(TINY_WEIGHTS, weights_only=True)["model"]
     state = model.state_dict()
     assert not torch.equal(state["symbolic_proj.weight"], base["symbolic_proj.weight"])
-    assert torch.equal(state["text_proj.weight"], base["text_proj.weight"])  # FREEZE_TEXT
+    assert not torch.equal(state["symbolic_model.patch_embedding.weight"],
+                           base["symbolic_model.patch_embedding.weight"])
+    assert torch.equal(state["text_proj.weight"], base["text_proj.weight"]) == freeze_text
     assert torch.equal(state["audio_proj.weight"], base["audio_proj.weight"])
+    assert torch.equal(state["symbolic_model.base.pooler.dense.weight"], base["symbolic_model.base.pooler.dense.weight"])
+    log = (tmp_path / "run" / "MTF_training.log").read_text()
+    assert ("cached in" in log) == freeze_text  # a training text tower cannot use cached features
+
+
+def test_both_formats_train_one_after_the_other_from_the_base(tmp_path, word_tokenizer):
+    make_records(tmp_path, "abc")
+    make_records(tmp_path, "mtf")
+    args = options(tmp_path, word_tokenizer, "abc", LORA_NUM_EPOCHS=1)
+    mtf = options(tmp_path, word_tokenizer, "mtf", LORA_NUM_EPOCHS=1)
+    args = [a for a in args if a not in ("--format", "abc")] + [a for a in mtf if a.startswith("--LORA_MTF")]
+    assert train_clamp3_lora.main(args + ["--format", "both"]) == 0
+    for fmt in ("abc", "mtf"):
+        assert (tmp_path / f"adapter_{fmt}" / "adapter_model.safetensors").is_file()
+        assert len(history(tmp_path, fmt)) == 1
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["abc_step00000006.pt", "mtf_step00000005.pt"]
+    # Each adapter starts from the base: the MTF adapter equals one trained alone.
+    alone = tmp_path / "alone"
+    make_records(alone, "mtf")
+    assert train_clamp3_lora.main(options(alone, word_tokenizer, "mtf", LORA_NUM_EPOCHS=1)) == 0
+    together, by_itself = adapter_weights(tmp_path / "adapter_mtf"), adapter_weights(alone / "adapter_mtf")
+    assert all(torch.equal(together[k], by_itself[k]) for k in together)
+    assert train_clamp3_lora.main(args + ["--format", "both", "--resume", "latest"]) == 0  # nothing left to do
+
+
+def test_early_stopping_after_patience_epochs(tmp_path, word_tokenizer, abc_records):
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=5, LORA_PATIENCE=1,
+                                          LORA_LEARNING_RATE=0.0)) == 0
+    assert len(history(tmp_path)) == 2  # epoch 2 is no better than epoch 1 with a learning rate of 0
+    assert "stopping early" in (tmp_path / "run" / "ABC_training.log").read_text()
 
 
 def test_export_merged_writes_an_official_checkpoint(tmp_path, word_tokenizer, abc_records):
