@@ -80,6 +80,11 @@ LORA_CHECKPOINT_STEPS = 0  # also checkpoint every this many steps inside an epo
 # the pool of negatives.
 GRAD_CACHE_MICRO_BATCH = 0
 GRADIENT_CHECKPOINTING = False
+# The symbolic encoder's own dropout (hidden and attention, 0.1 in the official model) while
+# training, as the official training has it. False keeps it off (LoRA's own LORA_DROPOUT stays):
+# attention then runs in PyTorch's fused kernel on CPU too, several times faster and smaller
+# (bench/README.md); GPUs have fused kernels with dropout, so there it costs little either way.
+SYMBOLIC_DROPOUT = True
 TRAIN_DEVICE = "auto"  # auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)
 TRAIN_PRECISION = "bf16"  # on CUDA: bf16 autocast | fp16 autocast with a GradScaler | fp32; CPU: fp32
 NUM_WORKERS = 2  # DataLoader workers per rank

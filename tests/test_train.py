@@ -310,3 +310,57 @@ def test_padding_to_the_longest_piece_changes_no_feature(tmp_path, tiny_model, w
     for short, full in zip(features[True], features[False], strict=True):
         assert torch.allclose(short, full, rtol=0, atol=1e-5)
 
+
+
+def test_grad_cache_micro_batches_cut_to_their_own_length_keep_the_gradient(tmp_path, abc_records):
+    """The trainer's music encoder trims each GradCache micro-batch to its longest piece: the
+    gradient is still the full batch's (dropout off, so both passes draw nothing)."""
+    import lora
+    import runconfig
+    from fileio import DropLog
+    from patchilizer import M3Patchilizer
+    from training import data
+    from training.loop import music_encoder, set_train_mode
+    from training.loss import ContrastiveLoss, contrastive_step
+
+    model_config = ModelConfig.from_json(no_dropout_model_config(tmp_path / "model.json"))
+    patchilizer = M3Patchilizer(64, 512)
+    records = data.load_records(abc_records, "abc", patchilizer, DropLog("test"), progress=False)
+    plan = data.plan_epoch(records, 6, epoch=0, seed=0, bucketing=False)
+    text_rows = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    dataset = data.BatchDataset(records, plan, patchilizer, text=data.LiveText(None, 128), seed=0, epoch=0)
+    batch = dataset._collate_patches([data.music_patches(records[p], patchilizer, data.seeded_rng(p), None)[0]
+                                      for p in plan.batches[0]])
+    lengths = batch["patch_mask"].sum(dim=1)
+    assert lengths.min() < lengths.max()  # the micro-batches really are cut
+    gradients = []
+    for micro in (0, 2):
+        torch.manual_seed(0)  # the same gaussian LoRA initialisation both times
+        model = lora.add_adapter(load_clamp3(model_config, TINY_WEIGHTS),
+                                 runconfig.build_config(overrides={"LORA_INIT_WEIGHTS": "gaussian", "LORA_DROPOUT": 0.0,
+                                                                   "LORA_ABC_MODULES_TO_SAVE": ["symbolic_proj"]}), "abc")
+        core = model.get_base_model()
+        set_train_mode(core, text_frozen=True, symbolic_dropout=True)
+        contrastive_step(batch, music_encoder(core, torch.device("cpu"), "fp32"), text_rows,
+                         ContrastiveLoss("clamp3"), micro_batch=micro)
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name, full in gradients[0].items():
+        assert torch.allclose(gradients[1][name], full, rtol=1e-4, atol=1e-6), name
+
+
+def test_without_symbolic_dropout_only_lora_dropout_stays_on(tmp_path):
+    import lora
+    import runconfig
+    from training.loop import set_train_mode
+
+    model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS),
+                             runconfig.build_config(), "abc")
+    core = model.get_base_model()
+    set_train_mode(core, text_frozen=True, symbolic_dropout=False)
+    dropping = {name for name, module in core.named_modules() if isinstance(module, torch.nn.Dropout) and module.training}
+    assert dropping and all("lora_dropout" in name.split(".") for name in dropping)
+    assert not core.symbolic_model.base.encoder.layer[0].attention.self.training  # its dropout_p is 0
+    assert not core.text_model.training and not core.audio_model.training
+    set_train_mode(core, text_frozen=True, symbolic_dropout=True)
+    assert core.symbolic_model.base.encoder.layer[0].attention.self.training

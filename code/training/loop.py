@@ -172,12 +172,35 @@ def _build_model(ctx: RunContext, fmt: str) -> tuple[nn.Module, CLaMP3Model, boo
     return model, core, text_frozen
 
 
-def _set_train_mode(core: CLaMP3Model, text_frozen: bool) -> None:
-    """Dropout on where parameters train; frozen towers in eval mode, as the official code does."""
+def set_train_mode(core: CLaMP3Model, text_frozen: bool, symbolic_dropout: bool) -> None:
+    """Dropout on where parameters train; frozen towers in eval mode, as the official code does.
+    Without ``symbolic_dropout`` the symbolic encoder's own dropout (hidden and attention) is off
+    while LoRA's dropout stays on; attention then runs in the fused kernel on CPU too."""
     core.train()
     core.audio_model.eval()
     if text_frozen:
         core.text_model.eval()
+    if not symbolic_dropout:
+        core.symbolic_model.eval()
+        for name, module in core.symbolic_model.named_modules():
+            if "lora_dropout" in name.split("."):
+                module.train()
+
+
+def music_encoder(core: CLaMP3Model, device: torch.device, precision: str):
+    """``(micro-)batch -> features`` with gradient, as the loss steps call it. A micro-batch of
+    GradCache is cut to its own longest piece first: slices of a batch padded to the batch's
+    longest would otherwise carry its padding (the features do not change; tests check it)."""
+
+    def encode(batch: dict[str, Any]) -> torch.Tensor:
+        patches, mask = batch["patches"], batch["patch_mask"]
+        longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
+        if 0 < longest < mask.shape[1]:
+            patches, mask = patches[:, :longest], mask[:, :longest]
+        with _autocast(device, precision):
+            return core.features("symbolic", patches, mask)
+
+    return encode
 
 
 def _parameter_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -281,8 +304,13 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
 
     patchilizer = M3Patchilizer(ctx.model_config.patch_size,
                                 int(ctx.model_config.symbolic.get("max_position_embeddings", cfg["PATCH_LENGTH"])))
-    drops = DropLog(f"{fmt} records", run_file(ctx.run_dir, fmt, "drops") if dist.is_main else None)
-    records, valid = _load_data(ctx, fmt, patchilizer, drops, log)
+    # The main rank reads and checks every file once; the others receive the checked records
+    # instead of reading the same files again.
+    loaded = None
+    if dist.is_main:
+        drops = DropLog(f"{fmt} records", run_file(ctx.run_dir, fmt, "drops"))
+        loaded = _load_data(ctx, fmt, patchilizer, drops, log)
+    records, valid = distributed.broadcast_object(loaded)
 
     loss_fn = ContrastiveLoss(cfg["LOSS"], logit_scale=float(cfg["LOGIT_SCALE"])).to(dist.device)
     optimizer = torch.optim.AdamW(_parameter_groups(model, loss_fn, float(cfg["LORA_WEIGHT_DECAY"])),
@@ -326,10 +354,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
     log(f"[{fmt}] {len(records)} records, global batch {global_batch} ({per_rank} x {dist.world_size}), "
         f"{batches_per_epoch} steps per epoch, {total_steps} steps in all"
         + (f", GradCache micro-batch {cfg['GRAD_CACHE_MICRO_BATCH']}" if cfg["GRAD_CACHE_MICRO_BATCH"] else ""))
-    def encode_music(micro: dict[str, Any]) -> torch.Tensor:
-        with _autocast(dist.device, cfg["TRAIN_PRECISION"]):
-            return core.features("symbolic", micro["patches"], micro["patch_mask"])
-
+    encode_music = music_encoder(core, dist.device, cfg["TRAIN_PRECISION"])
     max_steps = int(cfg["LORA_MAX_STEPS"])
     checkpoint_every = int(cfg["LORA_CHECKPOINT_STEPS"])
     while not state.done and state.epoch < int(cfg["LORA_NUM_EPOCHS"]):
@@ -342,7 +367,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
             records, plan, patchilizer, text=text_source.for_dataset(True), seed=int(cfg["SEED"]),
             epoch=state.epoch, train=True, augmentation=_augmentation(cfg), rank=dist.rank,
             world_size=dist.world_size, start_batch=state.position, pad_to_longest=bool(cfg["LENGTH_BUCKETING"]))
-        _set_train_mode(core, text_frozen)
+        set_train_mode(core, text_frozen, bool(cfg["SYMBOLIC_DROPOUT"]))
         bar = tqdm(total=len(plan), initial=state.position, desc=f"{fmt} epoch {state.epoch + 1}", unit="step",
                    disable=not (ctx.progress and dist.is_main), dynamic_ncols=True)
         samples_done = 0
