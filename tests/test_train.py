@@ -364,3 +364,26 @@ def test_without_symbolic_dropout_only_lora_dropout_stays_on(tmp_path):
     assert not core.text_model.training and not core.audio_model.training
     set_train_mode(core, text_frozen=True, symbolic_dropout=True)
     assert core.symbolic_model.base.encoder.layer[0].attention.self.training
+
+
+def test_data_loader_workers_change_nothing(tmp_path, word_tokenizer):
+    """Examples are seeded per record: 2 DataLoader workers train the same adapter as none."""
+    for name in ("w0", "w2"):
+        make_records(tmp_path / name, "abc")
+    for name, workers in (("w0", 0), ("w2", 2)):
+        args = options(tmp_path / name, word_tokenizer, LORA_NUM_EPOCHS=1, NUM_WORKERS=workers, LORA_DROPOUT=0.1)
+        assert train_clamp3_lora.main(args) == 0
+    a, b = adapter_weights(tmp_path / "w0" / "adapter_abc"), adapter_weights(tmp_path / "w2" / "adapter_abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # a torchrun job
+def test_an_error_on_one_rank_ends_the_job_instead_of_hanging(tmp_path, word_tokenizer):
+    """The main rank cannot find the records while the other waits for them: the job must end
+    with that error, in seconds, not wait for the process-group timeout."""
+    args = options(tmp_path, word_tokenizer, LORA_BATCH_SIZE=2)  # no records written
+    start = time.time()
+    done = torchrun(2, args, timeout=120)
+    assert done.returncode != 0
+    assert "training records not found" in done.stderr and "[rank 0/2] failed" in done.stderr
+    assert time.time() - start < 90

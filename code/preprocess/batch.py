@@ -24,16 +24,10 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from fileio import DropLog, atomic_write_bytes, atomic_write_text, failure_log_path, find_files
+from pools import process_context
 from tqdm import tqdm
 
 from preprocess.errors import ConversionError, describe_exception
-
-
-def process_context() -> multiprocessing.context.BaseContext:
-    """The one start method of the project's process pools. fork on Linux: a converter defined in a
-    script loaded by path reaches the workers, and nothing is imported again per worker; spawn
-    elsewhere (fork is unsafe on macOS), which needs every converter importable by name."""
-    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def shard_of(relative_path: Path, num_shards: int) -> int:

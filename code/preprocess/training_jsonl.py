@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fileio import DropLog, atomic_write_text, iter_jsonl, read_jsonl, with_extension, write_jsonl
+from pools import process_context
 from tqdm import tqdm
 
-from preprocess.batch import process_context
 from preprocess.errors import describe_exception
 from preprocess.pdmx import METADATA_NAME
 

@@ -15,7 +15,6 @@ unreadable file, and no batch is ever skipped.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import random
 import unicodedata
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from fileio import DropLog, iter_jsonl
 from patchilizer import M3Patchilizer, remove_instrument_info
+from pools import process_context
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -224,7 +224,7 @@ def _check_music_files(paths: list[str], patchilizer: M3Patchilizer, workers: in
                 bar.update()
             return results
         chunk = max(1, min(256, len(paths) // (workers * 16)))
-        with multiprocessing.get_context().Pool(min(workers, len(paths))) as pool:
+        with process_context().Pool(min(workers, len(paths))) as pool:
             results = []
             for result in pool.imap(check, paths, chunksize=chunk):
                 results.append(result)
