@@ -118,3 +118,11 @@ WANDB_MODE = "offline"  # offline works with no network; "online" to sync
 
 # ---------------------------------------------------------------- general
 SEED = 42
+
+# ---------------------------------------------------------------- evaluation
+TEST_DATA_DIR = "data/test/"
+
+# ---------------------------------------------------------------- evaluation reports (evaluate_*.py, compare_results.py)
+RESULTS_DIR = "results/"  # reports, per-query ranks, summaries and plots/
+EVAL_BOOTSTRAP = 1000  # bootstrap resamples and sign flips behind every interval and p-value (seeded by SEED)
+EVAL_SIMILARITY_SAMPLE = 20000  # unmatched (text, music) pairs sampled per field for the similarity histograms

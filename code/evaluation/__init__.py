@@ -1,0 +1,1 @@
+"""Evaluation building blocks: the held-out test sets and the pre-flight of an evaluation run."""

@@ -1,0 +1,200 @@
+"""prepare_test_data.py and evaluation.testsets: selection, the leakage guard, the folder format."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import OFFICIAL, REPO_ROOT
+from evaluation import testsets
+from fileio import read_jsonl, write_jsonl
+
+SCRIPT = REPO_ROOT / "prepare_test_data.py"
+ABC_FIXTURES = OFFICIAL / "outputs" / "int_abc_from_abc_inputs"
+MTF_FIXTURES = OFFICIAL / "outputs" / "mtf"
+ABC_FILES = ["airdsAirs_book3_X0401_n0_v1", "josquin_adieuMesAmours_X1_n0_v1", "josquin_milleRegrets_X2_n1_v1",
+             "miscFolk_americanfifeopus_X19_n15", "nottingham-dataset_reelsa-c_X81_n1_v1",
+             "oneills1850_0351-0400_X352_n1_v1"]
+MTF_FILES = ["m21test_test01", "m21test_test20", "m21test_test16", "m21write_demos_drum_sample"]
+
+
+def make_sources(root: Path) -> dict[str, Path]:
+    """A tiny WikiMT-X output, a tiny MidiCaps test split and a training JSONL that shares exactly one
+    id (wm01), one title (wm02) and one file's bytes (lmd/b/1) with them. wm04 has no text and wm05
+    an empty music file."""
+    wikimt = root / "wikimt"
+    (wikimt / "abc").mkdir(parents=True)
+    records = []
+    for number, name in enumerate(ABC_FILES):
+        pid = f"wm{number:02d}"
+        data = b"" if pid == "wm05" else (ABC_FIXTURES / f"{name}.abc").read_bytes()
+        (wikimt / "abc" / f"{pid}.abc").write_bytes(data)
+        record = {"id": pid, "filepaths": [f"abc/{pid}.abc"], "normalisation": "direct", "title": f"Tune {number}",
+                  "artists": ["Someone"]}
+        if pid != "wm04":
+            record.update(background=f"background {number}", description=f"description {number}")
+        if pid == "wm00":
+            record["scene"] = "a scene"
+        records.append(record)
+    write_jsonl(wikimt / "wikimt.jsonl", records)
+
+    # MidiCaps' filepaths are relative to the JSONL's folder, and its ids hold slashes.
+    midicaps = root / "training" / "midicaps_test_mtf.jsonl"
+    (root / "mtf").mkdir()
+    rows = []
+    for number, name in enumerate(MTF_FILES):
+        shutil.copyfile(MTF_FIXTURES / f"{name}.mtf", root / "mtf" / f"{name}.mtf")
+        rows.append({"id": f"lmd/{'ab'[number % 2]}/{number}", "filepaths": [f"../mtf/{name}.mtf"],
+                     "caption": f"caption {number}", "genre": ["pop"]})
+    write_jsonl(midicaps, rows)
+
+    train_dir = root / "train"
+    train_dir.mkdir()
+    shutil.copyfile(MTF_FIXTURES / f"{MTF_FILES[1]}.mtf", train_dir / "renamed.mtf")  # lmd/b/1's bytes
+    shutil.copyfile(MTF_FIXTURES / "m21test_test06.mtf", train_dir / "other.mtf")
+    training = train_dir / "clamp3_train.jsonl"
+    write_jsonl(training, [
+        {"id": "wm01", "filepaths": ["other.mtf"], "title": "Unrelated"},
+        {"id": "QmX", "filepaths": ["renamed.mtf"], "title": "Something else"},
+        {"id": "QmY", "filepaths": ["missing.abc"], "song_name": ["  TÚNE 2!! "]},
+    ])
+    return {"wikimt": wikimt, "midicaps": midicaps, "training": training, "root": root}
+
+
+def run_prepare(paths: dict[str, Path], output: Path, *args: str, training: bool = True) -> subprocess.CompletedProcess:
+    """The script with every training-JSONL key pointed into the tmp folder (the repository's own
+    data/training must not decide a test)."""
+    absent = paths["root"] / "no_such_training.jsonl"
+    keys = [f"--{key}={absent}" for key in ("LORA_ABC_TRAIN_JSONL", "LORA_ABC_VALID_JSONL",
+                                             "LORA_MTF_TRAIN_JSONL", "LORA_MTF_VALID_JSONL")]
+    extra = ["--training_jsonl", str(paths["training"])] if training else []
+    command = [sys.executable, str(SCRIPT), "--wikimt_dir", str(paths["wikimt"]),
+               "--midicaps_test", str(paths["midicaps"]), "--output_dir", str(output), *keys, *extra, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture
+def sources(tmp_path) -> dict[str, Path]:
+    return make_sources(tmp_path / "sources")
+
+
+def summary_of(folder: Path) -> dict:
+    return json.loads((folder / testsets.SUMMARY_NAME).read_text(encoding="utf-8"))
+
+
+def test_leakage_guard_refuses_exactly_the_shared_pieces(sources, tmp_path):
+    out = tmp_path / "test"
+    result = run_prepare(sources, out, "--num_abc", "100", "--num_mtf", "100")
+    assert result.returncode == 0, result.stderr
+    summary = summary_of(out)
+    assert summary["refused_by_reason"] == {
+        "abc": {"id in training data": 1, "title in training data": 1, "no text": 1,
+                "unusable music file: empty file": 1},
+        "mtf": {"content in training data": 1},
+    }
+    refused = {(row["id"], row["reason"]) for row in summary["refused"]}
+    assert {("wm01", "id in training data"), ("wm02", "title in training data"),
+            ("lmd/b/1", "content in training data")} <= refused
+    assert summary["counts"]["abc"] == {"requested": 100, "offered": 6, "refused": 4, "selected": 2}
+    assert summary["counts"]["mtf"] == {"requested": 100, "offered": 4, "refused": 1, "selected": 3}
+    assert summary["training_jsonls"]["missing"] and summary["training_jsonls"]["music_files_not_found"] == 1
+    assert summary["config"]["SEED"] == summary["seed"]
+    # Refusals are printed too, and the absent training JSONLs are reported, not ignored.
+    assert "refused, title in training data: 1" in result.stdout
+    assert "training JSONL not found" in result.stderr
+
+    abc = read_jsonl(out / "test_abc.jsonl")
+    assert sorted(r["id"] for r in abc) == ["wm00", "wm03"]
+    wm00 = next(r for r in abc if r["id"] == "wm00")
+    assert list(wm00) == ["id", "filepaths", "source", "texts", "title"]
+    assert wm00["filepaths"] == ["abc/wm00.abc"] and wm00["source"] == "wikimt" and wm00["title"] == "Tune 0"
+    assert wm00["texts"] == {"background": "background 0", "description": "description 0", "scene": "a scene"}
+    assert (out / "abc" / "wm00.abc").read_bytes() == (sources["wikimt"] / "abc" / "wm00.abc").read_bytes()
+    mtf = read_jsonl(out / "test_mtf.jsonl")
+    assert sorted(r["id"] for r in mtf) == ["lmd/a/0", "lmd/a/2", "lmd/b/3"]
+    for record in mtf:
+        assert record["texts"] == {"caption": f"caption {record['id'][-1]}"} and "pair_id" not in record
+        assert record["filepaths"] == [f"mtf/{record['id']}.mtf"] and (out / record["filepaths"][0]).is_file()
+        assert testsets.record_problem(record, out) is None
+
+
+def test_selection_is_deterministic_and_a_rerun_replaces_the_folder(sources, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out in (first, second):
+        assert run_prepare(sources, out, "--num_abc", "1", "--num_mtf", "2").returncode == 0
+    for name in ("test_abc.jsonl", "test_mtf.jsonl"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    assert len(read_jsonl(first / "test_mtf.jsonl")) == 2
+
+    # A larger run, then a smaller one into the same folder: no file of the larger run is left.
+    assert run_prepare(sources, first, "--num_abc", "100", "--num_mtf", "100").returncode == 0
+    assert run_prepare(sources, first, "--num_abc", "1", "--num_mtf", "0").returncode == 0
+    files = sorted(p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file())
+    only = read_jsonl(first / "test_abc.jsonl")[0]["id"]
+    assert files == [f"abc/{only}.abc", "test_abc.jsonl", "test_data_summary.json"]
+    assert not list(tmp_path.glob(".first*"))  # no staging folder left behind
+
+
+def test_more_pieces_requested_than_the_source_has(sources, tmp_path):
+    result = run_prepare(sources, tmp_path / "test", "--num_abc", "50", "--num_mtf", "1")
+    assert result.returncode == 0, result.stderr
+    assert "abc: only 2 usable pieces, fewer than the 50 requested" in result.stderr
+    assert len(read_jsonl(tmp_path / "test" / "test_abc.jsonl")) == 2
+    assert len(read_jsonl(tmp_path / "test" / "test_mtf.jsonl")) == 1
+
+
+def test_missing_sources_are_named_with_the_command_to_run(sources, tmp_path):
+    sources["midicaps"].unlink()
+    out = tmp_path / "test"
+    result = run_prepare(sources, out)
+    assert result.returncode == 0, result.stderr
+    assert "MidiCaps test split (MTF)" in result.stderr and "parse_midicaps.py" in result.stderr
+    assert (out / "test_abc.jsonl").is_file() and not (out / "test_mtf.jsonl").exists()
+    assert summary_of(out)["sources"]["midicaps"]["available"] is False
+
+    shutil.rmtree(sources["wikimt"])
+    result = run_prepare(sources, tmp_path / "none")
+    assert result.returncode != 0
+    assert "no test data source is available" in result.stderr
+    assert "prepare_wikimt.py" in result.stderr and "parse_midicaps.py" in result.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_without_training_data_the_guard_warns_that_it_checked_nothing(sources, tmp_path):
+    result = run_prepare(sources, tmp_path / "test", training=False)
+    assert result.returncode == 0, result.stderr
+    assert "the leakage guard checked nothing" in result.stderr
+    assert summary_of(tmp_path / "test")["counts"]["abc"]["selected"] == 4
+
+
+def test_a_folder_that_is_not_a_test_set_is_never_replaced(sources, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run_prepare(sources, out)
+    assert result.returncode == 2 and "refusing to replace it" in result.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_help_runs():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "--num_abc" in result.stdout
+
+
+def test_selection_order_depends_on_the_seed_not_the_source_order():
+    ids = [f"piece{i}" for i in range(20)]
+    order = sorted(ids, key=lambda i: testsets.selection_key(42, i))
+    assert order == sorted(reversed(ids), key=lambda i: testsets.selection_key(42, i))
+    assert order != sorted(ids, key=lambda i: testsets.selection_key(7, i))
+
+
+def test_a_broken_training_jsonl_is_an_error_naming_the_line(sources, tmp_path):
+    with open(sources["training"], "a", encoding="utf-8") as f:
+        f.write("{not json\n")
+    result = run_prepare(sources, tmp_path / "test")
+    assert result.returncode == 2 and "clamp3_train.jsonl:4: not valid JSON" in result.stderr
+    assert not (tmp_path / "test").exists()
