@@ -1,0 +1,377 @@
+"""Pair two evaluation reports (baseline and LoRA) query by query: deltas, paired intervals, p-values.
+
+Both reports must come from the same test sets (same ids, same fields, same query counts); the
+per-query rank ingredients saved beside each report are rebuilt into ``metrics.Ranks`` and compared
+with ``metrics.compare_ranks`` (Δ = LoRA − baseline). A difference is claimed only when its paired
+interval excludes zero and its p-value is below 1 − level; otherwise the verdict is "no significant
+difference".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import metrics
+import numpy as np
+import runconfig
+from fileio import atomic_write_text, read_jsonl, repo_path
+
+from evaluation.reports import (
+    CROSS_DIRECTIONS,
+    CROSS_FORMAT_SET,
+    HEADLINE_TIE_RULE,
+    LEVELS,
+    TEXT_DIRECTIONS,
+    report_path,
+)
+
+RankKey = tuple[str, str, str, str]  # (set, field, level, direction)
+LOWER_IS_BETTER = {"mean_rank"}
+NO_DIFFERENCE = "no significant difference"
+SUMMARY_METRICS = ("mrr", "hit@1", "hit@5", "hit@10", "hit@100", "mean_rank")
+
+
+class ComparisonError(ValueError):
+    """Two reports that cannot be paired (different test sets, missing companions)."""
+
+
+@dataclass
+class SystemResults:
+    """A report with its per-query ranks (by key: query ids and Ranks) and similarity samples."""
+
+    path: Path
+    report: dict[str, Any]
+    ranks: dict[RankKey, tuple[list[str], metrics.Ranks]]
+    similarities: dict[str, np.ndarray]
+
+    @property
+    def name(self) -> str:
+        return str(self.report.get("system", self.path.stem))
+
+
+def load_system(report_file: Path) -> SystemResults:
+    if not report_file.is_file():
+        raise ComparisonError(f"report not found: {report_file} (run evaluate_baseline.py / evaluate_lora.py)")
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    files = report.get("files") or {}
+    ranks_file = report_file.parent / files.get("ranks", "")
+    if not files.get("ranks") or not ranks_file.is_file():
+        raise ComparisonError(f"the per-query ranks of {report_file} are missing (expected {ranks_file})")
+    grouped: dict[RankKey, list[dict]] = defaultdict(list)
+    for row in read_jsonl(ranks_file):
+        grouped[(row["set"], row["field"], row["level"], row["direction"])].append(row)
+    ranks = {}
+    for key, rows in grouped.items():
+        pool_sizes = {row["pool_size"] for row in rows}
+        if len(pool_sizes) != 1:
+            raise ComparisonError(f"{ranks_file}: {key} mixes pool sizes {sorted(pool_sizes)}")
+        columns = {name: np.array([row[name] for row in rows], dtype=np.int64)
+                   for name in ("greater", "tied_others", "tied_correct", "n_correct")}
+        ranks[key] = ([str(row["query"]) for row in rows], metrics.Ranks(**columns, pool_size=pool_sizes.pop()))
+    similarities: dict[str, np.ndarray] = {}
+    similarity_file = report_file.parent / files.get("similarities", "")
+    if files.get("similarities") and similarity_file.is_file():
+        with np.load(similarity_file, allow_pickle=False) as data:
+            similarities = {key: data[key] for key in data.files}
+    return SystemResults(report_file, report, ranks, similarities)
+
+
+def check_same_test_sets(baseline: SystemResults, lora: SystemResults) -> list[str]:
+    """Raise ComparisonError unless both reports rank the same queries against the same pools;
+    return warnings about differences that do not break the pairing."""
+    problems = []
+    sets_a, sets_b = baseline.report.get("sets", {}), lora.report.get("sets", {})
+    if set(sets_a) != set(sets_b):
+        problems.append(f"test sets differ: {sorted(sets_a)} against {sorted(sets_b)}")
+    for name in sorted(set(sets_a) & set(sets_b)):
+        a, b = sets_a[name], sets_b[name]
+        if a["n_pieces"] != b["n_pieces"] or a["ids_sha256"] != b["ids_sha256"]:
+            problems.append(f"set {name!r}: {a['n_pieces']} pieces (ids {a['ids_sha256'][:12]}) against "
+                            f"{b['n_pieces']} pieces (ids {b['ids_sha256'][:12]})")
+        fields_a = {f: v["n_pairs"] for f, v in a["fields"].items()}
+        fields_b = {f: v["n_pairs"] for f, v in b["fields"].items()}
+        if fields_a != fields_b:
+            problems.append(f"set {name!r}: fields and their N differ: {fields_a} against {fields_b}")
+    if set(baseline.ranks) != set(lora.ranks):
+        problems.append("the per-query rank files hold different set/field/level/direction entries")
+    else:
+        for key in sorted(baseline.ranks):
+            (ids_a, ranks_a), (ids_b, ranks_b) = baseline.ranks[key], lora.ranks[key]
+            if ids_a != ids_b or ranks_a.pool_size != ranks_b.pool_size:
+                problems.append(f"{'/'.join(key)}: different queries or pool ({len(ids_a)}×{ranks_a.pool_size} "
+                                f"against {len(ids_b)}×{ranks_b.pool_size})")
+    if problems:
+        raise ComparisonError(f"{baseline.path} and {lora.path} were not made on the same test sets, so they "
+                              "cannot be paired:\n  " + "\n  ".join(problems[:10]))
+    warnings = []
+    for name in sorted(sets_a):
+        if sets_a[name].get("jsonl_sha256") != sets_b[name].get("jsonl_sha256"):
+            warnings.append(f"set {name!r}: same ids, but the test JSONL files differ in content (texts?)")
+    weights_a, weights_b = baseline.report.get("weights", {}), lora.report.get("weights", {})
+    if weights_a.get("sha256") != weights_b.get("sha256"):
+        warnings.append(f"the base weights differ: {weights_a.get('path')} ({str(weights_a.get('sha256'))[:12]}) "
+                        f"against {weights_b.get('path')} ({str(weights_b.get('sha256'))[:12]})")
+    return warnings
+
+
+def verdict(metric: str, delta: dict[str, Any]) -> str:
+    low, high = delta["ci"]
+    if low <= 0.0 <= high or delta["p_value"] >= 1 - delta["level"]:
+        return NO_DIFFERENCE
+    better = delta["mean_diff"] < 0 if metric in LOWER_IS_BETTER else delta["mean_diff"] > 0
+    return "LoRA better" if better else "LoRA worse"
+
+
+def summary_of(report: dict[str, Any], key: RankKey) -> dict[str, Any]:
+    """The ``metrics.summarise`` block of one set/field/level/direction inside a report."""
+    set_name, field_name, level, direction = key
+    if set_name == CROSS_FORMAT_SET:
+        return report["cross_format"][direction]
+    entry = report["sets"][set_name]["fields"][field_name]
+    return entry[direction] if level == "pair" else entry["caption_level"][direction]
+
+
+def compare_entry(baseline: SystemResults, lora: SystemResults, key: RankKey, n_resamples: int,
+                  seed: int) -> dict[str, Any]:
+    (_, ranks_a), (_, ranks_b) = baseline.ranks[key], lora.ranks[key]
+    deltas = metrics.compare_ranks(ranks_b, ranks_a, n_resamples=n_resamples, seed=seed)
+    summary_a, summary_b = summary_of(baseline.report, key), summary_of(lora.report, key)
+    by_rule: dict[str, Any] = {}
+    for rule, by_metric in deltas.items():
+        by_rule[rule] = {}
+        for metric, delta in by_metric.items():
+            by_rule[rule][metric] = {
+                "baseline": delta["mean_b"], "baseline_ci": summary_a.get("ci", {}).get(rule, {}).get(metric),
+                "lora": delta["mean_a"], "lora_ci": summary_b.get("ci", {}).get(rule, {}).get(metric),
+                "delta": delta["mean_diff"], "delta_ci": delta["ci"], "p_value": delta["p_value"],
+                "bootstrap_p_value": delta["bootstrap_p_value"], "verdict": verdict(metric, delta)}
+        by_rule[rule]["median_rank"] = {"baseline": summary_a[rule]["median_rank"],
+                                        "lora": summary_b[rule]["median_rank"]}
+    return {"n_queries": ranks_a.n_queries, "pool_size": ranks_a.pool_size,
+            "queries_with_ties": {"baseline": summary_a["queries_with_ties"], "lora": summary_b["queries_with_ties"]},
+            "random": summary_a["random"], **by_rule}
+
+
+def compare_systems(baseline: SystemResults, lora: SystemResults, n_resamples: int, seed: int,
+                    level: float = 0.95) -> dict[str, Any]:
+    """The comparison report (without plots): every entry of both reports, paired."""
+    warnings = check_same_test_sets(baseline, lora)
+    results: dict[str, Any] = {}
+    for key in ordered_keys(baseline.ranks):
+        set_name, field_name, level_name, direction = key
+        slot = results.setdefault(set_name, {}).setdefault(field_name, {}).setdefault(level_name, {})
+        slot[direction] = compare_entry(baseline, lora, key, n_resamples, seed)
+    pair_cosines = {}
+    for set_name, entry in baseline.report["sets"].items():
+        for field_name, field_report in entry["fields"].items():
+            pair_cosines[f"{set_name}/{field_name}"] = {
+                "baseline": field_report["pair_cosines"],
+                "lora": lora.report["sets"][set_name]["fields"][field_name]["pair_cosines"]}
+    sets = {name: {"format": entry["format"], "source": entry["source"], "n_pieces": entry["n_pieces"],
+                   "ids_sha256": entry["ids_sha256"],
+                   "fields": {f: v["n_pairs"] for f, v in entry["fields"].items()}}
+            for name, entry in baseline.report["sets"].items()}
+    cross = baseline.report.get("cross_format")
+    return {
+        "baseline_report": str(baseline.path), "lora_report": str(lora.path),
+        "difference": "LoRA − baseline, per query, over the same queries and pool",
+        "test": {"p_value": metrics.P_VALUE_METHOD, "interval": f"{level:.0%} paired percentile bootstrap over queries",
+                 "n_resamples": n_resamples, "seed": seed, "level": level,
+                 "claim_rule": "a difference is claimed only when the paired interval excludes 0 and p < 1 − level; "
+                               f"otherwise '{NO_DIFFERENCE}'",
+                 "multiple_comparisons": "p-values are per comparison, not corrected for the number of comparisons"},
+        "tie_rules": metrics.TIE_RULES, "headline_tie_rule": HEADLINE_TIE_RULE,
+        "sets": sets, "cross_format_pairs": cross["n_pairs"] if cross else 0,
+        "weights": {"baseline": baseline.report.get("weights"), "lora": lora.report.get("weights")},
+        "adapters": lora.report.get("adapters", {}),
+        "results": results, "pair_cosines": pair_cosines,
+        "paper_reference": cross.get("paper_reference") if cross else None,
+        "warnings": warnings,
+    }
+
+
+def ordered_keys(ranks: dict[RankKey, Any]) -> list[RankKey]:
+    """Sets in report order, levels pair before caption, directions in their natural order."""
+    direction_order = {d: i for i, d in enumerate(TEXT_DIRECTIONS + CROSS_DIRECTIONS)}
+    level_order = {name: i for i, name in enumerate(LEVELS)}
+    first_seen = {key: i for i, key in enumerate(ranks)}
+
+    def sort_key(key: RankKey) -> tuple:
+        set_name, field_name, level, direction = key
+        first_of_field = min(i for k, i in first_seen.items() if k[:2] == key[:2])
+        return (set_name == CROSS_FORMAT_SET, first_of_field, level_order.get(level, 9),
+                direction_order.get(direction, 9))
+
+    return sorted(ranks, key=sort_key)
+
+
+# ---------------------------------------------------------------------------- the summary
+def _interval(ci: list[float] | None, digits: int) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else ""
+
+
+def _value(metric: str) -> tuple[str, int]:
+    return ("mean rank", 2) if metric == "mean_rank" else (metric.replace("mrr", "MRR").replace("hit", "Hit"), 4)
+
+
+def entry_table(title: str, entry: dict[str, Any], rule: str) -> list[str]:
+    random_mrr = entry["random"]["mrr"]
+    lines = [f"{title}  (N = {entry['n_queries']} queries, pool {entry['pool_size']}, random MRR {random_mrr:.4f})",
+             f"  {'metric':<10} {'baseline':<26} {'LoRA':<26} {'Δ = LoRA − baseline':<30} {'p':>6}  verdict"]
+    for metric in SUMMARY_METRICS:
+        if metric not in entry[rule]:
+            continue
+        row = entry[rule][metric]
+        label, digits = _value(metric)
+        baseline_cell = f"{row['baseline']:.{digits}f} {_interval(row['baseline_ci'], digits)}"
+        lora_cell = f"{row['lora']:.{digits}f} {_interval(row['lora_ci'], digits)}"
+        delta_cell = f"{row['delta']:+.{digits}f} {_interval(row['delta_ci'], digits)}"
+        lines.append(f"  {label:<10} {baseline_cell:<26} {lora_cell:<26} {delta_cell:<30} "
+                     f"{row['p_value']:>6.3f}  {row['verdict']}")
+    other = "official" if rule == "expected" else "expected"
+    if "mrr" in entry.get(other, {}):
+        row = entry[other]["mrr"]
+        lines.append(f"  ({other} tie rule: MRR {row['baseline']:.4f} → {row['lora']:.4f}, Δ {row['delta']:+.4f} "
+                     f"{_interval(row['delta_ci'], 4)}, p {row['p_value']:.3f}: {row['verdict']})")
+    return lines
+
+
+def format_summary(comparison: dict[str, Any]) -> str:
+    rule = comparison["headline_tie_rule"]
+    test = comparison["test"]
+    lines = ["CLaMP 3 symbolic retrieval on held-out test sets: LoRA adapters against the base checkpoint", "",
+             f"baseline report: {comparison['baseline_report']}", f"LoRA report:     {comparison['lora_report']}"]
+    for fmt, info in comparison.get("adapters", {}).items():
+        selection = info.get("selection") or {}
+        chosen = f", selected at epoch {selection['epoch']}" if "epoch" in selection else ""
+        lines.append(f"{fmt.upper()} adapter:     {info['dir']}{chosen}")
+    lines.append("")
+    lines.append("Held-out pieces:")
+    for name, info in comparison["sets"].items():
+        fields = ", ".join(f"{f} N={n}" for f, n in info["fields"].items())
+        lines.append(f"  {name} ({info['source']}): {info['n_pieces']} pieces; {fields}")
+    if comparison["cross_format_pairs"]:
+        lines.append(f"  pieces in both formats (same pair_id): {comparison['cross_format_pairs']}")
+    lines += [f"warning: {warning}" for warning in comparison.get("warnings", [])]
+    lines += ["", f"Tie rule shown: '{rule}' ({comparison['tie_rules'][rule]}); both rules are in the JSON report.",
+              f"Intervals: {test['interval']} ({test['n_resamples']} resamples, seed {test['seed']}).",
+              f"p-values: {test['p_value']}; {test['multiple_comparisons']}.",
+              f"Claims: {test['claim_rule']}.", ""]
+    results = comparison["results"]
+    lines.append("At a glance (" + rule + " tie rule, MRR, Δ = LoRA − baseline with its paired interval):")
+    for set_name, by_field in results.items():
+        for field_name, by_level in by_field.items():
+            for direction, entry in by_level.get("pair", {}).items():
+                row = entry[rule]["mrr"]
+                where = "pieces" if set_name == CROSS_FORMAT_SET else field_name
+                lines.append(f"  {set_name}/{where} {direction.replace('_', ' ')}: {row['baseline']:.4f} → "
+                             f"{row['lora']:.4f}, Δ {row['delta']:+.4f} {_interval(row['delta_ci'], 4)}, "
+                             f"p {row['p_value']:.3f}, N={entry['n_queries']}: {row['verdict']}")
+    lines.append("")
+    for set_name, by_field in results.items():
+        for field_name, by_level in by_field.items():
+            for level, by_direction in by_level.items():
+                if level == "caption" and not _caption_level_differs(by_direction, by_level.get("pair", {})):
+                    continue
+                for direction, entry in by_direction.items():
+                    where = "pieces" if set_name == CROSS_FORMAT_SET else field_name
+                    label = f"[{set_name} / {where}] {direction.replace('_', ' ')}"
+                    if level == "caption":
+                        label += " (caption level)"
+                    lines += entry_table(label, entry, rule) + [""]
+    paper = comparison.get("paper_reference")
+    if paper:
+        lines.append(f"For orientation only: {paper['model']} on {paper['benchmark']} reports sheet→MIDI MRR "
+                     f"{paper['mrr']['sheet_to_midi']} and MIDI→sheet {paper['mrr']['midi_to_sheet']} "
+                     f"({paper['note']}).")
+    if comparison.get("plots"):
+        lines += ["", "Plots:"] + [f"  {path}" for path in comparison["plots"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _caption_level_differs(caption: dict[str, Any], pair: dict[str, Any]) -> bool:
+    """Caption-level tables add something only where some pieces share a text (more correct items)."""
+    return any(caption[d]["pool_size"] != pair.get(d, {}).get("pool_size") or
+               caption[d]["random"]["mrr"] != pair.get(d, {}).get("random", {}).get("mrr") for d in caption)
+
+
+
+# ---------------------------------------------------------------------------- the run
+def read_histories(log_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """The trainer's ``{ABC,MTF}_history.json`` in ``log_dir``, where present and readable."""
+    from training.run_folder import run_file
+
+    histories = {}
+    for fmt in ("abc", "mtf"):
+        path = run_file(log_dir, fmt, "history")
+        if path.is_file():
+            try:
+                entries = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                continue  # a history caught mid-write by a running trainer: no curve rather than no report
+            if isinstance(entries, list):
+                histories[fmt] = entries
+    return histories
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Pair the baseline and LoRA evaluation reports: deltas with paired intervals and p-values, "
+                    "a text summary and plots.")
+    parser.add_argument("--baseline", help="baseline report (default: RESULTS_DIR/evaluation_baseline_report.json)")
+    parser.add_argument("--lora", help="LoRA report (default: RESULTS_DIR/evaluation_lora_report.json)")
+    parser.add_argument("--output_dir", help="where the comparison, summary and plots/ go (default: RESULTS_DIR)")
+    parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+    parser.epilog = ("Writes evaluation_comparison_report.json, evaluation_summary.txt, "
+                     "evaluation_comparison_config.json and plots/*.png.")
+    return parser
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when inside it, so the printed commands can be pasted."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The whole of ``compare_results.py``: 0 on success, 2 when the reports cannot be paired."""
+    parser = build_parser()
+    args, cfg = runconfig.parse_args(parser, argv)
+    results_dir = repo_path(cfg["RESULTS_DIR"])
+    output_dir = Path(args.output_dir) if args.output_dir else results_dir
+    baseline_file = Path(args.baseline) if args.baseline else report_path(results_dir, "baseline")
+    lora_file = Path(args.lora) if args.lora else report_path(results_dir, "lora")
+    n_resamples, seed = int(cfg["EVAL_BOOTSTRAP"]), int(cfg["SEED"])
+    try:
+        baseline, lora = load_system(baseline_file), load_system(lora_file)
+        comparison = compare_systems(baseline, lora, n_resamples, seed)
+    except ComparisonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    comparison["plots"] = []
+    if not args.no_plots:
+        from evaluation.plots import write_plots
+
+        histories = read_histories(repo_path(cfg["LORA_LOG_DIR"]))
+        comparison["training_histories"] = sorted(histories)
+        comparison["plots"] = [str(p) for p in write_plots(comparison, baseline, lora, histories,
+                                                           output_dir / "plots")]
+    runconfig.save_config(cfg, output_dir / "evaluation_comparison_config.json",
+                          extra={"baseline_report": str(baseline_file.resolve()), "lora_report": str(lora_file.resolve())})
+    report_file = atomic_write_text(output_dir / "evaluation_comparison_report.json",
+                                    json.dumps(comparison, indent=2) + "\n")
+    summary = format_summary(comparison)
+    summary_file = atomic_write_text(output_dir / "evaluation_summary.txt", summary)
+    for warning in comparison["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"summary: {_shown(summary_file)}\nreport:  {_shown(report_file)}")
+    print(f"  cat {_shown(summary_file)}\n  python -m json.tool < {_shown(report_file)}")
+    return 0

@@ -1,0 +1,458 @@
+"""Evaluate one system (the base checkpoint, or the base with the LoRA adapters) on the held-out test sets.
+
+For every test set (one per format, written by ``prepare_test_data.py``) and every text field, the
+system's text and music features are ranked both ways with ``metrics.retrieval_report`` (both tie
+rules, bootstrap intervals, the random baseline, caption-level metrics where pieces share a text).
+Pieces present in both formats (the same ``pair_id``) are also ranked sheet→MIDI and MIDI→sheet.
+
+One run writes, under the output folder (``RESULTS_DIR`` by default):
+
+- ``evaluation_<system>_report.json``: every number, with the weights, adapters and settings behind it;
+- ``evaluation_<system>_ranks.jsonl``: one row per query and direction, the rank ingredients of
+  ``metrics.Ranks`` (so ``compare_results.py`` pairs two systems query by query) plus both ranks;
+- ``evaluation_<system>_similarities.npz``: cosines of matched pairs and a sample of unmatched ones;
+- ``evaluation_<system>_config.json``: the effective configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import metrics
+import numpy as np
+import runconfig
+from fileio import atomic_write, atomic_write_text, repo_path, write_jsonl
+from modeling import CLaMP3Model, ModelConfig, load_clamp3, resolve_device
+from training.checkpoint import file_fingerprint
+
+from evaluation import testsets
+
+SYSTEMS = ("baseline", "lora")
+SET_FORMATS = ("abc", "mtf")
+CROSS_FORMAT_SET = "cross_format"
+CROSS_FORMAT_FIELD = "pair_id"
+LEVELS = ("pair", "caption")
+TEXT_DIRECTIONS = ("text_to_music", "music_to_text")
+CROSS_DIRECTIONS = ("sheet_to_midi", "midi_to_sheet")
+# The tie rule the summary leads with: the official rule counts every tie in the correct item's
+# favour, which flatters a model that maps many pieces to one point; both are in every report.
+HEADLINE_TIE_RULE = "expected"
+CAPTION_KEY_RULE = "caption-level: texts equal after collapsing whitespace and case-folding count as one caption"
+TRAINER_COMMAND = "python code/train_clamp3_lora.py --format {fmt}"
+# From the CLaMP 3 paper (arXiv 2502.10362) as summarised in ../shared/reference (not checked against
+# the PDF): CLaMP 3 (C2), WikiMT-X. Quoted for orientation only; their pool and tie rule may differ.
+PAPER_CROSS_FORMAT_MRR = {"sheet_to_midi": 0.4547, "midi_to_sheet": 0.5293}
+PAPER_TEXT_TO_MUSIC_MRR = {"wikimt": 0.4498, "midicaps": 0.2826}
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation that cannot run as configured (missing test set, adapter, weights...)."""
+
+
+def report_path(output_dir: Path, system: str) -> Path:
+    return output_dir / f"evaluation_{system}_report.json"
+
+
+def companion_names(system: str) -> dict[str, str]:
+    """File names written beside a report, relative to its folder (so the folder can move)."""
+    return {"ranks": f"evaluation_{system}_ranks.jsonl", "similarities": f"evaluation_{system}_similarities.npz",
+            "config": f"evaluation_{system}_config.json"}
+
+
+# ---------------------------------------------------------------------------- test sets
+@dataclass
+class TestPiece:
+    id: str
+    path: Path
+    texts: dict[str, str]
+    pair_id: str | None = None
+
+
+@dataclass
+class TestSet:
+    """One ``test_<fmt>.jsonl`` with its pieces, in file order."""
+
+    name: str
+    fmt: str
+    jsonl: Path
+    source: str
+    pieces: list[TestPiece] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [piece.id for piece in self.pieces]
+
+    def fields(self) -> list[str]:
+        """Text fields in order of first appearance."""
+        return list(dict.fromkeys(name for piece in self.pieces for name in piece.texts))
+
+    def ids_sha256(self) -> str:
+        return hashlib.sha256("\n".join(self.ids).encode("utf-8")).hexdigest()
+
+
+def load_test_set(test_dir: Path, fmt: str) -> TestSet:
+    """The records of the ``fmt`` test set (``testsets.read_test_set``): each piece's first file of the
+    format and its non-empty texts. Duplicate ids and missing files are errors, not drops: an
+    evaluation that silently loses pieces is not the evaluation it says it is."""
+    jsonl = test_dir / testsets.TEST_FILES[fmt]
+    try:
+        records = testsets.read_test_set(test_dir, fmt)
+    except testsets.TestSetError as exc:
+        raise EvaluationError(str(exc)) from exc
+    if not records:
+        raise EvaluationError(f"{jsonl} holds no records")
+    sources = sorted({str(record.get("source", "")) for record in records} - {""})
+    test_set = TestSet(name=fmt, fmt=fmt, jsonl=jsonl, source="+".join(sources) or "unknown")
+    seen: set[str] = set()
+    for number, record in enumerate(records, 1):
+        piece_id = str(record.get("id", ""))
+        if not piece_id or piece_id in seen:
+            raise EvaluationError(f"{jsonl}:{number}: missing or duplicate id {piece_id!r}")
+        seen.add(piece_id)
+        files = [p for p in record.get("filepaths", []) if str(p).lower().endswith("." + fmt)]
+        if not files:
+            raise EvaluationError(f"{jsonl}:{number}: piece {piece_id!r} has no .{fmt} file in filepaths")
+        path = test_dir / files[0]
+        if not path.is_file():
+            raise EvaluationError(f"{jsonl}:{number}: file not found: {path}")
+        texts = {name: value.strip() for name, value in (record.get("texts") or {}).items()
+                 if isinstance(value, str) and value.strip()}
+        pair_id = record.get("pair_id")
+        test_set.pieces.append(TestPiece(piece_id, path, texts, None if pair_id is None else str(pair_id)))
+    return test_set
+
+
+def discover_test_sets(test_dir: Path, formats: Iterable[str]) -> list[TestSet]:
+    """The test set of each requested format that exists; none at all is an error."""
+    present = [fmt for fmt in formats if (test_dir / testsets.TEST_FILES[fmt]).is_file()]
+    if not present:
+        names = " and/or ".join(testsets.TEST_FILES[fmt] for fmt in formats)
+        raise EvaluationError(f"no test set in {test_dir} (expected {names}; write them with "
+                              "python prepare_test_data.py, or point --TEST_DATA_DIR at a prepared test set)")
+    return [load_test_set(test_dir, fmt) for fmt in present]
+
+
+def caption_key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+# ---------------------------------------------------------------------------- features
+@dataclass
+class SetFeatures:
+    test_set: TestSet
+    music: np.ndarray  # (pieces, D)
+    texts: dict[str, tuple[np.ndarray, np.ndarray]]  # field -> (piece indices, text features)
+
+
+def extract_set(extractor: Any, test_set: TestSet, log: Callable[[str], None]) -> SetFeatures:
+    """Global features of every piece and of every field's texts (each distinct text embedded once)."""
+    log(f"[{test_set.name}] music features of {len(test_set.pieces)} pieces")
+    inputs = [extractor.symbolic_input(piece.path.read_text(encoding="utf-8")) for piece in test_set.pieces]
+    music = np.concatenate(extractor.extract("symbolic", inputs, get_global=True)).astype(np.float32)
+    texts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in test_set.fields():
+        indices = np.array([i for i, piece in enumerate(test_set.pieces) if name in piece.texts], dtype=np.int64)
+        strings = [test_set.pieces[i].texts[name] for i in indices]
+        distinct = list(dict.fromkeys(strings))
+        log(f"[{test_set.name}] text features of {name!r}: {len(strings)} texts, {len(distinct)} distinct")
+        features = extractor.extract("text", [extractor.text_input(s) for s in distinct], get_global=True)
+        row_of = {text: row for row, text in enumerate(distinct)}
+        matrix = np.concatenate(features).astype(np.float32)
+        texts[name] = (indices, matrix[[row_of[s] for s in strings]])
+    return SetFeatures(test_set, music, texts)
+
+
+# ---------------------------------------------------------------------------- ranking
+def rank_rows(set_name: str, field_name: str, level: str, direction: str, query_ids: list[str],
+              ranks: metrics.Ranks) -> list[dict]:
+    """One JSONL row per query: the ``metrics.Ranks`` ingredients and the ranks derived from them."""
+    reciprocal = ranks.reciprocal_expected
+    return [{"set": set_name, "field": field_name, "level": level, "direction": direction, "query": query_id,
+             "greater": int(ranks.greater[i]), "tied_others": int(ranks.tied_others[i]),
+             "tied_correct": int(ranks.tied_correct[i]), "n_correct": int(ranks.n_correct[i]),
+             "pool_size": ranks.pool_size, "official_rank": int(ranks.official[i]),
+             "expected_rank": float(ranks.expected[i]), "reciprocal_expected_rank": float(reciprocal[i])}
+            for i, query_id in enumerate(query_ids)]
+
+
+def similarity_sample(a: np.ndarray, b: np.ndarray, max_unmatched: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines of the matched rows (a_i, b_i) and of unmatched pairs (a_i, b_j≠i): all of them when
+    there are at most ``max_unmatched``, a seeded uniform sample otherwise."""
+    a_unit = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b_unit = b / np.linalg.norm(b, axis=1, keepdims=True)
+    matched = np.einsum("ij,ij->i", a_unit, b_unit)
+    n = len(a_unit)
+    if n < 2:
+        return matched.astype(np.float32), np.zeros(0, dtype=np.float32)
+    if n * (n - 1) <= max_unmatched:
+        full = a_unit @ b_unit.T
+        unmatched = full[~np.eye(n, dtype=bool)]
+    else:
+        rng = np.random.default_rng(seed)
+        rows = rng.integers(0, n, size=max_unmatched)
+        cols = (rows + rng.integers(1, n, size=max_unmatched)) % n  # never the matched column
+        unmatched = np.einsum("ij,ij->i", a_unit[rows], b_unit[cols])
+    return matched.astype(np.float32), unmatched.astype(np.float32)
+
+
+@dataclass
+class EvaluationOutput:
+    report: dict[str, Any]
+    rank_rows: list[dict]
+    similarities: dict[str, np.ndarray]
+
+
+def similarity_key(set_name: str, field_name: str, kind: str) -> str:
+    return f"{set_name}__{field_name}__{kind}"
+
+
+def evaluate_features(features: list[SetFeatures], n_resamples: int, seed: int,
+                      max_unmatched: int) -> EvaluationOutput:
+    """Every retrieval number of one system from its features (no model needed from here on)."""
+    rows: list[dict] = []
+    similarities: dict[str, np.ndarray] = {}
+    sets: dict[str, Any] = {}
+    for set_features in features:
+        test_set = set_features.test_set
+        fields: dict[str, Any] = {}
+        for name, (indices, text_matrix) in set_features.texts.items():
+            music = set_features.music[indices]
+            ids = [test_set.pieces[i].id for i in indices]
+            groups = [caption_key(test_set.pieces[i].texts[name]) for i in indices]
+            report = metrics.retrieval_report(text_matrix, music, text_groups=groups, n_resamples=n_resamples,
+                                              seed=seed)
+            report.pop("settings")  # identical for every field: kept once at the top of the report
+            fields[name] = {"n_pairs": len(ids), **report}
+            for level, correct in (("pair", {"targets": np.arange(len(ids))}),
+                                   ("caption", {"query_groups": groups, "reference_groups": groups})):
+                for direction, queries, references in (("text_to_music", text_matrix, music),
+                                                       ("music_to_text", music, text_matrix)):
+                    ranks = metrics.rank_queries(queries, references, **correct)
+                    rows.extend(rank_rows(test_set.name, name, level, direction, ids, ranks))
+            matched, unmatched = similarity_sample(text_matrix, music, max_unmatched, seed)
+            similarities[similarity_key(test_set.name, name, "matched")] = matched
+            similarities[similarity_key(test_set.name, name, "unmatched")] = unmatched
+        sets[test_set.name] = {"format": test_set.fmt, "source": test_set.source, "jsonl": str(test_set.jsonl),
+                               "jsonl_sha256": file_fingerprint(test_set.jsonl), "n_pieces": len(test_set.pieces),
+                               "ids_sha256": test_set.ids_sha256(), "fields": fields}
+    cross = _cross_format(features, n_resamples, seed, max_unmatched, rows, similarities)
+    report = {"sets": sets, "cross_format": cross}
+    return EvaluationOutput(report, rows, similarities)
+
+
+def _cross_format(features: list[SetFeatures], n_resamples: int, seed: int, max_unmatched: int,
+                  rows: list[dict], similarities: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Sheet→MIDI and MIDI→sheet over the pieces whose ``pair_id`` is in both sets (the first piece
+    of each ``pair_id`` per set), the pool being those paired pieces."""
+    by_format = {f.test_set.fmt: f for f in features}
+    if not {"abc", "mtf"} <= set(by_format):
+        return None
+    first_of: dict[str, dict[str, int]] = {}
+    for fmt in ("abc", "mtf"):
+        first_of[fmt] = {}
+        for i, piece in enumerate(by_format[fmt].test_set.pieces):
+            if piece.pair_id is not None:
+                first_of[fmt].setdefault(piece.pair_id, i)
+    shared = [pair_id for pair_id in first_of["abc"] if pair_id in first_of["mtf"]]
+    if not shared:
+        return None
+    sheet = by_format["abc"].music[[first_of["abc"][p] for p in shared]]
+    midi = by_format["mtf"].music[[first_of["mtf"][p] for p in shared]]
+    result: dict[str, Any] = {"n_pairs": len(shared), "queries": "pieces with the same pair_id in both sets"}
+    for direction, queries, references in (("sheet_to_midi", sheet, midi), ("midi_to_sheet", midi, sheet)):
+        ranks = metrics.rank_queries(queries, references, np.arange(len(shared)))
+        result[direction] = metrics.summarise(ranks, n_resamples=n_resamples, seed=seed)
+        rows.extend(rank_rows(CROSS_FORMAT_SET, CROSS_FORMAT_FIELD, "pair", direction, shared, ranks))
+    result["pair_cosines"] = metrics.pair_cosines(sheet, midi)
+    result["paper_reference"] = {
+        "mrr": PAPER_CROSS_FORMAT_MRR, "model": "CLaMP 3 (C2)", "benchmark": "WikiMT-X",
+        "note": "the CLaMP 3 paper's numbers (arXiv 2502.10362, via a secondary summary), not ours; "
+                "their pool and tie rule may differ from this test set's"}
+    matched, unmatched = similarity_sample(sheet, midi, max_unmatched, seed)
+    similarities[similarity_key(CROSS_FORMAT_SET, CROSS_FORMAT_FIELD, "matched")] = matched
+    similarities[similarity_key(CROSS_FORMAT_SET, CROSS_FORMAT_FIELD, "unmatched")] = unmatched
+    return result
+
+
+# ---------------------------------------------------------------------------- the run
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="CLaMP 3 checkpoint (default: CLAMP3_WEIGHTS_PATH)")
+    parser.add_argument("--model_config", help="JSON model sizes (default: MODEL_CONFIG or official sizes)")
+    parser.add_argument("--output_dir", help="where the report and its companions go (default: RESULTS_DIR)")
+    parser.add_argument("--format", choices=["abc", "mtf", "both"], default="both",
+                        help="which test sets to evaluate (default: %(default)s, i.e. those present)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser(system: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.epilog = (f"Writes evaluation_{system}_report.json, evaluation_{system}_ranks.jsonl, "
+                     f"evaluation_{system}_similarities.npz and evaluation_{system}_config.json.")
+    return parser
+
+
+def adapter_info(cfg: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The adapter folder of ``fmt`` and what selected it; a missing adapter is an EvaluationError."""
+    import lora
+
+    folder = lora.adapter_dir(cfg, fmt)
+    key = f"LORA_{fmt.upper()}_ADAPTER_DIR"
+    if not (folder / "adapter_config.json").is_file():
+        raise EvaluationError(
+            f"no {fmt.upper()} adapter at {folder} ({key}={cfg[key]!r}): train one with "
+            f"`{TRAINER_COMMAND.format(fmt=fmt)}`, or point --{key}=FOLDER at a saved adapter")
+    selection_file = folder / "selection.json"
+    selection = json.loads(selection_file.read_text(encoding="utf-8")) if selection_file.is_file() else None
+    return {"dir": str(folder.resolve()), "config_key": key, "selection": selection,
+            "adapter_config": json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))}
+
+
+def run(system: str, argv: list[str] | None, description: str) -> int:
+    """The whole of ``evaluate_<system>.py``: 0 on success, 2 on a setup error (printed)."""
+    if system not in SYSTEMS:
+        raise ValueError(f"unknown system {system!r}")
+    parser = build_parser(system, description)
+    args, cfg = runconfig.parse_args(parser, argv)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    try:
+        return _run(system, args, cfg, log)
+    except EvaluationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callable[[str], None]) -> int:
+    from features import FeatureExtractor, check_dtype, load_text_tokenizer
+
+    output_dir = Path(args.output_dir) if args.output_dir else repo_path(cfg["RESULTS_DIR"])
+    formats = SET_FORMATS if args.format == "both" else (args.format,)
+    # Everything cheap is checked before the checkpoint is read: none of it should wait for 1.8 GB.
+    test_sets = discover_test_sets(repo_path(cfg["TEST_DATA_DIR"]), formats)
+    for fmt in sorted(set(formats) - {s.fmt for s in test_sets}):
+        log(f"no {testsets.TEST_FILES[fmt]} in {repo_path(cfg['TEST_DATA_DIR'])}: the {fmt} set is skipped")
+    adapters = {s.fmt: adapter_info(cfg, s.fmt) for s in test_sets} if system == "lora" else {}
+    try:
+        check_dtype(cfg["EXTRACT_DTYPE"])
+        tokenizer = load_text_tokenizer(cfg["TEXT_MODEL_NAME"])
+        model_config = ModelConfig.resolve(cfg, runconfig.model_config_path(args.model_config, cfg))
+        device = resolve_device(cfg["EXTRACT_DEVICE"])
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise EvaluationError(str(exc)) from exc
+    # Absolute, so the report names the checkpoint wherever it is read from.
+    weights = Path(args.weights).absolute() if args.weights else repo_path(cfg["CLAMP3_WEIGHTS_PATH"])
+    if not weights.is_file():
+        raise EvaluationError(f"weights not found: {weights} (download the C2 checkpoint, see README, "
+                              "or pass --weights)")
+
+    def load_base() -> CLaMP3Model:
+        try:
+            return load_clamp3(model_config, weights, device=device, attn_implementation=cfg["ATTN_IMPLEMENTATION"])
+        except (ValueError, RuntimeError) as exc:
+            raise EvaluationError(str(exc)) from exc
+
+    base = load_base() if system == "baseline" else None
+
+    def model_for(fmt: str) -> CLaMP3Model:
+        if base is not None:
+            return base
+        import lora
+
+        # A fresh base per format: PEFT injects the adapter into the model it is given.
+        peft_model = lora.load_adapter(load_base(), adapters[fmt]["dir"])
+        return peft_model.get_base_model().eval()
+
+    features = []
+    for test_set in test_sets:
+        model = model_for(test_set.fmt)
+        extractor = FeatureExtractor.from_config(model, cfg, tokenizer=tokenizer, device=device)
+        try:
+            features.append(extract_set(extractor, test_set, log))
+        except (ValueError, RuntimeError) as exc:
+            raise EvaluationError(f"[{test_set.name}] feature extraction failed: {exc}") from exc
+        del model, extractor
+    log("ranking and bootstrapping")
+    output = evaluate_features(features, int(cfg["EVAL_BOOTSTRAP"]), int(cfg["SEED"]),
+                               int(cfg["EVAL_SIMILARITY_SAMPLE"]))
+
+    names = companion_names(system)
+    weights_info = {"path": str(weights), "sha256": file_fingerprint(weights)}
+    report = {
+        "system": system,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "weights": weights_info, "model_config": model_config.to_dict(), "adapters": adapters,
+        "test_data_dir": str(repo_path(cfg["TEST_DATA_DIR"])),
+        "settings": {"similarity": "cosine, float32", "ks": list(metrics.DEFAULT_KS), "level": 0.95,
+                     "n_resamples": int(cfg["EVAL_BOOTSTRAP"]), "seed": int(cfg["SEED"]),
+                     "interval": "percentile bootstrap over queries", "tie_rules": metrics.TIE_RULES,
+                     "headline_tie_rule": HEADLINE_TIE_RULE, "caption_level": CAPTION_KEY_RULE,
+                     "extract_dtype": cfg["EXTRACT_DTYPE"], "device": str(device)},
+        **output.report,
+        "notes": report_notes(system, output.report),
+        "files": names,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runconfig.save_config(cfg, output_dir / names["config"],
+                          extra={"system": system, "weights": weights_info, "adapters": adapters,
+                                 "model_config": model_config.to_dict()})
+    write_jsonl(output_dir / names["ranks"], output.rank_rows)
+    atomic_write(output_dir / names["similarities"], lambda f: np.savez_compressed(f, **output.similarities),
+                 binary=True)
+    path = atomic_write_text(report_path(output_dir, system), json.dumps(report, indent=2) + "\n")
+    for line in headline_lines(report):
+        log(line)
+    print(f"report: {path}")
+    return 0
+
+
+def report_notes(system: str, report: dict[str, Any]) -> list[str]:
+    notes = [
+        "Every pool is the test set itself: each query is ranked against all pieces (or texts) of its set "
+        "and field; 'random' is the exact metric of a uniformly random ranking of the same pool.",
+        f"Metrics are given under two tie rules (settings.tie_rules); the summary leads with "
+        f"'{HEADLINE_TIE_RULE}'. Intervals are 95% percentile bootstrap intervals over queries.",
+        "caption_level counts every piece sharing the query's text as correct (" + CAPTION_KEY_RULE + ").",
+        "Paper numbers (CLaMP 3 C2, text-to-music MRR: WikiMT {wikimt}, MidiCaps {midicaps}) are the paper's, via "
+        "a secondary summary, not ours; their pools and text fields may differ.".format(**PAPER_TEXT_TO_MUSIC_MRR),
+    ]
+    if report.get("cross_format"):
+        notes.append("cross_format: the paper reports sheet→MIDI MRR {sheet_to_midi} and MIDI→sheet {midi_to_sheet} "
+                     "for CLaMP 3 (C2) on WikiMT-X; those are the paper's numbers, not ours.".format(
+                         **PAPER_CROSS_FORMAT_MRR))
+    if system == "lora":
+        notes.append("Each set's music (and text) features come from the base with that format's adapter; the "
+                     "adapters touch only the symbolic encoder, so text features equal the baseline's.")
+    return notes
+
+
+def headline_lines(report: dict[str, Any]) -> list[str]:
+    """One line per set, field and direction: MRR with its interval and the random baseline."""
+    rule = HEADLINE_TIE_RULE
+    lines = []
+
+    def line(label: str, summary: dict) -> str:
+        low, high = summary["ci"][rule]["mrr"] if "ci" in summary else (float("nan"), float("nan"))
+        return (f"{label}: MRR {summary[rule]['mrr']:.4f} [{low:.4f}, {high:.4f}] "
+                f"(N={summary['n_queries']}, random {summary['random']['mrr']:.4f})")
+
+    for set_name, entry in report["sets"].items():
+        for name, field_report in entry["fields"].items():
+            for direction in TEXT_DIRECTIONS:
+                lines.append(line(f"{set_name}/{name} {direction}", field_report[direction]))
+    if report.get("cross_format"):
+        for direction in CROSS_DIRECTIONS:
+            lines.append(line(f"{CROSS_FORMAT_SET} {direction}", report["cross_format"][direction]))
+    return lines

@@ -1,0 +1,18 @@
+"""Evaluate the base CLaMP 3 checkpoint with the LoRA adapters (ABC adapter for ABC, MTF for MTF).
+
+    python evaluate_lora.py [--weights PATH] [--model_config FILE] [--output_dir DIR]
+                            [--format abc|mtf|both] [--quiet] [--config FILE] [--KEY=value ...]
+
+The adapters come from LORA_ABC_ADAPTER_DIR and LORA_MTF_ADAPTER_DIR (written by
+code/train_clamp3_lora.py); a missing one is an error. Writes evaluation_lora_report.json, its
+per-query ranks, similarity samples and effective configuration under RESULTS_DIR.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from evaluation.reports import run
+
+if __name__ == "__main__":
+    sys.exit(run("lora", None, __doc__))
