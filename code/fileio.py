@@ -20,6 +20,15 @@ from typing import IO, Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def repo_path(path: str | os.PathLike) -> Path:
     """A configuration path or default location: absolute as given, else under the repository root."""
     path = Path(os.path.expanduser(str(path)))
@@ -60,6 +69,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:80]}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file owner-only (0600); an output gets the mode any new file would.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as f:
             write(f)
             f.flush()

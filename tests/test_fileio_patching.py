@@ -55,3 +55,14 @@ def test_patched_restores_values_and_absence():
     with pytest.raises(RuntimeError), patched(thing, own=5):
         raise RuntimeError
     assert thing.own == 1
+
+
+def test_atomic_writes_get_the_mode_of_a_new_file(tmp_path):
+    import os
+
+    from fileio import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "out.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's owner-only 0600
