@@ -46,6 +46,9 @@ EXTRACT_FILES_PER_CHUNK = 256  # files read and batched together
 # FREEZE_TEXT), saved as an official-format checkpoint.
 TRAIN_MODE = "lora"
 FREEZE_TEXT = True  # full mode only; lora mode never trains the text tower
+# Full mode with FREEZE_TEXT: still train text_proj (a new base's projection is random). Cached text
+# features then hold the frozen tower's pooled outputs, projected every step.
+TRAIN_TEXT_PROJ = False
 # "clamp3": the official loss (unnormalised projected features, fixed LOGIT_SCALE).
 # "normalized": L2-normalised features with a learnable temperature (init 1/0.07, clamped at 100).
 LOSS = "clamp3"

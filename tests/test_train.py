@@ -213,7 +213,7 @@ def test_full_mode_saves_an_official_checkpoint(tmp_path, word_tokenizer, freeze
     assert torch.equal(state["audio_proj.weight"], base["audio_proj.weight"])
     assert torch.equal(state["symbolic_model.base.pooler.dense.weight"], base["symbolic_model.base.pooler.dense.weight"])
     log = (tmp_path / "run" / "MTF_training.log").read_text()
-    assert ("cached in" in log) == freeze_text  # a training text tower cannot use cached features
+    assert ("text features: cached" in log) == freeze_text  # a training text tower cannot use cached features
 
 
 def test_both_formats_train_one_after_the_other_from_the_base(tmp_path, word_tokenizer):
@@ -387,3 +387,17 @@ def test_an_error_on_one_rank_ends_the_job_instead_of_hanging(tmp_path, word_tok
     assert done.returncode != 0
     assert "training records not found" in done.stderr and "[rank 0/2] failed" in done.stderr
     assert time.time() - start < 90
+
+
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_full_mode_can_train_the_text_projection_over_cached_pooled_features(tmp_path, word_tokenizer, micro_batch):
+    make_records(tmp_path, "abc")
+    args = options(tmp_path, word_tokenizer, TRAIN_MODE="full", LORA_NUM_EPOCHS=1, TRAIN_TEXT_PROJ=True,
+                   FULL_WEIGHTS_PATH=str(tmp_path / "full_{format}.pth"), LORA_LEARNING_RATE=1e-3,
+                   GRAD_CACHE_MICRO_BATCH=micro_batch)
+    assert train_clamp3_lora.main(args) == 0
+    state = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), tmp_path / "full_abc.pth").state_dict()
+    base = torch.load(TINY_WEIGHTS, weights_only=True)["model"]
+    assert not torch.equal(state["text_proj.weight"], base["text_proj.weight"])
+    assert all(torch.equal(state[k], base[k]) for k in base if k.startswith("text_model."))
+    assert "cached (pooled)" in (tmp_path / "run" / "ABC_training.log").read_text()

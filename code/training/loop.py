@@ -27,7 +27,7 @@ import torch
 from fast_linears import onednn_linear_available, onednn_linears
 from features import load_text_tokenizer
 from fileio import DropLog, repo_path
-from modeling import CLaMP3Model, ModelConfig, load_clamp3
+from modeling import CLaMP3Model, ModelConfig, load_clamp3, masked_mean
 from patchilizer import M3Patchilizer
 from peft import PeftModel
 from torch import nn
@@ -160,7 +160,8 @@ def _build_model(ctx: RunContext, fmt: str) -> tuple[nn.Module, CLaMP3Model, boo
         text_frozen = True
     else:
         text_frozen = bool(cfg["FREEZE_TEXT"])
-        trained = ("symbolic_model", "symbolic_proj") + (() if text_frozen else ("text_model", "text_proj"))
+        trained = ("symbolic_model", "symbolic_proj") + (
+            ("text_proj",) if cfg["TRAIN_TEXT_PROJ"] else () if text_frozen else ("text_model", "text_proj"))
         for name, parameter in base.named_parameters():
             # The poolers are unused by CLaMP 3 (masked mean instead): training them only decays them.
             parameter.requires_grad_(name.startswith(trained) and ".pooler." not in name)
@@ -463,13 +464,17 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 class TextSide:
     """Where a batch's text features come from: the memory-mapped cache (text tower frozen and
-    ``TEXT_VARIANTS`` > 0), the frozen tower run every step, or the tower training with the rest."""
+    ``TEXT_VARIANTS`` > 0), the frozen tower run every step, or the tower training with the rest.
+    With ``TRAIN_TEXT_PROJ`` (full mode, frozen tower) the cache holds the tower's pooled outputs
+    and the projection, which trains, is applied every step."""
 
     def __init__(self, ctx: RunContext, core: CLaMP3Model, text_frozen: bool, records, valid,
                  log: RunLogger):
         cfg, dist = ctx.cfg, ctx.dist
         self.ctx = ctx
+        self.core = core
         self.frozen = text_frozen
+        self.project_each_step = cfg["TRAIN_MODE"] == "full" and text_frozen and bool(cfg["TRAIN_TEXT_PROJ"])
         self.live = data.LiveText(ctx.tokenizer, int(cfg["MAX_TEXT_LENGTH"]))
         self.train_cache: TextFeatureCache | None = None
         self.valid_cache: TextFeatureCache | None = None
@@ -477,15 +482,18 @@ class TextSide:
             log("text features: the text tower runs every step" + ("" if text_frozen else " (and trains)"))
             return
         core.text_model.eval()
-        # The features depend on the weights and on how they are computed (autocast dtype).
+        # The features depend on the weights, on how they are computed (autocast dtype) and on
+        # whether they are projected.
         precision = cfg["TRAIN_PRECISION"] if dist.device.type == "cuda" else "fp32"
-        text_fingerprint = hashlib.blake2b(f"{fingerprint(core.text_model, core.text_proj)}-{precision}".encode(),
+        towers = (core.text_model,) if self.project_each_step else (core.text_model, core.text_proj)
+        kind = "pooled" if self.project_each_step else "projected"
+        text_fingerprint = hashlib.blake2b(f"{fingerprint(*towers)}-{precision}-{kind}".encode(),
                                            digest_size=16).hexdigest()
 
         @torch.no_grad()
         def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             with _autocast(dist.device, cfg["TRAIN_PRECISION"]):
-                return core.features("text", ids.to(dist.device), mask.to(dist.device)).float().cpu()
+                return self._frozen_features(ids.to(dist.device), mask.to(dist.device)).float().cpu()
 
         common = dict(tokenizer=ctx.tokenizer, encode=encode, text_fingerprint=text_fingerprint,
                       max_text_length=int(cfg["MAX_TEXT_LENGTH"]), seed=int(cfg["SEED"]), rank=dist.rank,
@@ -495,18 +503,39 @@ class TextSide:
         self.train_cache = TextFeatureCache.build(root, records, variants=int(cfg["TEXT_VARIANTS"]), train=True,
                                                   text_dropout=bool(cfg["TEXT_DROPOUT"]), **common)
         self.valid_cache = TextFeatureCache.build(root, valid, variants=1, train=False, **common)
-        log(f"text features: cached in {self.train_cache.folder} ({cfg['TEXT_VARIANTS']} variants per record; "
-            f"{self.train_cache.computed + self.valid_cache.computed} computed on rank 0's share now)")
+        log(f"text features: cached ({kind}) in {self.train_cache.folder} ({cfg['TEXT_VARIANTS']} variants per "
+            f"record; {self.train_cache.computed + self.valid_cache.computed} computed on rank 0's share now)")
+
+    def _frozen_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What the frozen part of the text side computes: the pooled tower output when the
+        projection trains, the projected feature otherwise."""
+        if self.project_each_step:
+            return masked_mean(self.core.hidden_states("text", ids, mask).float(), mask)
+        return self.core.features("text", ids, mask)
 
     def for_dataset(self, train: bool) -> data.LiveText | TextFeatureCache:
         cache = self.train_cache if train else self.valid_cache
         return cache if cache is not None else self.live
 
     def batch_side(self, core: CLaMP3Model, batch: dict[str, Any], train: bool):
-        """Text features of the batch (a tensor, no gradient) or, when the tower trains, the closure
-        that computes them with gradient."""
+        """Text features of the batch (a tensor, no gradient) or, when part of the text side trains,
+        the closure that computes them with gradient (GradCache calls it per micro-batch)."""
         cfg, device = self.ctx.cfg, self.ctx.dist.device
         cache = self.train_cache if train else self.valid_cache
+        if self.project_each_step:
+            if cache is not None:
+                batch["text_pooled"] = cache.features(batch["text_rows"]).to(device)
+            else:
+                with torch.no_grad(), _autocast(device, cfg["TRAIN_PRECISION"]):
+                    batch["text_pooled"] = self._frozen_features(batch["text_ids"], batch["text_mask"]).float()
+
+            def project(micro: dict[str, Any]) -> torch.Tensor:
+                return core.text_proj(micro["text_pooled"])
+
+            if not train:
+                with torch.no_grad():
+                    return project(batch)
+            return project
         if cache is not None:
             return cache.features(batch["text_rows"]).to(device)
 
