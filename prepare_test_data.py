@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_mtf", type=int, default=100, help="MTF pieces to select (default: %(default)s)")
     parser.add_argument("--wikimt_dir", help=f"output of preprocessing/prepare_wikimt.py (default: {DEFAULT_WIKIMT_DIR})")
     parser.add_argument("--midicaps_test", help=f"MidiCaps test JSONL (default: {DEFAULT_MIDICAPS_TEST})")
+    parser.add_argument("--demo_dir", help="take both formats from the demo corpus's held-out pieces instead "
+                                           "(a folder in the test-set format, written by python -m demo)")
     parser.add_argument("--training_jsonl", action="append", default=[], metavar="FILE",
                         help="another training JSONL to guard against (repeatable), besides " + ", ".join(TRAINING_KEYS))
     parser.add_argument("--output_dir", help="where the test set goes (default: TEST_DATA_DIR)")
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir).absolute() if args.output_dir else repo_path(cfg["TEST_DATA_DIR"])
     training = [repo_path(cfg[key]) for key in TRAINING_KEYS if cfg[key]]
     training += [Path(p).absolute() for p in args.training_jsonl]
-    # The demo corpus (a later issue) joins here as two more Sources sharing pair_ids.
-    sources = testsets.default_sources(wikimt_dir, midicaps_test)
+    sources = (testsets.demo_sources(Path(args.demo_dir).absolute()) if args.demo_dir
+               else testsets.default_sources(wikimt_dir, midicaps_test))
     seed = cfg["SEED"]
 
     try:

@@ -198,3 +198,30 @@ def test_a_broken_training_jsonl_is_an_error_naming_the_line(sources, tmp_path):
     result = run_prepare(sources, tmp_path / "test")
     assert result.returncode == 2 and "clamp3_train.jsonl:4: not valid JSON" in result.stderr
     assert not (tmp_path / "test").exists()
+
+
+def test_the_demo_corpus_is_a_source_of_both_formats_with_pair_ids(tmp_path):
+    demo = tmp_path / "demo_test"
+    for fmt, folder, names in (("abc", ABC_FIXTURES, ABC_FILES[:3]), ("mtf", MTF_FIXTURES, MTF_FILES[:3])):
+        (demo / fmt).mkdir(parents=True)
+        rows = []
+        for number, name in enumerate(names):
+            shutil.copyfile(folder / f"{name}.{fmt}", demo / fmt / f"t{number}.{fmt}")
+            rows.append({"id": f"{fmt}-t{number}", "filepaths": [f"{fmt}/t{number}.{fmt}"], "source": "demo",
+                         "texts": {"caption_en": f"tune {number}", "caption_de": f"Stück {number}"},
+                         "title": f"T{number}", "pair_id": f"t{number}"})
+        write_jsonl(demo / testsets.TEST_FILES[fmt], rows)
+    training = tmp_path / "train.jsonl"
+    write_jsonl(training, [{"id": "abc-t1", "filepaths": []}])  # one held-out piece leaked by id
+    out = tmp_path / "test"
+    absent = tmp_path / "absent.jsonl"
+    keys = [f"--{key}={absent}" for key in ("LORA_ABC_TRAIN_JSONL", "LORA_ABC_VALID_JSONL",
+                                             "LORA_MTF_TRAIN_JSONL", "LORA_MTF_VALID_JSONL")]
+    done = subprocess.run([sys.executable, str(SCRIPT), "--demo_dir", str(demo), "--output_dir", str(out),
+                           "--training_jsonl", str(training), *keys], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    abc, mtf = read_jsonl(out / "test_abc.jsonl"), read_jsonl(out / "test_mtf.jsonl")
+    assert sorted(r["id"] for r in abc) == ["abc-t0", "abc-t2"] and len(mtf) == 3
+    assert {r["pair_id"] for r in mtf} == {"t0", "t1", "t2"}
+    assert all(r["source"] == "demo" and set(r["texts"]) == {"caption_en", "caption_de"} for r in abc + mtf)

@@ -44,6 +44,7 @@ LEAKAGE_REASONS = (REFUSED_ID, REFUSED_CONTENT, REFUSED_TITLE)
 HOW_TO_MAKE = {
     "wikimt": "python preprocessing/prepare_wikimt.py --input wikimt-x.jsonl",
     "midicaps": "python preprocessing/parse_midicaps.py (it writes data/training/midicaps_test_mtf.jsonl)",
+    "demo": "python -m demo (it builds the demo corpus under data/demo/)",
 }
 
 
@@ -134,6 +135,32 @@ def load_midicaps_test(test_jsonl: Path, drops: DropLog) -> list[Candidate]:
     if not path.is_file():
         raise SourceUnavailable(f"MidiCaps test split (MTF): {path} not found; run: {HOW_TO_MAKE['midicaps']}")
     return _load_jsonl_source(path, "midicaps", "mtf", MIDICAPS_TEXT_FIELDS, drops)
+
+
+def _demo_loader(fmt: str) -> Callable[[Path, DropLog], list[Candidate]]:
+    def load(folder: Path, drops: DropLog) -> list[Candidate]:
+        path = Path(folder) / TEST_FILES[fmt]
+        if not path.is_file():
+            raise SourceUnavailable(f"demo corpus ({fmt}): {path} not found; run: {HOW_TO_MAKE['demo']}")
+        candidates = []
+        for number, record in iter_jsonl(path):
+            pid, file = record.get("id"), _record_file(record, path.parent)
+            texts = record.get("texts") if isinstance(record.get("texts"), dict) else {}
+            if not isinstance(pid, str) or not pid or file is None:
+                drops.add("record without an id or filepaths", format=fmt, source="demo", line=number)
+                continue
+            candidates.append(Candidate(id=pid, format=fmt, source="demo", file=file,
+                                        texts=_texts(texts, list(texts)), title=_first_string(record.get("title")),
+                                        pair_id=record.get("pair_id") if isinstance(record.get("pair_id"), str) else None))
+        return candidates
+
+    return load
+
+
+def demo_sources(demo_dir: Path) -> list[Source]:
+    """The demo corpus's held-out pieces (written in this test-set format by ``demo.corpus``): one
+    Source per format, the same tune sharing a ``pair_id`` across them."""
+    return [Source("demo", fmt, Path(demo_dir), _demo_loader(fmt)) for fmt in FORMATS]
 
 
 def default_sources(wikimt_dir: Path, midicaps_test: Path) -> list[Source]:
