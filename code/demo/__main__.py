@@ -118,6 +118,52 @@ class Demo:
         save_official_checkpoint(model.state_dict(), self.root / "init_weights.pth",
                                  {"about": "demo initial weights: random symbolic side, e5-small text tower"})
 
+    def check_outputs(self) -> int:
+        """Every output of every stage exists and can be read as what it claims to be; raises
+        SystemExit naming the first one that is not (``make demo-quick`` in CI relies on this)."""
+        from fileio import read_jsonl
+        from modeling import load_clamp3
+
+        problems: list[str] = []
+        checked = 0
+
+        def need(path: Path, what: str, test=lambda p: p.stat().st_size > 0) -> None:
+            nonlocal checked
+            try:
+                ok = path.exists() and bool(test(path))
+            except Exception as exc:  # noqa: BLE001 - whatever fails to read is the finding
+                ok, what = False, f"{what} ({type(exc).__name__}: {exc})"
+            checked += 1
+            if not ok:
+                problems.append(f"{path.relative_to(REPO_ROOT)}: {what}")
+
+        corpus, results = self.root / "corpus", self.root / "results"
+        for split in ("base_train_abc", "base_valid_abc", "adapt_train_abc", "adapt_valid_abc", "adapt_train_mtf",
+                      "adapt_valid_mtf"):
+            need(corpus / f"{split}.jsonl", "training records", lambda p: len(read_jsonl(p)) > 0)
+        config = ModelConfig.from_json(self.root / "model_config.json")
+        need(self.root / "base_abc.pth", "an official-format checkpoint", lambda p: load_clamp3(config, p))
+        for fmt in ("abc", "mtf"):
+            adapter = self.root / "adapters" / f"lora_{fmt}_adapter"
+            for name in ("adapter_config.json", "adapter_model.safetensors", "selection.json"):
+                need(adapter / name, "part of a PEFT adapter")
+            need(self.root / "test" / f"test_{fmt}.jsonl", "a test set", lambda p: len(read_jsonl(p)) > 0)
+            need(self.root / "runs" / "adapters" / f"{fmt.upper()}_history.json", "a training history",
+                 lambda p: len(json.loads(p.read_text())) > 0)
+        for system in ("baseline", "lora"):
+            need(results / f"evaluation_{system}_report.json", "an evaluation report",
+                 lambda p: {"abc", "mtf"} <= set(json.loads(p.read_text())["sets"]))
+            need(results / f"evaluation_{system}_ranks.jsonl", "per-query ranks")
+        need(results / "evaluation_comparison_report.json", "the comparison", lambda p: json.loads(p.read_text()))
+        need(results / "evaluation_summary.txt", "the summary", lambda p: "LoRA" in p.read_text())
+        plots = sorted((results / "plots").glob("*.png"))
+        need(results / "plots", "plots", lambda p: len(plots) >= 4)
+        for plot in plots:
+            need(plot, "a PNG image", lambda p: p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n")
+        if problems:
+            raise SystemExit("[demo] outputs missing or malformed:\n  " + "\n  ".join(problems))
+        return checked
+
     def run(self) -> int:
         rel = self.root.relative_to(REPO_ROOT).as_posix()
         quick = QUICK_OVERRIDES if self.quick else {}
@@ -148,6 +194,8 @@ class Demo:
             self.stage(f"evaluation ({system})", None, lambda s=system: self.script(
                 f"evaluate_{s}.py", "demo_eval.py", "--quiet", overrides=evaluation))
         self.stage("comparison", None, lambda: self.script("compare_results.py", "demo_eval.py", overrides=evaluation))
+        checked = self.check_outputs()
+        print(f"[demo] outputs checked: {checked} files exist and are well formed", flush=True)
         total = time.time() - self.started
         summary = self.root / "results" / "evaluation_summary.txt"
         print(f"\n[demo] finished in {total / 60:.1f} min; summary: {summary.relative_to(REPO_ROOT)}\n")
