@@ -85,6 +85,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
     return path
 
 
+def swap_in_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Put a completely written ``staging`` folder in the place of ``target`` (which may exist):
+    the old folder is moved aside, the new one renamed in, the old one deleted, so ``target``
+    always holds one whole version."""
+    import shutil
+
+    staging, target = Path(staging), Path(target)
+    previous = target.with_name(f".{target.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        target.rename(previous)
+    staging.rename(target)
+    shutil.rmtree(previous, ignore_errors=True)
+    return target
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 

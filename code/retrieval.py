@@ -127,6 +127,17 @@ class FeatureSet:
         return index
 
 
+def load_query_and_reference(query_root: str | os.PathLike, reference_root: str | os.PathLike,
+                              first_reference_per_key: bool = True) -> tuple[FeatureSet, FeatureSet]:
+    """Both folders of an inference tool; features of different dimensions are an error."""
+    queries = load_feature_folder(query_root)
+    references = load_feature_folder(reference_root, first_per_key=first_reference_per_key)
+    if queries.dimension != references.dimension:
+        raise FeatureFileError(f"query features have dimension {queries.dimension}, reference features "
+                               f"{references.dimension}")
+    return queries, references
+
+
 def load_feature_folder(root: str | os.PathLike, first_per_key: bool = False) -> FeatureSet:
     """Every ``.npy`` feature under ``root`` (recursively), optionally only the first file per key."""
     relatives = find_files(root, [FEATURE_EXTENSION])

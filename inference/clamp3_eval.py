@@ -33,7 +33,13 @@ from pathlib import Path
 import metrics
 import numpy as np
 from fileio import atomic_write_text, write_jsonl
-from retrieval import NEAR_TIE_TOLERANCE, FeatureFileError, load_feature_folder, match_keys, official_ranks
+from retrieval import (
+    NEAR_TIE_TOLERANCE,
+    FeatureFileError,
+    load_query_and_reference,
+    match_keys,
+    official_ranks,
+)
 
 RANKS_FILE = "retrieval_ranks.jsonl"
 UNMATCHED_FILE = "unmatched_files.jsonl"
@@ -59,14 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Query folder:", args.query_folder)
     print("Reference folder:", args.reference_folder)
     try:
-        queries = load_feature_folder(args.query_folder)
-        references = load_feature_folder(args.reference_folder, first_per_key=True)
+        queries, references = load_query_and_reference(args.query_folder, args.reference_folder, True)
     except (FileNotFoundError, FeatureFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if queries.dimension != references.dimension:
-        print(f"error: query features have dimension {queries.dimension}, reference features "
-              f"{references.dimension}", file=sys.stderr)
         return 2
     if references.shadowed:
         print(f"note: {len(references.shadowed)} reference files share a key with an earlier file and were "

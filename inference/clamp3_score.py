@@ -27,7 +27,7 @@ import metrics
 import numpy as np
 import torch
 from fileio import atomic_write_text, write_jsonl
-from retrieval import FeatureFileError, FeatureSet, load_feature_folder, match_keys
+from retrieval import FeatureFileError, FeatureSet, load_query_and_reference, match_keys
 
 PAIRS_FILE = "pairwise_similarities.jsonl"
 UNMATCHED_FILE = "unmatched_files.jsonl"
@@ -66,14 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Query folder:", args.query_folder)
     print("Reference folder:", args.reference_folder)
     try:
-        queries = load_feature_folder(args.query_folder)
-        references = load_feature_folder(args.reference_folder, first_per_key=not args.group)
+        queries, references = load_query_and_reference(args.query_folder, args.reference_folder, not args.group)
     except (FileNotFoundError, FeatureFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if queries.dimension != references.dimension:
-        print(f"error: query features have dimension {queries.dimension}, reference features "
-              f"{references.dimension}", file=sys.stderr)
         return 2
     if args.group:
         similarity = group_similarity(queries.vectors, references.vectors)

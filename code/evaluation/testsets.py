@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fileio import DropLog, iter_jsonl, read_jsonl, write_jsonl
+from fileio import DropLog, iter_jsonl, read_jsonl, swap_in_folder, write_jsonl
 from preprocess.training_jsonl import check_file, normalise_title
 from preprocess.wikimt import RECORDS_NAME as WIKIMT_RECORDS_NAME
 from preprocess.wikimt import TEXT_TYPES as WIKIMT_TEXT_TYPES
@@ -406,12 +406,7 @@ def write_test_set(plan: TestSetPlan, output_dir: str | os.PathLike,
                 shutil.copyfile(candidate.file, destination)
             write_jsonl(staging / TEST_FILES[fmt], [test_record(c) for c in plan.selected[fmt]])
         write_summary(staging / SUMMARY_NAME)
-        previous = target.with_name(f".{target.name}.previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        if target.exists():
-            target.rename(previous)
-        staging.rename(target)
-        shutil.rmtree(previous, ignore_errors=True)
+        swap_in_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -26,7 +26,7 @@ import runconfig
 import torch
 from fast_linears import onednn_linear_available, onednn_linears
 from features import load_text_tokenizer
-from fileio import DropLog, repo_path
+from fileio import DropLog, repo_path, swap_in_folder
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, masked_mean
 from patchilizer import M3Patchilizer
 from peft import PeftModel
@@ -621,12 +621,7 @@ def _save_best(ctx: RunContext, fmt: str, model: nn.Module, core: CLaMP3Model, e
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
     write_json(staging / "selection.json", selection)
-    previous = target.with_name(f".{target.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        target.rename(previous)
-    staging.rename(target)
-    shutil.rmtree(previous, ignore_errors=True)
+    swap_in_folder(staging, target)
 
 
 def _export_merged(ctx: RunContext, fmt: str, log: RunLogger) -> None:
