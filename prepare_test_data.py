@@ -22,6 +22,7 @@ from fileio import repo_path
 
 DEFAULT_WIKIMT_DIR = "data/eval/wikimt"
 DEFAULT_MIDICAPS_TEST = "data/training/midicaps_test_mtf.jsonl"
+DEFAULT_DEMO_DIR = "data/demo/corpus/test"  # written by python -m demo
 TRAINING_KEYS = ("LORA_ABC_TRAIN_JSONL", "LORA_ABC_VALID_JSONL", "LORA_MTF_TRAIN_JSONL", "LORA_MTF_VALID_JSONL")
 
 
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wikimt_dir", help=f"output of preprocessing/prepare_wikimt.py (default: {DEFAULT_WIKIMT_DIR})")
     parser.add_argument("--midicaps_test", help=f"MidiCaps test JSONL (default: {DEFAULT_MIDICAPS_TEST})")
     parser.add_argument("--demo_dir", help="take both formats from the demo corpus's held-out pieces instead "
-                                           "(a folder in the test-set format, written by python -m demo)")
+                                           "(a folder in the test-set format, written by python -m demo; used by "
+                                           f"default, from {DEFAULT_DEMO_DIR}, when no other source exists)")
     parser.add_argument("--training_jsonl", action="append", default=[], metavar="FILE",
                         help="another training JSONL to guard against (repeatable), besides " + ", ".join(TRAINING_KEYS))
     parser.add_argument("--output_dir", help="where the test set goes (default: TEST_DATA_DIR)")
@@ -55,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir).absolute() if args.output_dir else repo_path(cfg["TEST_DATA_DIR"])
     training = [repo_path(cfg[key]) for key in TRAINING_KEYS if cfg[key]]
     training += [Path(p).absolute() for p in args.training_jsonl]
-    sources = (testsets.demo_sources(Path(args.demo_dir).absolute()) if args.demo_dir
-               else testsets.default_sources(wikimt_dir, midicaps_test))
+    demo_dir = Path(args.demo_dir).absolute() if args.demo_dir else None
+    given = args.wikimt_dir or args.midicaps_test
+    if demo_dir is None and not given and not wikimt_dir.exists() and not midicaps_test.exists() \
+            and repo_path(DEFAULT_DEMO_DIR).is_dir():
+        demo_dir = repo_path(DEFAULT_DEMO_DIR)  # no real source here: the demo corpus's held-out pieces
+        print(f"no WikiMT-X or MidiCaps output found; using the demo corpus's held-out pieces ({demo_dir})")
+    sources = testsets.demo_sources(demo_dir) if demo_dir else testsets.default_sources(wikimt_dir, midicaps_test)
     seed = cfg["SEED"]
 
     try:
