@@ -85,6 +85,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], None], bina
     return path
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, read in chunks (checkpoints of several GB included)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def swap_in_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
     """Put a completely written ``staging`` folder in the place of ``target`` (which may exist):
     the old folder is moved aside, the new one renamed in, the old one deleted, so ``target``

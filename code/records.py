@@ -99,3 +99,11 @@ def parse_bool(value: Any) -> bool:
         return False
     raise ValueError(f"not a boolean: {value!r}")
 
+
+
+def piece_hash(seed: int, piece_id: str) -> bytes:
+    """A seeded SHA-256 of a piece id: the one rule behind every split and selection by piece
+    (training/validation split, test-set order, demo splits), independent of the records' order."""
+    import hashlib
+
+    return hashlib.sha256(f"{seed}\x00{piece_id}".encode("utf-8", "surrogatepass")).digest()

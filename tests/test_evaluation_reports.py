@@ -118,12 +118,12 @@ def check_summary_block(summary: dict, n: int) -> None:
 
 @pytest.mark.parametrize("system", ["baseline", "lora"])
 def test_each_report_has_every_field(chain, system):
-    from training.checkpoint import file_fingerprint
+    from fileio import file_sha256
 
     results = chain["results"]
     report = load(results / f"evaluation_{system}_report.json")
     assert report["system"] == system
-    assert report["weights"]["sha256"] == file_fingerprint(TINY_WEIGHTS)
+    assert report["weights"]["sha256"] == file_sha256(TINY_WEIGHTS)
     assert report["settings"]["tie_rules"].keys() == {"official", "expected"}
     assert report["settings"]["headline_tie_rule"] == "expected"
     assert list(report["sets"]["abc"]["fields"]) == list(WIKIMT_FIELDS)

@@ -12,6 +12,7 @@ import pytest
 from conftest import OFFICIAL, REPO_ROOT
 from evaluation import testsets
 from fileio import read_jsonl, write_jsonl
+from records import piece_hash
 
 SCRIPT = REPO_ROOT / "prepare_test_data.py"
 ABC_FIXTURES = OFFICIAL / "outputs" / "int_abc_from_abc_inputs"
@@ -187,9 +188,9 @@ def test_help_runs():
 
 def test_selection_order_depends_on_the_seed_not_the_source_order():
     ids = [f"piece{i}" for i in range(20)]
-    order = sorted(ids, key=lambda i: testsets.selection_key(42, i))
-    assert order == sorted(reversed(ids), key=lambda i: testsets.selection_key(42, i))
-    assert order != sorted(ids, key=lambda i: testsets.selection_key(7, i))
+    order = sorted(ids, key=lambda i: piece_hash(42, i))
+    assert order == sorted(reversed(ids), key=lambda i: piece_hash(42, i))
+    assert order != sorted(ids, key=lambda i: piece_hash(7, i))
 
 
 def test_a_broken_training_jsonl_is_an_error_naming_the_line(sources, tmp_path):

@@ -44,13 +44,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fileio import DropLog, atomic_write_bytes, atomic_write_text, with_extension
+from fileio import DropLog, atomic_write_bytes, atomic_write_text, file_sha256, with_extension
 from preprocess.abc_normalise import abc_to_musicxml, normalise_abc
 from preprocess.batch import run_batch
 from preprocess.errors import ConversionError, describe_exception
 from preprocess.interleave import interleave_abc, read_abc_text
 from preprocess.midi_mtf import M3_SKIPPED_META_TYPES, midi_bytes_to_mtf
 from preprocess.training_jsonl import normalise_title
+from records import piece_hash
 
 from demo.captions import all_titles, caption_source_lines, captions_for, strip_caption_sources, tune_metadata
 
@@ -199,10 +200,6 @@ def read_collections(corpus_dir: Path, drops: DropLog) -> tuple[list[Tune], dict
 # ----------------------------------------------------------------------------- splits
 
 
-def selection_key(seed: int, piece_id: str) -> bytes:
-    return hashlib.sha256(f"{seed}\x00{piece_id}".encode()).digest()
-
-
 def _margin(requested: int, share: float, extra: int) -> int:
     """Candidates to convert for ``requested`` pieces: a few more, since some tunes fail."""
     return requested + extra + math.ceil(requested * share) if requested else 0
@@ -216,7 +213,7 @@ def plan_candidates(tunes: list[Tune], size: CorpusSize, seed: int) -> dict[str,
     candidate of at most one split, except that the MTF splits take the same tunes as the ABC
     splits of their role (the same tune as sheet music and as a performance, both in training).
     """
-    order = sorted(tunes, key=lambda t: selection_key(seed, t.id))
+    order = sorted(tunes, key=lambda t: piece_hash(seed, t.id))
     adapt = [t for t in order if COLLECTIONS[t.collection][1] == "adapt"]
     base = [t for t in order if COLLECTIONS[t.collection][1] == "base"]
     test = adapt[:_margin(size.test, 0.1, 3)]
@@ -334,10 +331,6 @@ def _jsonl_bytes(rows: list[dict]) -> bytes:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- the build
 
 
@@ -382,7 +375,7 @@ def _select(candidates: dict[str, list[Tune]], size: CorpusSize, work: Path) -> 
             files = {fmt: work / fmt / f"{tune.id}.{fmt}" for fmt in formats}
             if not all(f.is_file() for f in files.values()):
                 continue
-            digests = {fmt: _digest(f) for fmt, f in files.items()}
+            digests = {fmt: file_sha256(f) for fmt, f in files.items()}
             if any(d in seen[fmt] for fmt, d in digests.items()):
                 continue
             for fmt, d in digests.items():

@@ -222,9 +222,9 @@ class Preflight:
         if not expected:
             return None
         if self._base_fingerprint is None:
-            from training.checkpoint import file_fingerprint
+            from fileio import file_sha256
 
-            self._base_fingerprint = file_fingerprint(self.settings.weights)
+            self._base_fingerprint = file_sha256(self.settings.weights)
         if self._base_fingerprint != expected:
             return (f"trained on another base checkpoint ({selection.get('base_weights')}); pass that as "
                     f"--weights, or retrain the adapter on {self.settings.weights}")

@@ -29,9 +29,8 @@ from typing import Any
 import metrics
 import numpy as np
 import runconfig
-from fileio import atomic_write, atomic_write_text, repo_path, write_jsonl
+from fileio import atomic_write, atomic_write_text, file_sha256, repo_path, write_jsonl
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, resolve_device
-from training.checkpoint import file_fingerprint
 
 from evaluation import testsets
 
@@ -241,7 +240,7 @@ def evaluate_features(features: list[SetFeatures], n_resamples: int, seed: int,
             similarities[similarity_key(test_set.name, name, "matched")] = matched
             similarities[similarity_key(test_set.name, name, "unmatched")] = unmatched
         sets[test_set.name] = {"format": test_set.fmt, "source": test_set.source, "jsonl": str(test_set.jsonl),
-                               "jsonl_sha256": file_fingerprint(test_set.jsonl), "n_pieces": len(test_set.pieces),
+                               "jsonl_sha256": file_sha256(test_set.jsonl), "n_pieces": len(test_set.pieces),
                                "ids_sha256": test_set.ids_sha256(), "fields": fields}
     cross = _cross_format(features, n_resamples, seed, max_unmatched, rows, similarities)
     report = {"sets": sets, "cross_format": cross}
@@ -389,7 +388,7 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
                                int(cfg["EVAL_SIMILARITY_SAMPLE"]))
 
     names = companion_names(system)
-    weights_info = {"path": str(weights), "sha256": file_fingerprint(weights)}
+    weights_info = {"path": str(weights), "sha256": file_sha256(weights)}
     report = {
         "system": system,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -17,7 +17,6 @@ a training JSONL: retrieval on pieces the adapter was trained on would measure m
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections import Counter
@@ -26,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fileio import DropLog, iter_jsonl, read_jsonl, swap_in_folder, write_jsonl
+from fileio import DropLog, file_sha256, iter_jsonl, read_jsonl, swap_in_folder, write_jsonl
 from preprocess.training_jsonl import check_file, normalise_title
 from preprocess.wikimt import RECORDS_NAME as WIKIMT_RECORDS_NAME
 from preprocess.wikimt import TEXT_TYPES as WIKIMT_TEXT_TYPES
+from records import piece_hash
 
 FORMATS = ("abc", "mtf")
 TEST_FILES = {"abc": "test_abc.jsonl", "mtf": "test_mtf.jsonl"}
@@ -171,14 +171,6 @@ def default_sources(wikimt_dir: Path, midicaps_test: Path) -> list[Source]:
 # ----------------------------------------------------------------------------- training data
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class TrainingIndex:
     """What the training data holds: ids, normalised titles and the SHA-256 of its music files."""
@@ -221,7 +213,7 @@ def index_training_data(jsonls: Iterable[str | os.PathLike], sizes: set[int] | N
                     index.files_not_found += 1
                     continue
                 if sizes is None or size in sizes:
-                    index.digests.add(file_digest(file))
+                    index.digests.add(file_sha256(file))
     return index
 
 
@@ -238,11 +230,6 @@ def leakage(candidate: Candidate, digest: str, index: TrainingIndex) -> list[str
 
 
 # ----------------------------------------------------------------------------- selection
-
-
-def selection_key(seed: int, piece_id: str) -> bytes:
-    """The order pieces are taken in: a seeded hash of the id, independent of the source's order."""
-    return hashlib.sha256(f"{seed}\x00{piece_id}".encode("utf-8", "surrogatepass")).digest()
 
 
 def _unsafe_id(piece_id: str) -> bool:
@@ -306,7 +293,7 @@ def plan_test_set(sources: Sequence[Source], requested: dict[str, int], training
     digests: dict[int, str] = {}
     for number, candidate in enumerate(candidates):
         if candidate.file.is_file():
-            digests[number] = file_digest(candidate.file)
+            digests[number] = file_sha256(candidate.file)
     sizes = {candidates[n].file.stat().st_size for n in digests}
     plan.training = index_training_data(training_jsonls, sizes)
     if plan.training.missing:
@@ -346,7 +333,7 @@ def plan_test_set(sources: Sequence[Source], requested: dict[str, int], training
         wanted = requested.get(fmt, 0)
         # Files are verified in selection order, only until enough are taken: the patchilizer on a
         # whole source would cost minutes for pieces that are never used.
-        for candidate in sorted(kept[fmt], key=lambda c: selection_key(seed, c.id)):
+        for candidate in sorted(kept[fmt], key=lambda c: piece_hash(seed, c.id)):
             if len(plan.selected[fmt]) >= wanted:
                 break
             problem = check_file(candidate.file, verify=True)

@@ -16,7 +16,6 @@ metadata.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from fileio import DropLog, atomic_write_text, iter_jsonl, read_jsonl, with_extension, write_jsonl
 from pools import process_context
+from records import piece_hash
 from tqdm import tqdm
 
 from preprocess.errors import describe_exception
@@ -87,8 +87,7 @@ def load_titles(path: str | os.PathLike) -> set[str]:
 
 def split_of(piece_id: str, valid_fraction: float, seed: int = 42) -> str:
     """"valid" for a stable pseudo-random ``valid_fraction`` of ids, "train" for the rest."""
-    digest = hashlib.sha256(f"{seed}\x00{piece_id}".encode("utf-8", "surrogatepass")).digest()
-    position = int.from_bytes(digest[:8], "big") / 2**64
+    position = int.from_bytes(piece_hash(seed, piece_id)[:8], "big") / 2**64
     return "valid" if position < valid_fraction else "train"
 
 

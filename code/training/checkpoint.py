@@ -8,7 +8,6 @@ one that was never interrupted (on CPU).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -91,12 +90,3 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     # weights_only=False: the checkpoint holds RNG states and the optimizer's plain Python
     # objects; it is the run's own file, never a downloaded one.
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    """SHA-256 of a file's bytes (the base checkpoint an adapter was trained on)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

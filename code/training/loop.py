@@ -26,7 +26,7 @@ import runconfig
 import torch
 from fast_linears import onednn_linear_available, onednn_linears
 from features import load_text_tokenizer
-from fileio import DropLog, repo_path, swap_in_folder
+from fileio import DropLog, file_sha256, repo_path, swap_in_folder
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, masked_mean
 from patchilizer import M3Patchilizer
 from peft import PeftModel
@@ -107,7 +107,7 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
     if not weights.is_file():
         raise FileNotFoundError(f"base checkpoint not found: {weights}. Download the official CLaMP 3 C2 "
                                 "weights (see README) or pass --weights PATH.")
-    base_fingerprint = ckpt.file_fingerprint(weights) if dist.is_main else None
+    base_fingerprint = file_sha256(weights) if dist.is_main else None
     base_fingerprint = distributed.broadcast_object(base_fingerprint)
     formats = ["abc", "mtf"] if args.format == "both" else [args.format]
     ctx = RunContext(cfg=cfg, args=args, dist=dist, run_dir=run_dir, model_config=model_config, weights=weights,
