@@ -129,3 +129,11 @@ TEST_DATA_DIR = "data/test/"
 RESULTS_DIR = "results/"  # reports, per-query ranks, summaries and plots/
 EVAL_BOOTSTRAP = 1000  # bootstrap resamples and sign flips behind every interval and p-value (seeded by SEED)
 EVAL_SIMILARITY_SAMPLE = 20000  # unmatched (text, music) pairs sampled per field for the similarity histograms
+
+# ---------------------------------------------------------------- raw-file tools (clamp3_embd/search/score/eval.py)
+RAWFILE_CACHE_DIR = "cache/rawfiles/"  # conversions and features, keyed by content, model and adapter
+RAWFILE_DEMO_FALLBACK = True  # no checkpoint at CLAMP3_WEIGHTS_PATH: use the embedded default's models (make demo)
+SEARCH_INDEX_DIR = "cache/search_index/"  # one persistent index per searched folder (unless --index DIR)
+# A local image-captioning model folder (BLIP-style, loaded by transformers' image-to-text pipeline)
+# for image queries; empty = images are searched through a caption you give. Never downloaded.
+CAPTION_MODEL = ""

@@ -70,9 +70,16 @@ class _Segment:
 
 
 def load_text_tokenizer(name_or_path: str):
-    """The XLM-R tokenizer from a local folder or the Hugging Face cache (never downloaded in tests)."""
+    """The XLM-R tokenizer from a local folder (relative: to the repository root) or the Hugging Face
+    cache (never downloaded in tests)."""
+    from fileio import repo_path
     from transformers import AutoTokenizer
 
+    # TEXT_MODEL_NAME is a configuration path: a relative folder is under the repository root (the
+    # path rule of docs/ARCHITECTURE.md), whatever the working directory; otherwise a hub name.
+    local = repo_path(name_or_path)
+    if local.is_dir():
+        name_or_path = str(local)
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the advice is the same
