@@ -118,6 +118,18 @@ class Demo:
         save_official_checkpoint(model.state_dict(), self.root / "init_weights.pth",
                                  {"about": "demo initial weights: random symbolic side, e5-small text tower"})
 
+    def classification(self, rel: str, evaluation: list[str]) -> None:
+        from demo.labels import LABEL_FIELD, label_set_paths, write_label_sets
+
+        write_label_sets(self.root)
+        for fmt in ("abc", "mtf"):
+            sets = label_set_paths(self.root, fmt)
+            self.script("classification/evaluate_cls.py", "demo_eval.py", "--train", str(sets["train"]),
+                        "--test", str(sets["test"]), "--label_field", LABEL_FIELD,
+                        "--min_count", "3" if self.quick else "10", "--quiet",
+                        "--output", str(self.root / "results" / f"classification_tune_type_{fmt}.json"),
+                        overrides=[*evaluation, f"--RAWFILE_CACHE_DIR={rel}/cache/rawfiles/"])
+
     def check_outputs(self) -> int:
         """Every output of every stage exists and can be read as what it claims to be; raises
         SystemExit naming the first one that is not (``make demo-quick`` in CI relies on this)."""
@@ -156,6 +168,9 @@ class Demo:
             need(results / f"evaluation_{system}_ranks.jsonl", "per-query ranks")
         need(results / "evaluation_comparison_report.json", "the comparison", lambda p: json.loads(p.read_text()))
         need(results / "evaluation_summary.txt", "the summary", lambda p: "LoRA" in p.read_text())
+        for fmt in ("abc", "mtf"):
+            need(results / f"classification_tune_type_{fmt}.json", "a classification report",
+                 lambda p: {"base", "adapters"} <= set(json.loads(p.read_text())["systems"]))
         plots = sorted((results / "plots").glob("*.png"))
         need(results / "plots", "plots", lambda p: len(plots) >= 4)
         for plot in plots:
@@ -194,6 +209,8 @@ class Demo:
             self.stage(f"evaluation ({system})", None, lambda s=system: self.script(
                 f"evaluate_{s}.py", "demo_eval.py", "--quiet", overrides=evaluation))
         self.stage("comparison", None, lambda: self.script("compare_results.py", "demo_eval.py", overrides=evaluation))
+        self.stage("classification (tune types: zero-shot and linear probe, base against adapters)", None,
+                   lambda: self.classification(rel, evaluation))
         checked = self.check_outputs()
         print(f"[demo] outputs checked: {checked} files exist and are well formed", flush=True)
         total = time.time() - self.started
