@@ -118,6 +118,11 @@ class Demo:
         save_official_checkpoint(model.state_dict(), self.root / "init_weights.pth",
                                  {"about": "demo initial weights: random symbolic side, e5-small text tower"})
 
+    def examples(self) -> None:
+        from demo.labels import write_examples
+
+        write_examples(self.root)
+
     def classification(self, rel: str, evaluation: list[str]) -> None:
         from demo.labels import LABEL_FIELD, label_set_paths, write_label_sets
 
@@ -168,6 +173,8 @@ class Demo:
             need(results / f"evaluation_{system}_ranks.jsonl", "per-query ranks")
         need(results / "evaluation_comparison_report.json", "the comparison", lambda p: json.loads(p.read_text()))
         need(results / "evaluation_summary.txt", "the summary", lambda p: "LoRA" in p.read_text())
+        for folder in ("captions", "sheet", "midi"):
+            need(self.root / "examples" / folder, "raw-file examples", lambda p: any(p.iterdir()))
         for fmt in ("abc", "mtf"):
             need(results / f"classification_tune_type_{fmt}.json", "a classification report",
                  lambda p: {"base", "adapters"} <= set(json.loads(p.read_text())["systems"]))
@@ -209,6 +216,8 @@ class Demo:
             self.stage(f"evaluation ({system})", None, lambda s=system: self.script(
                 f"evaluate_{s}.py", "demo_eval.py", "--quiet", overrides=evaluation))
         self.stage("comparison", None, lambda: self.script("compare_results.py", "demo_eval.py", overrides=evaluation))
+        self.stage("raw-file examples (the test tunes as caption, sheet-music and MIDI files)",
+                   self.root / "examples" / "README.md", self.examples)
         self.stage("classification (tune types: zero-shot and linear probe, base against adapters)", None,
                    lambda: self.classification(rel, evaluation))
         checked = self.check_outputs()

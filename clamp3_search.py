@@ -1,0 +1,105 @@
+"""Search a folder of music by text, by a piece of music or by an image's caption (the official raw-file
+clamp3_search.py, with a persistent index).
+
+    python clamp3_search.py QUERY FOLDER [--top_k K] [--json] [--format abc|mtf] [--caption TEXT]
+                            [--index DIR] [--no_update] [--no_adapter] [--weights PATH] [--model_config FILE]
+                            [--abc_mode MODE] [--cache_dir DIR] [--error_log FILE] [--quiet]
+                            [--config FILE] [--KEY=value ...]
+
+QUERY is a music file (.abc, .xml/.mxl/.musicxml, .mid/.midi, .mtf, MERT .npy: music -> music, the
+file itself left out), a .txt file (its text), an image (its caption: --caption, a .txt file of
+the same name beside it, or the CAPTION_MODEL hook; nothing is downloaded), or else the text
+itself: python clamp3_search.py "a lively jig in D major" scores/
+
+FOLDER's music files are embedded once into a persistent index (SEARCH_INDEX_DIR/<folder>-<digest>,
+or --index DIR): each later search embeds only new and changed files and drops removed ones (the
+conversions and features are cached by content as well). Sheet music goes through the ABC adapter,
+MIDI through the MTF adapter (--no_adapter for the base); without the C2 checkpoint, the embedded
+default's models (make demo). Prints the K best: rank, cosine, format and file (copies with
+identical content are one result, their other paths listed); --json prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import music_search
+import rawfiles
+import runconfig
+from fileio import DropLog, failure_log_path
+from search_index import SearchIndexError
+
+FORMAT_KINDS = {"abc": ("abc", "musicxml"), "mtf": ("midi", "mtf")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("query", help="a music file, a .txt file, an image, or the text to search for")
+    parser.add_argument("folder", help="folder of music to search (searched recursively)")
+    parser.add_argument("--top_k", type=int, default=10, help="how many results (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--format", choices=sorted(FORMAT_KINDS), help="only sheet music (abc) or only MIDI (mtf)")
+    parser.add_argument("--caption", help="the caption of an image query (or a text query by another name)")
+    parser.add_argument("--index", help="the index folder (default: one under SEARCH_INDEX_DIR per FOLDER)")
+    parser.add_argument("--no_update", action="store_true", help="search the index as it is, without checking FOLDER")
+    parser.add_argument("--error_log", default=str(failure_log_path("clamp3_search")),
+                        help="JSONL log of files that failed (default: %(default)s)")
+    rawfiles.add_model_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, cfg = runconfig.parse_args(parser, argv)
+    if args.top_k < 1:
+        parser.error(f"--top_k must be positive, got {args.top_k}")
+
+    def say(message: str) -> None:
+        if not args.quiet and not args.json:
+            print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    try:
+        embedder = rawfiles.embedder_from_args(args, cfg)
+        query = music_search.resolve_query(args.query, args.caption, embedder.cfg["CAPTION_MODEL"])
+        index_dir = args.index or music_search.default_index_dir(embedder.cfg, args.folder)
+        for line in embedder.choice.describe():
+            say(line)
+        with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
+            if args.no_update:
+                index = music_search.SearchIndex.open(index_dir, music_search.index_model_key(embedder), create=False)
+                say(f"index: {index_dir} ({index.n_vectors} pieces; not updated)")
+            else:
+                started = time.perf_counter()
+                index, summary, skipped = music_search.update_index(embedder, args.folder, index_dir, rebuild=True,
+                                                                    drops=drops)
+                say(f"index: {index_dir}: {summary.line()} ({time.perf_counter() - started:.1f} s)"
+                    + (f"; not music, left out: {len(skipped)} file(s)" if skipped else ""))
+            vector, exclude = music_search.query_vector(embedder, query)
+    except (FileNotFoundError, ValueError, RuntimeError, SearchIndexError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    formats = FORMAT_KINDS[args.format] if args.format else None
+    hits = index.search(vector, args.top_k, exclude_sha256=exclude, formats=formats)[0]
+    seconds = time.perf_counter() - started
+    root = index.root or args.folder
+    if args.json:
+        print(json.dumps({"query": args.query, "query_source": query.source, "query_text": query.text,
+                          "folder": args.folder, "root": root, "index": str(index_dir),
+                          "n_indexed": len(index.entries), "models": embedder.choice.describe(),
+                          "search_seconds": seconds, "results": [hit.to_dict() for hit in hits]}, indent=2))
+        return 0
+    say(f"query: {query.source}" + (f": {query.text!r}" if query.text and query.source != "text" else ""))
+    print(f"{len(hits)} best of {len(index.entries)} pieces ({seconds * 1000:.1f} ms):")
+    for hit in hits:
+        copies = f"  (+{len(hit.duplicates)} identical: {', '.join(hit.duplicates)})" if hit.duplicates else ""
+        print(f"{hit.rank:>4}  {hit.score:.4f}  {hit.format:<8}  {hit.path}{copies}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""clamp3_search.py on raw folders with the tiny fixture model: text, music and image queries, the
+index kept in step with the folder (nothing embedded twice, changes and removals followed), results
+sorted and de-duplicated, the adapter of each format."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import music_search
+import numpy as np
+import pytest
+import rawfiles
+import runconfig
+import search_index
+from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from test_rawfiles import adapters  # noqa: F401 - the module-scoped fixture, shared
+
+
+@pytest.fixture(scope="module")
+def search_main():
+    spec = importlib.util.spec_from_file_location("raw_clamp3_search", REPO_ROOT / "clamp3_search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture()
+def scores(tmp_path: Path) -> Path:
+    folder = tmp_path / "scores"
+    (folder / "midi").mkdir(parents=True)
+    for path in sorted((OFFICIAL / "outputs" / "int_abc").iterdir())[:5]:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(OFFICIAL / "inputs" / "xml" / "bach_bwv67.4.xml", folder)
+    shutil.copy(folder / "bach_bwv1.6.abc", folder / "midi" / "same_as_bwv1.6.abc")  # identical content
+    for name in ("edge_multitrack_8.mid", "m21test_test01.mid"):
+        shutil.copy(OFFICIAL / "inputs" / "mid" / name, folder / "midi")
+    (folder / "notes.txt").write_text("w5 w6\n", encoding="utf-8")  # not music: not indexed
+    (folder / "midi" / "broken.mid").write_bytes(b"MThd")
+    return folder
+
+
+def arguments(tmp_path: Path, tokenizer: Path, adapter_dirs: dict[str, Path], *extra: str) -> list[str]:
+    return [*extra, "--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--cache_dir",
+            str(tmp_path / "cache"), "--index", str(tmp_path / "index"), f"--TEXT_MODEL_NAME={tokenizer}",
+            "--EXTRACT_DEVICE=cpu", f"--LORA_ABC_ADAPTER_DIR={adapter_dirs['abc']}",
+            f"--LORA_MTF_ADAPTER_DIR={adapter_dirs['mtf']}", "--error_log", str(tmp_path / "failures.jsonl")]
+
+
+def run_json(main, capsys, argv: list[str]) -> dict:
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def embedder_for(tokenizer: Path, adapter_dirs: dict[str, Path], tmp_path: Path) -> rawfiles.Embedder:
+    cfg = runconfig.build_config(overrides={
+        "MODEL_CONFIG": str(TINY_MODEL_CONFIG), "TEXT_MODEL_NAME": str(tokenizer), "EXTRACT_DEVICE": "cpu",
+        "LORA_ABC_ADAPTER_DIR": str(adapter_dirs["abc"]), "LORA_MTF_ADAPTER_DIR": str(adapter_dirs["mtf"])})
+    return rawfiles.Embedder(rawfiles.choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "cache")
+
+
+def test_text_query_ranks_every_piece_by_cosine(tmp_path, scores, word_tokenizer, adapters, search_main,  # noqa: F811
+                                                capsys):
+    output = run_json(search_main, capsys, [*arguments(tmp_path, word_tokenizer, adapters, "w1 w2 w3",
+                                                       str(scores)), "--top_k", "50"])
+    results = output["results"]
+    paths = [hit["path"] for hit in results]
+    assert output["n_indexed"] == 9  # 5 ABC + 1 MusicXML + 1 copy + 2 MIDI; notes.txt and broken.mid are not in
+    assert len(results) == 8 and "midi/same_as_bwv1.6.abc" not in paths  # the copy is folded into its original
+    original = next(hit for hit in results if hit["path"] == "bach_bwv1.6.abc")
+    assert original["duplicates"] == ["midi/same_as_bwv1.6.abc"]
+    assert [hit["rank"] for hit in results] == list(range(1, 9))
+    assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:], strict=False))
+    assert {hit["format"] for hit in results} == {"abc", "musicxml", "midi"}
+    # The scores are the cosines of the raw-file features, each format through its own adapter.
+    embedder = embedder_for(word_tokenizer, adapters, tmp_path)
+    query = embedder.embed_texts(["w1 w2 w3"])[0]
+    for hit in results:
+        feature = embedder.embed_files([scores / hit["path"]])[0].feature[0]
+        expected = float(np.dot(query, feature) / np.linalg.norm(query) / np.linalg.norm(feature))
+        assert abs(hit["score"] - expected) < 1e-5, hit["path"]
+    assert "broken.mid" in (tmp_path / "failures.jsonl").read_text(encoding="utf-8")
+    midi_only = run_json(search_main, capsys, [*arguments(tmp_path, word_tokenizer, adapters, "w1 w2 w3",
+                                                          str(scores)), "--format", "mtf"])
+    assert {hit["format"] for hit in midi_only["results"]} == {"midi"} and len(midi_only["results"]) == 2
+
+
+def test_music_query_leaves_out_itself_and_its_copies(tmp_path, scores, word_tokenizer, adapters, search_main,  # noqa: F811
+                                                      capsys):
+    output = run_json(search_main, capsys, arguments(tmp_path, word_tokenizer, adapters,
+                                                     str(scores / "bach_bwv1.6.abc"), str(scores), "--top_k", "3"))
+    assert output["query_source"].startswith("music file")
+    paths = [hit["path"] for hit in output["results"]]
+    assert len(paths) == 3 and not {"bach_bwv1.6.abc", "midi/same_as_bwv1.6.abc"} & set(paths)
+
+
+def test_the_index_follows_the_folder_without_embedding_twice(tmp_path, scores, word_tokenizer, adapters):  # noqa: F811
+    embedder = embedder_for(word_tokenizer, adapters, tmp_path)
+    index_dir = tmp_path / "index"
+    _, first, skipped = music_search.update_index(embedder, scores, index_dir)
+    assert len(first.added) == 9 and set(first.failed) == {"midi/broken.mid"} and skipped == ["notes.txt"]
+    embedded_before = embedder.summary.embedded
+    _, again, _ = music_search.update_index(embedder, scores, index_dir)
+    assert len(again.unchanged) == 9 and not again.embedded and embedder.summary.embedded == embedded_before
+    (scores / "bach_bwv67.4.xml").unlink()
+    shutil.copy(OFFICIAL / "inputs" / "mid" / "edge_exact_513_patches.mid", scores / "midi" / "m21test_test01.mid")
+    index, changed, _ = music_search.update_index(embedder, scores, index_dir)
+    assert changed.removed == ["bach_bwv67.4.xml"] and changed.updated == ["midi/m21test_test01.mid"]
+    assert len(index.entries) == 8
+    # Another model (the base, no adapters) never reuses these vectors: the index is rebuilt.
+    base = rawfiles.Embedder(rawfiles.choose_models(embedder.cfg, weights=TINY_WEIGHTS, no_adapter=True),
+                             cache_dir=tmp_path / "cache")
+    assert music_search.index_model_key(base) != music_search.index_model_key(embedder)
+    with pytest.raises(search_index.ModelKeyMismatchError):
+        music_search.update_index(base, scores, index_dir, rebuild=False)
+    _, rebuilt, _ = music_search.update_index(base, scores, index_dir, rebuild=True)
+    assert len(rebuilt.added) == 8
+
+
+def test_image_queries_go_through_a_caption(tmp_path, scores, word_tokenizer, adapters, search_main, capsys,  # noqa: F811
+                                            monkeypatch):
+    image = tmp_path / "cover.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    common = arguments(tmp_path, word_tokenizer, adapters, str(image), str(scores))
+    assert search_main([*common, "--quiet"]) == 2
+    assert "caption" in capsys.readouterr().err
+    with_caption = run_json(search_main, capsys, [*common, "--caption", "w1 w2 w3"])
+    typed = run_json(search_main, capsys, arguments(tmp_path, word_tokenizer, adapters, "w1 w2 w3", str(scores)))
+    assert with_caption["results"] == typed["results"] and with_caption["query_text"] == "w1 w2 w3"
+    image.with_suffix(".txt").write_text("w1 w2 w3\n", encoding="utf-8")
+    assert run_json(search_main, capsys, common)["results"] == typed["results"]
+    image.with_suffix(".txt").unlink()
+    # The captioning hook: a module:function the user names in CAPTION_MODEL.
+    hook = types.ModuleType("my_captioner")
+    hook.caption = lambda path: "w1 w2 w3" if path.endswith("cover.png") else ""
+    monkeypatch.setitem(sys.modules, "my_captioner", hook)
+    hooked = run_json(search_main, capsys, [*common, "--CAPTION_MODEL=my_captioner:caption"])
+    assert hooked["results"] == typed["results"] and "CAPTION_MODEL" in hooked["query_source"]
+    assert search_main([*common, f"--CAPTION_MODEL={tmp_path / 'no-model'}", "--quiet"]) == 2
+    assert "CAPTION_MODEL folder not found" in capsys.readouterr().err
+
+
+def test_clear_errors(tmp_path, scores, word_tokenizer, adapters, search_main, capsys):  # noqa: F811
+    song = tmp_path / "song.wav"
+    song.write_bytes(b"RIFF")
+    assert search_main(arguments(tmp_path, word_tokenizer, adapters, str(song), str(scores))) == 2
+    assert "MERT" in capsys.readouterr().err
+    assert search_main(arguments(tmp_path, word_tokenizer, adapters, "w1", str(tmp_path / "nowhere"))) == 2
+    assert "not found" in capsys.readouterr().err
+    assert search_main(arguments(tmp_path, word_tokenizer, adapters, "w1", str(scores), "--no_update")) == 2
+    assert "no search index" in capsys.readouterr().err
