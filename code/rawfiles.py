@@ -206,11 +206,12 @@ def choose_models(cfg: dict[str, Any], weights: str | os.PathLike | None = None,
             hint = ("run `make demo` for the embedded default's models, or download the C2 checkpoint (README)"
                     if typed is None else "check the path given with --weights")
             raise ModelsNotFoundError(f"weights not found: {configured}; {hint}")
+        shown = configured.relative_to(REPO_ROOT) if configured.is_relative_to(REPO_ROOT) else configured
+        reasons.append(f"no checkpoint at CLAMP3_WEIGHTS_PATH ({shown}), so the embedded default's models "
+                       f"({roots[0]}) are used")
         cfg = _demo_config(cfg, roots[0])
         configured = repo_path(cfg["CLAMP3_WEIGHTS_PATH"])
         source = "demo"
-        reasons.append(f"the checkpoint {repo_path(runconfig.default_config()['CLAMP3_WEIGHTS_PATH']).name} was "
-                       f"not found, so the embedded default's models ({roots[0]}) are used")
     sizes = ModelConfig.resolve(cfg, runconfig.model_config_path(None if source == "demo" else model_config, cfg))
     adapters: dict[str, Path | None] = {}
     for fmt in ("abc", "mtf"):
