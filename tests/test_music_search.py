@@ -153,3 +153,47 @@ def test_clear_errors(tmp_path, scores, word_tokenizer, adapters, search_main, c
     assert "not found" in capsys.readouterr().err
     assert search_main(arguments(tmp_path, word_tokenizer, adapters, "w1", str(scores), "--no_update")) == 2
     assert "no search index" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_captioner(tmp_path_factory) -> Path:
+    """A tiny, randomly initialised BLIP captioning model saved as a local folder, biased to say "reel"."""
+    import torch
+    from transformers import (
+        BertTokenizerFast,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    folder = tmp_path_factory.mktemp("captioner")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "tune", "reel", "jig"]
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    tokenizer.add_special_tokens({"bos_token": "[CLS]", "eos_token": "[SEP]"})
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    config = BlipConfig(
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 16},
+        text_config={"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "bos_token_id": 2, "sep_token_id": 3, "pad_token_id": 0,
+                     "eos_token_id": 3},
+        projection_dim=16)
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    with torch.no_grad():
+        bias = model.text_decoder.cls.predictions.bias
+        bias.zero_()
+        bias[vocab.index("reel")] = 100.0
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_a_local_transformers_captioning_model_captions_an_image(tmp_path, tiny_captioner):
+    query = music_search.resolve_query(str(REPO_ROOT / "data" / "samples" / "cover.png"), None, str(tiny_captioner))
+    assert query.text.split()[:3] == ["reel", "reel", "reel"] and "CAPTION_MODEL" in query.source
+    broken = tmp_path / "not-an-image.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(rawfiles.RawFileError, match="captioning with .* failed"):
+        music_search.resolve_query(str(broken), None, str(tiny_captioner))
