@@ -297,3 +297,17 @@ def test_clamp3_eval_and_score_scripts_on_raw_folders(tmp_path, word_tokenizer, 
     (references / "two.mid").write_bytes(b"MThd")
     assert load_script("clamp3_eval").main([str(queries), str(references), "--output_dir", str(tmp_path),
                                             *common]) == 1
+
+
+def test_mert_features_go_through_the_audio_tower(tmp_path):
+    from features import FeatureExtractor
+
+    width = ModelConfig.from_json(TINY_MODEL_CONFIG).audio["hidden_size"]
+    mert = np.random.default_rng(0).standard_normal((1, 7, width)).astype(np.float32)
+    np.save(tmp_path / "clip.npy", mert)
+    choice = rawfiles.choose_models(tiny_cfg(), weights=TINY_WEIGHTS)
+    result = rawfiles.Embedder(choice, cache_dir=tmp_path / "cache").embed_files([tmp_path / "clip.npy"])[0]
+    assert result.modality == "audio" and result.format is None
+    extractor = FeatureExtractor(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), device="cpu")
+    expected = extractor.extract("audio", [extractor.audio_input(mert)])[0]
+    assert np.abs(result.feature - expected).max() < 1e-6
