@@ -48,13 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = runconfig.parse_args(parser, argv)
     if not Path(args.input_dir).is_dir():
         parser.error(f"input directory not found: {args.input_dir}")
-    try:
-        embedder = rawfiles.embedder_from_args(args, cfg)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    embedder = rawfiles.open_embedder(args, cfg)
+    if embedder is None:
         return 2
-    if not args.quiet:
-        print("\n".join(embedder.choice.describe()))
     files = rawfiles.discover(args.input_dir)
     drops = DropLog("clamp3_embd", args.error_log, echo=lambda message: tqdm.write(message, file=sys.stderr))
     with drops, tqdm(total=len(files), desc="embed", unit="file", disable=args.quiet, dynamic_ncols=True) as bar:

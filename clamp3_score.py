@@ -42,21 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = runconfig.parse_args(build_parser(), argv)
-    try:
-        embedder = rawfiles.embedder_from_args(args, cfg)
-        if not args.quiet:
-            print("\n".join(embedder.choice.describe()))
-        queries, references = rawfiles.embed_query_and_reference(embedder, "clamp3_score", args.query_dir, args.reference_dir,
-                                                                 args.error_log, args.quiet)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     extra = ["--output_dir", args.output_dir]
     extra += ["--group"] if args.group else []
     extra += ["--skip_unmatched"] if args.skip_unmatched else []
     extra += ["--json", args.json] if args.json else []
-    return rawfiles.run_feature_tool("clamp3_score", [str(queries), str(references), *extra], quiet=args.quiet)
-
+    return rawfiles.run_on_two_folders("clamp3_score", args, cfg, extra)
 
 if __name__ == "__main__":
     sys.exit(main())

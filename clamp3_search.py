@@ -60,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def say(message: str) -> None:
         if not args.quiet and not args.json:
-            print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
+            print(message, flush=True)
 
+    embedder = rawfiles.open_embedder(args, cfg, show=not args.quiet and not args.json)
+    if embedder is None:
+        return 2
     try:
-        embedder = rawfiles.embedder_from_args(args, cfg)
         query = music_search.resolve_query(args.query, args.caption, embedder.cfg["CAPTION_MODEL"])
         index_dir = args.index or music_search.default_index_dir(embedder.cfg, args.folder)
-        for line in embedder.choice.describe():
-            say(line)
         with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
             if args.no_update:
                 index = music_search.SearchIndex.open(index_dir, music_search.index_model_key(embedder), create=False)

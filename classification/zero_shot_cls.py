@@ -50,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--labels needs at least two labels")
     try:
         prompts = classify.prompt_texts(labels, args.template)
-        embedder = rawfiles.embedder_from_args(args, cfg)
         files = [Path(args.input_dir) / rel for rel in rawfiles.discover(args.input_dir)]
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print("\n".join(embedder.choice.describe()))
+    embedder = rawfiles.open_embedder(args, cfg)
+    if embedder is None:
+        return 2
     with DropLog("zero_shot_cls", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
         results = embedder.embed_files(files, drops=drops)
     embedded = [(path, result) for path, result in zip(files, results, strict=True)

@@ -644,6 +644,21 @@ def add_model_arguments(parser: Any) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no model summary")
 
 
+def open_embedder(args: Any, cfg: dict[str, Any], show: bool | None = None) -> Embedder | None:
+    """``embedder_from_args`` for a script: the models it will use printed (``show``, default: unless
+    ``--quiet``), or the error printed and None (the script exits 2)."""
+    import sys
+
+    try:
+        embedder = embedder_from_args(args, cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    if (not args.quiet) if show is None else show:
+        print("\n".join(embedder.choice.describe()), flush=True)
+    return embedder
+
+
 def embedder_from_args(args: Any, cfg: dict[str, Any]) -> Embedder:
     """The ``Embedder`` the options ask for; raises ``ModelsNotFoundError``/``ValueError`` with the fix."""
     from features import check_dtype
@@ -664,6 +679,23 @@ def run_feature_tool(tool: str, arguments: Sequence[str], quiet: bool = False) -
     if not quiet:
         print("$ python " + " ".join(command[1:]), flush=True)
     return subprocess.run(command, check=False).returncode
+
+
+def run_on_two_folders(tool: str, args: Any, cfg: dict[str, Any], tool_arguments: Sequence[str]) -> int:
+    """The raw-file ``clamp3_eval.py`` / ``clamp3_score.py``: both folders embedded into the cache, then
+    ``inference/<tool>.py`` on the two feature folders with ``tool_arguments``."""
+    import sys
+
+    embedder = open_embedder(args, cfg)
+    if embedder is None:
+        return 2
+    try:
+        queries, references = embed_query_and_reference(embedder, tool, args.query_dir, args.reference_dir,
+                                                        args.error_log, args.quiet)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_feature_tool(tool, [str(queries), str(references), *tool_arguments], quiet=args.quiet)
 
 
 def embed_query_and_reference(embedder: Embedder, tool: str, query_dir: str, reference_dir: str,
