@@ -30,7 +30,7 @@ import music_search
 import rawfiles
 import runconfig
 from fileio import DropLog, failure_log_path
-from search_index import SearchIndexError
+from search_index import SearchIndexError, read_manifest
 
 FORMAT_KINDS = {"abc": ("abc", "musicxml"), "mtf": ("midi", "mtf")}
 
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                 index = music_search.SearchIndex.open(index_dir, music_search.index_model_key(embedder), create=False)
                 say(f"index: {index_dir} ({index.n_vectors} pieces; not updated)")
             else:
+                previous = read_manifest(index_dir)
+                if previous and previous.get("model_key") != music_search.index_model_key(embedder):
+                    say(f"index: {index_dir} was built with other models or adapters: rebuilt (features come "
+                        "from the cache where these models embedded the files before)")
                 started = time.perf_counter()
                 index, summary, skipped = music_search.update_index(embedder, args.folder, index_dir, rebuild=True,
                                                                     drops=drops)
