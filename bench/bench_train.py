@@ -8,12 +8,14 @@ interleaved ABC by this repository, as ``bench_extract.py`` uses, with synthetic
 same thread count, each in a fresh process so that memory figures do not mix:
 
 (a) **this trainer**: LoRA (r 8 on q/k/v), cached text features, length-bucketed batches padded to
-    their longest piece, gathered patch embedding, fused attention;
+    their longest piece, gathered patch embedding, fused attention, frozen feed-forward blocks that
+    keep only their input for backward (``training.frozen_ops``);
 (b) **naive loop**: the same LoRA, but the text tower runs every step, every batch is padded to
-    512 patches, and the official arithmetic (one-hot patch embedding, eager attention);
+    512 patches, and the official arithmetic (one-hot patch embedding, eager attention, plain
+    autograd through the frozen feed-forward blocks);
 (c) **full fine-tuning** of the symbolic encoder and projection (otherwise as (a));
-(d) **GradCache**: as (a), with a batch of 8 micro-batches of B, against (a) at batch B on the same
-    pieces (row ``a_micro``: each of d's batches cut into its 8 micro-batches, one step each);
+(d) **GradCache**: as (a), with a batch of 8 micro-batches of B (the last one encoded once, its
+    graph kept), against (a) at batch B on the same pieces (row ``a_micro``: each of d's batches cut into its 8 micro-batches, one step each);
 data: the data pipeline alone (records -> collated batches, no model), one worker.
 
 A step is the trainer's: ``training.loss.contrastive_step`` (forward, loss, backward, with the
@@ -212,7 +214,7 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
     set_train_mode(core, text_frozen=True, symbolic_dropout=symbolic_dropout)
 
-    encode_music = music_encoder(core, torch.device("cpu"), "fp32")
+    encode_music = music_encoder(core, torch.device("cpu"), "fp32", frozen_feed_forward=not naive)
 
     def step(b):
         if naive:
@@ -254,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="a,b,c,d,a_micro,data",
                         help="comma-separated rows: a,b,c,d,a_micro (a on d's pieces, batch = d's micro-batch),data")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per row (after one warm-up)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="timed steps per row (after one warm-up); row d needs 64 x (steps + 1) records")
     parser.add_argument("--batch", type=int, default=8, help="pieces per step (per micro-batch for d)")
     parser.add_argument("--records", type=int, default=400, help="corpus scores to train on (converted once)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes over the steps; the fastest counts")

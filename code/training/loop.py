@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from training import checkpoint as ckpt
 from training import data, distributed
+from training.frozen_ops import frozen_base_kernels
 from training.loss import ContrastiveLoss, contrastive_step
 from training.run_folder import RunLogger, environment, git_commit, prepare_run_folder, run_file, write_json
 from training.text_cache import TextFeatureCache, fingerprint
@@ -187,23 +188,35 @@ def set_train_mode(core: CLaMP3Model, text_frozen: bool, symbolic_dropout: bool)
         for name, module in core.symbolic_model.named_modules():
             if "lora_dropout" in name.split("."):
                 module.train()
+            elif getattr(module, "gradient_checkpointing", False):
+                # transformers checkpoints a layer only in training mode; the layer itself draws no
+                # random numbers (its dropouts and attention, below it, stay in eval mode).
+                module.training = True
 
 
-def music_encoder(core: CLaMP3Model, device: torch.device, precision: str):
+def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, frozen_feed_forward: bool = True):
     """``(micro-)batch -> features`` with gradient, as the loss steps call it. A micro-batch of
     GradCache is cut to its own longest piece first: slices of a batch padded to the batch's
-    longest would otherwise carry its padding (the features do not change; tests check it)."""
+    longest would otherwise carry its padding (the features do not change; tests check it).
+    ``frozen_feed_forward=False`` keeps plain autograd through frozen feed-forward blocks (the
+    benchmark's naive loop) instead of ``training.frozen_ops``."""
 
     # GradCache's first pass needs no gradient: on CPU it runs the oneDNN kernels of extraction
     # (same features within 1e-5; no random numbers drawn, so dropout masks still match the re-run).
     fast_first_pass = device.type == "cpu" and precision == "fp32" and onednn_linear_available()
+    # With gradient: frozen feed-forward blocks keep 1 × hidden for backward instead of 4 × hidden
+    # (training.frozen_ops). Only in float32: autocast would change the block's dtypes.
+    frozen_path = frozen_feed_forward and precision == "fp32"
 
     def encode(batch: dict[str, Any]) -> torch.Tensor:
         patches, mask = batch["patches"], batch["patch_mask"]
         longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
         if 0 < longest < mask.shape[1]:
             patches, mask = patches[:, :longest], mask[:, :longest]
-        kernels = onednn_linears(core) if fast_first_pass and not torch.is_grad_enabled() else contextlib.nullcontext()
+        if not torch.is_grad_enabled():
+            kernels = onednn_linears(core) if fast_first_pass else contextlib.nullcontext()
+        else:
+            kernels = frozen_base_kernels(core.symbolic_model) if frozen_path else contextlib.nullcontext()
         with _autocast(device, precision), kernels:
             return core.features("symbolic", patches, mask)
 

@@ -187,24 +187,44 @@ def contrastive_step(batch: Batch, encode_music: Encoder, text: Encoder | torch.
     return float(loss.detach())
 
 
-def _encode_without_grad(encode: Encoder, chunks: Sequence[Batch]) -> tuple[torch.Tensor, list[_RandomState]]:
+def _encode_first_pass(encode: Encoder, chunks: Sequence[Batch], keep_last: bool, side: str,
+                       ) -> tuple[torch.Tensor, list[_RandomState], torch.Tensor | None]:
+    """Every micro-batch's features without gradient and the RNG state before each; with
+    ``keep_last`` the last micro-batch is encoded with gradient instead and its output (graph
+    attached) returned too, so that it need not be encoded a second time."""
     states, outputs = [], []
-    with torch.no_grad():
-        for chunk in chunks:
-            states.append(_RandomState.capture())
-            outputs.append(encode(chunk))
-    return torch.cat(outputs), states
+    kept = None
+    for index, chunk in enumerate(chunks):
+        states.append(_RandomState.capture())
+        if keep_last and index == len(chunks) - 1:
+            kept = _with_grad(encode, chunk, side)
+            outputs.append(kept.detach())
+        else:
+            with torch.no_grad():
+                outputs.append(encode(chunk))
+    return torch.cat(outputs), states, kept
+
+
+def _with_grad(encode: Encoder, chunk: Batch, side: str) -> torch.Tensor:
+    output = encode(chunk)
+    if not output.requires_grad:
+        raise ValueError(f"encode_{side} returned features without gradient; pass fixed {side} "
+                         "features as a tensor instead")
+    return output
 
 
 def _backward_through(encode: Encoder, chunks: Sequence[Batch], states: Sequence[_RandomState],
-                      cached_grad: torch.Tensor, side: str) -> None:
+                      cached_grad: torch.Tensor, side: str, kept: torch.Tensor | None = None) -> None:
+    """Backpropagate each micro-batch's rows of ``cached_grad``: through ``kept``, the last
+    micro-batch's output still attached to its graph, if given, and through a re-run of every
+    other micro-batch from its remembered RNG state."""
+    if kept is not None:
+        kept.backward(gradient=cached_grad[cached_grad.shape[0] - kept.shape[0]:].to(kept.dtype))
+        chunks, states = chunks[:-1], states[:-1]
     start = 0
     for chunk, state in zip(chunks, states, strict=True):
         state.restore()
-        output = encode(chunk)
-        if not output.requires_grad:
-            raise ValueError(f"encode_{side} returned features without gradient; pass fixed {side} "
-                             "features as a tensor instead")
+        output = _with_grad(encode, chunk, side)
         rows = cached_grad[start: start + output.shape[0]]
         output.backward(gradient=rows.to(output.dtype))
         start += output.shape[0]
@@ -217,19 +237,22 @@ def grad_cache_step(batch: Batch, encode_music: Encoder, text: Encoder | torch.T
     """``contrastive_step`` with gradient caching; returns the (global) loss.
 
     1. Encode every micro-batch without gradient (music first, then text when it trains),
-       remembering the RNG state before each.
+       remembering the RNG state before each. The very last micro-batch encoded (text's when the
+       text trains, else music's) is encoded with gradient and its graph kept: it is the one
+       graph alive at once, as in step 3, and saves that micro-batch's second forward.
     2. Compute the loss on the concatenated features as leaf tensors and backpropagate to them
        (parameters of ``loss_fn`` get their gradient here).
-    3. Re-encode each micro-batch with gradient from its remembered RNG state (the same dropout
-       masks) and backpropagate its rows of the cached feature gradient.
+    3. Backpropagate the kept micro-batch's rows of the cached feature gradient through its graph;
+       re-encode each other micro-batch with gradient from its remembered RNG state (the same
+       dropout masks) and backpropagate its rows.
     Afterwards the RNG is where step 1 left it, as if each micro-batch had run once."""
     chunks = split_batch(batch, micro_batch)
-    music_cache, music_states = _encode_without_grad(encode_music, chunks)
     text_trains = not isinstance(text, torch.Tensor)
+    music_cache, music_states, music_kept = _encode_first_pass(encode_music, chunks, not text_trains, "music")
     if text_trains:
-        text_cache, text_states = _encode_without_grad(text, chunks)
+        text_cache, text_states, text_kept = _encode_first_pass(text, chunks, True, "text")
     else:
-        text_cache, text_states = text.detach(), []
+        text_cache, text_states, text_kept = text.detach(), [], None
     after_first_pass = _RandomState.capture()
 
     music_leaf = music_cache.detach().requires_grad_(True)
@@ -237,8 +260,8 @@ def grad_cache_step(batch: Batch, encode_music: Encoder, text: Encoder | torch.T
     loss = loss_fn(text_leaf, music_leaf, text_keys=text_keys, music_keys=music_keys)
     _backward(loss, scaler)
 
-    _backward_through(encode_music, chunks, music_states, music_leaf.grad, "music")
-    if text_trains:
-        _backward_through(text, chunks, text_states, text_leaf.grad, "text")
+    if text_trains:  # the kept graph first, so it is freed before any re-run
+        _backward_through(text, chunks, text_states, text_leaf.grad, "text", text_kept)
+    _backward_through(encode_music, chunks, music_states, music_leaf.grad, "music", music_kept)
     after_first_pass.restore()
     return float(loss.detach())

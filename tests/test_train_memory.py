@@ -1,0 +1,179 @@
+"""The trainer's memory-saving path for the frozen base (training.frozen_ops): the same values and
+gradients as plain autograd, less kept for backward, and never used outside training."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_MODEL_CONFIG, TINY_WEIGHTS
+from modeling import ModelConfig, load_clamp3
+from training.frozen_ops import FrozenFeedForward, frozen_base_kernels, frozen_feed_forward_layers
+
+
+def feed_forward_inputs(dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 7, 16, generator=generator, dtype=dtype)
+    w1, b1 = torch.randn(48, 16, generator=generator, dtype=dtype) / 4, torch.randn(48, generator=generator, dtype=dtype)
+    w2, b2 = torch.randn(16, 48, generator=generator, dtype=dtype) / 7, torch.randn(16, generator=generator, dtype=dtype)
+    return x, w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frozen_feed_forward_equals_plain_autograd(dtype: torch.dtype) -> None:
+    x, w1, b1, w2, b2 = feed_forward_inputs(dtype)
+    upstream = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    outputs, grads = [], []
+    for fn in (lambda v: FrozenFeedForward.apply(v, w1, b1, w2, b2),
+               lambda v: F.linear(F.gelu(F.linear(v, w1, b1)), w2, b2)):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(leaf)
+        out.backward(upstream)
+        outputs.append(out.detach())
+        grads.append(leaf.grad)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=tolerance)
+    assert torch.allclose(grads[0], grads[1], rtol=0, atol=tolerance)
+
+
+def test_frozen_feed_forward_passes_gradcheck() -> None:
+    x, w1, b1, w2, b2 = feed_forward_inputs(torch.float64)
+    assert torch.autograd.gradcheck(lambda v: FrozenFeedForward.apply(v, w1, b1, w2, b2), (x.requires_grad_(True),))
+
+
+def test_frozen_feed_forward_refuses_trainable_weights() -> None:
+    x, w1, b1, w2, b2 = feed_forward_inputs(torch.float32)
+    with pytest.raises(ValueError, match="frozen"):
+        FrozenFeedForward.apply(x, w1.requires_grad_(True), b1, w2, b2)
+
+
+def lora_core(dropout: float):
+    import lora
+    import runconfig
+
+    torch.manual_seed(0)  # the same gaussian LoRA initialisation every time
+    model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS,
+                                         attn_implementation="sdpa"),
+                             runconfig.build_config(overrides={"LORA_INIT_WEIGHTS": "gaussian",
+                                                               "LORA_DROPOUT": dropout}), "abc")
+    return model, model.get_base_model()
+
+
+def music_batch(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"patches": torch.randint(0, 128, (len(lengths), longest, 64), generator=generator),
+            "patch_mask": mask}
+
+
+def saved_bytes(fn, model: torch.nn.Module) -> tuple[torch.Tensor, int]:
+    """``fn()`` and the bytes of the distinct storages autograd keeps for its backward, the
+    model's parameters (kept anyway) left out."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("symbolic_dropout", [False, True])
+def test_trainer_gradient_equals_the_plain_path_and_keeps_less(symbolic_dropout: bool) -> None:
+    """The trainer's music encoder (frozen feed-forward blocks patched) against the model's own
+    forward: the same features and LoRA gradients within 1e-5, dropout masks included (the
+    patched layers draw them in the same order), and less memory kept for backward."""
+    from training.loop import music_encoder, set_train_mode
+
+    batch = music_batch([9, 5, 7])  # padded, so the attention mask matters
+    results = []
+    for patched in (True, False):
+        model, core = lora_core(dropout=0.1)
+        set_train_mode(core, text_frozen=True, symbolic_dropout=symbolic_dropout)
+        if patched:
+            assert len(frozen_feed_forward_layers(core.symbolic_model)) == 2
+            encode = functools.partial(music_encoder(core, torch.device("cpu"), "fp32"), batch)
+        else:
+            encode = functools.partial(core.features, "symbolic", batch["patches"], batch["patch_mask"])
+        torch.manual_seed(7)
+        features, kept = saved_bytes(encode, model)
+        features.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((features.detach(), grads, kept, torch.get_rng_state()))
+    (features, grads, kept, rng), (plain_features, plain_grads, plain_kept, plain_rng) = results
+    assert torch.allclose(features, plain_features, rtol=0, atol=1e-5)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grads[name], grad, rtol=0, atol=1e-5), name
+    assert torch.equal(rng, plain_rng)  # the same random numbers drawn
+    # Per layer and patch the plain path keeps the 4 × hidden (here 64) GELU input, the patched one
+    # its 1 × hidden (32) input instead: 2 layers × 3 × 9 patches × (64 - 32) float32 less.
+    assert plain_kept - kept == 2 * 3 * 9 * (64 - 32) * 4
+
+
+def test_the_patch_is_training_only() -> None:
+    """Without gradient (GradCache's first pass, validation, extraction) and in full fine-tuning
+    (trainable feed-forward weights) nothing is patched; after a call every layer has its class's
+    forward again."""
+    from training.loop import music_encoder, set_train_mode
+
+    model, core = lora_core(dropout=0.0)
+    set_train_mode(core, text_frozen=True, symbolic_dropout=False)
+    layers = frozen_feed_forward_layers(core.symbolic_model)
+    batch = music_batch([6, 4])
+    encode = music_encoder(core, torch.device("cpu"), "fp32")
+    with torch.no_grad():
+        first = encode(batch)
+    second = encode(batch)
+    assert torch.allclose(first, second.detach(), rtol=0, atol=1e-5)
+    assert all("feed_forward_chunk" not in vars(layer) for layer in layers)
+    with frozen_base_kernels(core.symbolic_model) as count:
+        assert count == 2 and all("feed_forward_chunk" in vars(layer) for layer in layers)
+    assert all("feed_forward_chunk" not in vars(layer) for layer in layers)
+
+    full = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS)
+    for name, parameter in full.named_parameters():
+        parameter.requires_grad_(name.startswith("symbolic_model"))
+    assert frozen_feed_forward_layers(full.symbolic_model) == []
+
+
+def test_gradient_checkpointed_layers_keep_their_forward() -> None:
+    from training.loop import set_train_mode
+
+    _, core = lora_core(dropout=0.0)
+    core.symbolic_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_train_mode(core, text_frozen=True, symbolic_dropout=True)
+    assert frozen_feed_forward_layers(core.symbolic_model) == []
+
+
+def test_gradient_checkpointing_applies_with_the_encoder_dropout_off() -> None:
+    """GRADIENT_CHECKPOINTING with SYMBOLIC_DROPOUT=False: the encoder is in eval mode (no dropout), yet
+    each layer is still recomputed in backward (transformers checkpoints only layers in training mode)."""
+    import lora
+    import runconfig
+    from training.loop import set_train_mode
+
+    model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS),
+                             runconfig.build_config(overrides={"LORA_R": 4, "LORA_DROPOUT": 0.0}), "abc")
+    core = model.get_base_model()
+    core.symbolic_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_train_mode(core, text_frozen=True, symbolic_dropout=False)
+    layers = core.symbolic_model.base.encoder.layer
+    assert all(layer.training and not layer.attention.training for layer in layers)
+    assert not any(m.training for m in core.symbolic_model.modules() if isinstance(m, torch.nn.Dropout))
+    calls = []
+    handle = layers[0].attention.register_forward_hook(lambda *_: calls.append(1))
+    patches = torch.randint(0, 128, (2, 5, 64))
+    features = core.features("symbolic", patches, torch.ones(2, 5, dtype=torch.long))
+    assert len(calls) == 1
+    features.sum().backward()
+    handle.remove()
+    assert len(calls) == 2  # recomputed in backward: checkpointed
