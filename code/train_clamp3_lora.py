@@ -18,13 +18,13 @@ import lora
 import runconfig
 from modeling import CheckpointMismatchError
 from training.checkpoint import ResumeError
-from training.loop import train
+from training.loop import TrainingSetupError, train
 from training.run_folder import RunFolderError
 
 # Errors a user can act on: one line, not a traceback. (In a multi-process job a failing rank
 # prints its traceback with its rank and ends the job; see training/distributed.py.)
 USER_ERRORS = (ResumeError, RunFolderError, lora.AdapterConfigError, CheckpointMismatchError, FileNotFoundError,
-               runconfig.ConfigError)
+               runconfig.ConfigError, TrainingSetupError)
 
 
 def build_parser() -> argparse.ArgumentParser:

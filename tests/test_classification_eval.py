@@ -97,3 +97,43 @@ def test_zero_shot_cls_labels_every_file_by_the_nearest_prompt(tmp_path, word_to
     report = json.loads((tmp_path / "labels.report.json").read_text(encoding="utf-8"))
     assert report["n"] == 5 and np.array(report["confusion_matrix"]).sum() == 5
     assert set(json.loads((tmp_path / "labels.scores.json").read_text())["scores"]) == set(predicted)
+
+
+def test_zero_shot_beats_chance_after_a_short_adapter_training(tmp_path, word_tokenizer):
+    """End to end: a tiny ABC adapter trained on pieces whose only text is their kind's word (w1:
+    engraved scores, w2: folk tunes), then zero_shot_cls.py labels the pieces by the nearest prompt."""
+    import train_clamp3_lora
+
+    music = tmp_path / "music"
+    music.mkdir()
+    rows = []
+    for sub, label in (("int_abc", "w1"), ("int_abc_from_abc_inputs", "w2")):
+        for path in sorted((OFFICIAL / "outputs" / sub).glob("*.abc")):
+            name = f"{label}_{path.name}"
+            shutil.copy(path, music / name)
+            rows.append({"id": name, "filepaths": [f"music/{name}"], "caption": label})
+    write_jsonl(tmp_path / "train_abc.jsonl", rows)
+    write_jsonl(tmp_path / "valid_abc.jsonl", rows[::4])
+    settings = {"LORA_ABC_TRAIN_JSONL": str(tmp_path / "train_abc.jsonl"),
+                "LORA_ABC_VALID_JSONL": str(tmp_path / "valid_abc.jsonl"), "TEXT_MODEL_NAME": str(word_tokenizer),
+                "LORA_LOG_DIR": str(tmp_path / "run"), "LORA_ABC_ADAPTER_DIR": str(tmp_path / "adapter_abc"),
+                "LORA_BATCH_SIZE": 2, "LORA_NUM_EPOCHS": 20, "LORA_LEARNING_RATE": 1e-2, "LORA_WARMUP_STEPS": 0,
+                "LORA_R": 4, "NUM_WORKERS": 0, "TEXT_CACHE_DIR": str(tmp_path / "text_cache"), "LORA_PATIENCE": 0,
+                "LOSS": "normalized", "LORA_ABC_MODULES_TO_SAVE": '["symbolic_proj"]', "TEXT_DROPOUT": False}
+    assert train_clamp3_lora.main(["--format", "abc", "--weights", str(TINY_WEIGHTS), "--model_config",
+                                   str(TINY_MODEL_CONFIG), "--quiet",
+                                   *(f"--{key}={value}" for key, value in settings.items())]) == 0
+    spec = importlib.util.spec_from_file_location("zero_shot_cls", REPO_ROOT / "classification" / "zero_shot_cls.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    common = ["--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--cache_dir",
+              str(tmp_path / "cache"), f"--TEXT_MODEL_NAME={word_tokenizer}", "--EXTRACT_DEVICE=cpu",
+              f"--LORA_ABC_ADAPTER_DIR={tmp_path / 'adapter_abc'}", "--quiet"]
+    accuracy = {}
+    for system, extra in (("adapter", []), ("base", ["--no_adapter"])):
+        output = tmp_path / f"{system}.json"
+        assert module.main([str(music), str(output), "--labels", "w1,w2", "--template", "{label}", "--label_from",
+                            "name", *common, *extra]) == 0
+        accuracy[system] = json.loads(output.with_name(f"{system}.report.json").read_text())["accuracy"]
+    chance = max(len([r for r in rows if r["caption"] == label]) for label in ("w1", "w2")) / len(rows)
+    assert accuracy["adapter"] > max(chance, accuracy["base"]) + 0.1, accuracy

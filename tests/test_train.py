@@ -401,3 +401,19 @@ def test_full_mode_can_train_the_text_projection_over_cached_pooled_features(tmp
     assert not torch.equal(state["text_proj.weight"], base["text_proj.weight"])
     assert all(torch.equal(state[k], base[k]) for k in base if k.startswith("text_model."))
     assert "cached (pooled)" in (tmp_path / "run" / "ABC_training.log").read_text()
+
+
+def test_records_too_uniform_for_a_batch_without_duplicates_are_a_clear_error(tmp_path, word_tokenizer,
+                                                                              abc_records, capsys):
+    """Two distinct texts cannot fill a batch of 4 without two equal ones: the run stops with the
+    reason, instead of training nothing and reporting a loss of 0 (what it did before)."""
+    rows = [json.loads(line) for line in abc_records.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row.update(title=f"w{i % 2}", genres=[], description="")
+    abc_records.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, TEXT_DROPOUT=False)) == 2
+    message = capsys.readouterr().err
+    assert "no full batch of 4" in message and "2 distinct texts" in message and "NO_DUPLICATE_NEGATIVES" in message
+    assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, TEXT_DROPOUT=False, NO_DUPLICATE_NEGATIVES=False)
+                                  + ["--overwrite"]) == 0
+    assert all(entry["train_loss"] > 0 for entry in history(tmp_path))

@@ -83,6 +83,11 @@ class FormatState:
 # ------------------------------------------------------------------------------------ set-up
 
 
+class TrainingSetupError(ValueError):
+    """A run that cannot train as configured (settings, too few or too uniform records): the CLI
+    prints it as one line, not a traceback."""
+
+
 def train(cfg: dict[str, Any], args: argparse.Namespace) -> int:
     """The whole run on this process; returns the exit status."""
     return distributed.run_distributed(lambda dist: _run(cfg, args, dist), device_name=cfg["TRAIN_DEVICE"],
@@ -91,9 +96,9 @@ def train(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 
 def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistContext) -> int:
     if cfg["TRAIN_MODE"] not in ("lora", "full"):
-        raise ValueError(f"TRAIN_MODE must be 'lora' or 'full', not {cfg['TRAIN_MODE']!r}")
+        raise TrainingSetupError(f"TRAIN_MODE must be 'lora' or 'full', not {cfg['TRAIN_MODE']!r}")
     if cfg["LOSS"] not in ("clamp3", "normalized"):
-        raise ValueError(f"LOSS must be 'clamp3' or 'normalized', not {cfg['LOSS']!r}")
+        raise TrainingSetupError(f"LOSS must be 'clamp3' or 'normalized', not {cfg['LOSS']!r}")
     lora.lora_config(cfg, "abc")  # refuse base-rewriting inits before any work
     run_dir = repo_path(cfg["LORA_LOG_DIR"])
     resume_path = None
@@ -246,7 +251,7 @@ def _autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
-        raise ValueError(f"TRAIN_PRECISION must be bf16, fp16 or fp32, not {precision!r}")
+        raise TrainingSetupError(f"TRAIN_PRECISION must be bf16, fp16 or fp32, not {precision!r}")
     return torch.autocast("cuda", dtype=dtype)
 
 
@@ -299,10 +304,10 @@ def _load_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drops: Dro
         log(f"[{fmt}] {drops.summary_line()} (details: {drops.path})")
     global_batch = int(cfg["LORA_BATCH_SIZE"]) * ctx.dist.world_size
     if len(records) < global_batch:
-        raise ValueError(f"[{fmt}] {len(records)} training records are fewer than one global batch "
-                         f"({global_batch} = LORA_BATCH_SIZE x {ctx.dist.world_size} processes)")
+        raise TrainingSetupError(f"[{fmt}] {len(records)} training records are fewer than one global batch "
+                                 f"({global_batch} = LORA_BATCH_SIZE x {ctx.dist.world_size} processes)")
     if not valid:
-        raise ValueError(f"[{fmt}] no validation records (raise VALID_FRACTION or give a validation JSONL)")
+        raise TrainingSetupError(f"[{fmt}] no validation records (raise VALID_FRACTION or give a validation JSONL)")
     return records, valid
 
 
@@ -383,6 +388,17 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
             torch.cuda.reset_peak_memory_stats(dist.device)
         plan = data.plan_epoch(records, global_batch, state.epoch, int(cfg["SEED"]),
                                bucketing=bool(cfg["LENGTH_BUCKETING"]), no_duplicates=bool(cfg["NO_DUPLICATE_NEGATIVES"]))
+        if not len(plan):
+            # Silently training nothing (a loss of 0, an unchanged adapter) is worse than stopping.
+            distinct = len({record.text_key for record in records})
+            raise TrainingSetupError(
+                f"[{fmt}] epoch {state.epoch + 1} has no full batch of {global_batch}: with NO_DUPLICATE_NEGATIVES "
+                f"no batch may hold two records with the same text or music, and these {len(records)} records "
+                f"have {distinct} distinct texts. Lower LORA_BATCH_SIZE, give the records more varied texts, or "
+                "set NO_DUPLICATE_NEGATIVES=False (equal texts then serve as negatives, as in the official code)")
+        if plan.unplaced and state.position == 0:
+            log(f"[{fmt}] epoch {state.epoch + 1}: {plan.unplaced} records left out (no batch could take them "
+                "without two equal texts or music files, NO_DUPLICATE_NEGATIVES)")
         dataset = data.BatchDataset(
             records, plan, patchilizer, text=text_source.for_dataset(True), seed=int(cfg["SEED"]),
             epoch=state.epoch, train=True, augmentation=_augmentation(cfg), rank=dist.rank,
