@@ -124,14 +124,13 @@ class Demo:
         write_examples(self.root)
 
     def classification(self, rel: str, evaluation: list[str]) -> None:
-        from demo.labels import LABEL_FIELD, label_set_paths, write_label_sets
+        from demo.labels import LABEL_FIELD, TUNE_TYPES, label_set_paths, write_label_sets
 
         write_label_sets(self.root)
         for fmt in ("abc", "mtf"):
             sets = label_set_paths(self.root, fmt)
             self.script("classification/evaluate_cls.py", "demo_eval.py", "--train", str(sets["train"]),
-                        "--test", str(sets["test"]), "--label_field", LABEL_FIELD,
-                        "--min_count", "3" if self.quick else "10", "--quiet",
+                        "--test", str(sets["test"]), "--label_field", LABEL_FIELD, "--labels", TUNE_TYPES, "--quiet",
                         "--output", str(self.root / "results" / f"classification_tune_type_{fmt}.json"),
                         overrides=[*evaluation, f"--RAWFILE_CACHE_DIR={rel}/cache/rawfiles/"])
 

@@ -23,6 +23,9 @@ from demo.captions import tune_metadata
 from demo.corpus import music21_corpus_dir, read_collections
 
 LABEL_FIELD = "tune_type"
+# The three types with at least 10 of the full demo's 200 test tunes (the quick corpus uses the same
+# three, whatever few of them it holds).
+TUNE_TYPES = "reel,jig,hornpipe"
 
 
 def label_set_paths(root: Path, fmt: str) -> dict[str, Path]:
