@@ -314,6 +314,14 @@ class Embedder:
         self._model_keys: dict[str | None, str] = {}
 
     # -------------------------------------------------------------- models
+    def adapter_of(self, fmt: str | None) -> Path | None:
+        """The adapter folder a format goes through (None: the base; text and audio always)."""
+        return self.choice.adapters.get(fmt) if fmt else None
+
+    def _slot(self, fmt: str | None) -> str | None:
+        """Which model serves ``fmt``: the format's own when it has an adapter, else the base (None)."""
+        return fmt if self.adapter_of(fmt) else None
+
     def _load_base(self) -> CLaMP3Model:
         if self._base is None:
             self._base = load_clamp3(self.choice.model_config, self.choice.weights, device=self.device,
@@ -322,8 +330,7 @@ class Embedder:
 
     def model(self, fmt: str | None) -> CLaMP3Model:
         """The model for a format (None: text and audio, always the base)."""
-        adapter = self.choice.adapters.get(fmt) if fmt else None
-        slot = fmt if adapter else None
+        slot = self._slot(fmt)
         if slot not in self._models:
             base = self._load_base()
             if slot is None:
@@ -334,7 +341,7 @@ class Embedder:
                 # PEFT injects into the model it is given: a copy of everything but the frozen towers.
                 shared = {id(module): module for module in
                           (base.text_model, base.text_proj, base.audio_model, base.audio_proj)}
-                peft_model = lora.load_adapter(copy.deepcopy(base, memo=shared), adapter)
+                peft_model = lora.load_adapter(copy.deepcopy(base, memo=shared), self.adapter_of(fmt))
                 self._models[slot] = peft_model.get_base_model().eval()
         return self._models[slot]
 
@@ -348,8 +355,7 @@ class Embedder:
     def extractor(self, fmt: str | None, needs_tokenizer: bool = False) -> Any:
         from features import FeatureExtractor
 
-        adapter = self.choice.adapters.get(fmt) if fmt else None
-        slot = fmt if adapter else None
+        slot = self._slot(fmt)
         if slot not in self._extractors:
             self._extractors[slot] = FeatureExtractor.from_config(self.model(fmt), self.cfg, device=self.device)
         extractor = self._extractors[slot]
@@ -360,19 +366,16 @@ class Embedder:
     def model_key(self, fmt: str | None) -> str:
         """A digest of everything that makes a feature: weights, sizes, the adapter (or none) and the
         feature settings. Text and audio always use the base, whose key is ``model_key(None)``."""
-        adapter = self.choice.adapters.get(fmt) if fmt else None
-        slot = fmt if adapter else None
+        slot = self._slot(fmt)
         if slot not in self._model_keys:
             facts = {"weights": self.fingerprints.sha256(self.choice.weights),
                      "model_config": self.choice.model_config.to_dict(),
-                     "adapter": folder_sha256(adapter) if adapter else None,
+                     "adapter": folder_sha256(self.adapter_of(fmt)) if slot else None,
                      "settings": {key: self.cfg[key] for key in FEATURE_SETTINGS}}
             blob = json.dumps(facts, sort_keys=True).encode("utf-8")
             self._model_keys[slot] = hashlib.sha256(blob).hexdigest()[:20]
         return self._model_keys[slot]
 
-    def adapter_of(self, fmt: str | None) -> Path | None:
-        return self.choice.adapters.get(fmt) if fmt else None
 
     # -------------------------------------------------------------- cache
     def _conversion_path(self, sha: str, kind: str) -> Path | None:
