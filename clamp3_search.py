@@ -30,7 +30,7 @@ import music_search
 import rawfiles
 import runconfig
 from fileio import DropLog, failure_log_path
-from search_index import SearchIndexError, read_manifest
+from search_index import SearchIndex, SearchIndexError, read_manifest
 
 FORMAT_KINDS = {"abc": ("abc", "musicxml"), "mtf": ("midi", "mtf")}
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         index_dir = args.index or music_search.default_index_dir(embedder.cfg, args.folder)
         with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
             if args.no_update:
-                index = music_search.SearchIndex.open(index_dir, music_search.index_model_key(embedder), create=False)
+                index = SearchIndex.open(index_dir, music_search.index_model_key(embedder), create=False)
                 say(f"index: {index_dir} ({index.n_vectors} pieces; not updated)")
             else:
                 previous = read_manifest(index_dir)
