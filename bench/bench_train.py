@@ -148,8 +148,23 @@ def symbolic_flops(model, masks: list[torch.Tensor], backward: bool) -> float:
     return useful_flops(model, lengths) * (2.0 if backward else 1.0)
 
 
-def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropout: bool, repeats: int) -> dict:
-    """One benchmark row, in this process."""
+def write_profile(path: str, work) -> None:
+    """``work()`` under the CPU profiler: ops by self time, then by input shapes, to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        work()
+    averages = prof.key_averages()
+    Path(path).write_text(averages.table(sort_by="self_cpu_time_total", row_limit=80, max_name_column_width=60)
+                          + "\n\n" + prof.key_averages(group_by_input_shape=True).table(
+                              sort_by="self_cpu_time_total", row_limit=120, max_name_column_width=60,
+                              max_shapes_column_width=90))
+
+
+def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropout: bool, repeats: int,
+            profile: str | None = None) -> dict:
+    """One benchmark row, in this process; with ``profile``, one more pass over the timed steps
+    afterwards under ``torch.profiler`` (not timed), its op table written to that file."""
     import lora
     import runconfig
     from patchilizer import M3Patchilizer
@@ -236,6 +251,8 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
             for b in batches[1:]:
                 step(b)
             seconds = min(seconds, time.perf_counter() - start)
+    if profile:
+        write_profile(profile, lambda: [step(b) for b in batches[1:]])
     samples = sum(len(b["record_index"]) for b in batches[1:])
     flops = symbolic_flops(core, [b["patch_mask"] for b in batches[1:]], backward=True)
     if row == "c":
@@ -265,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_symbolic_dropout", action="store_true",
                         help="every row with SYMBOLIC_DROPOUT=False (fused attention on CPU)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--profile", help="after timing, profile one more pass of each row (torch.profiler) and "
+                        "write its op tables to PROFILE.<row>.txt")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # the child process of one row
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.row:
         print(json.dumps(run_row(args.row, args.steps, args.batch, args.records, not args.no_symbolic_dropout,
-                                 args.repeats)))
+                                 args.repeats, args.profile and f"{args.profile}.{args.row}.txt")))
         return 0
 
     from bench_extract import matmul_gflops
@@ -285,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, __file__, "--row", row, "--steps", str(args.steps), "--batch", str(args.batch),
                    "--records", str(args.records), "--threads", str(args.threads), "--repeats", str(args.repeats)]
         command += ["--no_symbolic_dropout"] if args.no_symbolic_dropout else []
+        command += ["--profile", args.profile] if args.profile else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:
             print(done.stderr[-3000:], file=sys.stderr)

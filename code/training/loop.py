@@ -212,6 +212,8 @@ def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, froze
     # With gradient: frozen feed-forward blocks keep 1 × hidden for backward instead of 4 × hidden
     # (training.frozen_ops). Only in float32: autocast would change the block's dtypes.
     frozen_path = frozen_feed_forward and precision == "fp32"
+    # The frozen patch embedding's transposed table, kept from step to step (training.frozen_ops).
+    embedding_cache: dict = {}
 
     def encode(batch: dict[str, Any]) -> torch.Tensor:
         patches, mask = batch["patches"], batch["patch_mask"]
@@ -221,7 +223,8 @@ def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, froze
         if not torch.is_grad_enabled():
             kernels = onednn_linears(core) if fast_first_pass else contextlib.nullcontext()
         else:
-            kernels = frozen_base_kernels(core.symbolic_model) if frozen_path else contextlib.nullcontext()
+            kernels = (frozen_base_kernels(core.symbolic_model, embedding_cache) if frozen_path
+                       else contextlib.nullcontext())
         with _autocast(device, precision), kernels:
             return core.features("symbolic", patches, mask)
 
