@@ -3,13 +3,11 @@ values and LoRA gradients as PEFT's plain path, applied only while autograd reco
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from conftest import TINY_MODEL_CONFIG, TINY_WEIGHTS
 from modeling import ModelConfig, load_clamp3
-from test_train_memory import lora_core, music_batch, saved_bytes
+from test_train_memory import lora_core, music_batch, trainer_and_plain_path
 from training import frozen_ops
 from training.frozen_ops import FrozenLoRAProjections, frozen_base_kernels, fused_projection_attentions
 
@@ -110,25 +108,16 @@ def test_trainer_with_fused_projections_equals_peft(monkeypatch: pytest.MonkeyPa
     """LoRA dropout 0 (PEFT's nn.Identity): the trainer's music encoder runs q/k/v through
     ``FrozenLoRAProjections``; features and every LoRA gradient equal PEFT's path within 1e-5, no
     random numbers drawn, no more kept for backward, and nothing left patched afterwards."""
-    from training.loop import music_encoder, set_train_mode
-
     calls = CountCalls(monkeypatch)
-    batch = music_batch([9, 5, 7])
-    results = []
-    for patched in (True, False):
-        model, core = lora_core(dropout=0.0)
-        set_train_mode(core, text_frozen=True, symbolic_dropout=False)
-        if patched:
-            assert len(fused_projection_attentions(core.symbolic_model)) == 2
-            encode = functools.partial(music_encoder(core, torch.device("cpu"), "fp32"), batch)
-        else:
-            encode = functools.partial(core.features, "symbolic", batch["patches"], batch["patch_mask"])
-        torch.manual_seed(7)
-        features, kept = saved_bytes(encode, model)
-        features.pow(2).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((features.detach(), grads, kept, torch.get_rng_state()))
+
+    def check(core) -> None:
+        assert len(fused_projection_attentions(core.symbolic_model)) == 2
+
+    def nothing_left_patched(core) -> None:
         assert patched_attributes(core) == []
+
+    results = trainer_and_plain_path(music_batch([9, 5, 7]), dropout=0.0, symbolic_dropout=False,
+                                     check_patched=check, after=nothing_left_patched)
     assert calls.count == 2  # one call per layer, with the patch only
     (features, grads, kept, rng), (plain_features, plain_grads, plain_kept, plain_rng) = results
     assert torch.allclose(features, plain_features, rtol=0, atol=1e-5)

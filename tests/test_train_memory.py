@@ -85,21 +85,20 @@ def saved_bytes(fn, model: torch.nn.Module) -> tuple[torch.Tensor, int]:
         out = fn()
     return out, sum(storages.values())
 
-
-@pytest.mark.parametrize("symbolic_dropout", [False, True])
-def test_trainer_gradient_equals_the_plain_path_and_keeps_less(symbolic_dropout: bool) -> None:
-    """The trainer's music encoder (frozen feed-forward blocks patched) against the model's own
-    forward: the same features and LoRA gradients within 1e-5, dropout masks included (the
-    patched layers draw them in the same order), and less memory kept for backward."""
+def trainer_and_plain_path(batch: dict, dropout: float, symbolic_dropout: bool,
+                           check_patched=None, after=None) -> list[tuple]:
+    """``(features, LoRA gradients, bytes kept for backward, RNG state)`` of the trainer's music encoder
+    and then of the model's own forward, each on a fresh LoRA model from the same seed.
+    ``check_patched(core)`` runs before the trainer's pass, ``after(core)`` after each pass."""
     from training.loop import music_encoder, set_train_mode
 
-    batch = music_batch([9, 5, 7])  # padded, so the attention mask matters
     results = []
     for patched in (True, False):
-        model, core = lora_core(dropout=0.1)
+        model, core = lora_core(dropout=dropout)
         set_train_mode(core, text_frozen=True, symbolic_dropout=symbolic_dropout)
         if patched:
-            assert len(frozen_feed_forward_layers(core.symbolic_model)) == 2
+            if check_patched is not None:
+                check_patched(core)
             encode = functools.partial(music_encoder(core, torch.device("cpu"), "fp32"), batch)
         else:
             encode = functools.partial(core.features, "symbolic", batch["patches"], batch["patch_mask"])
@@ -108,6 +107,21 @@ def test_trainer_gradient_equals_the_plain_path_and_keeps_less(symbolic_dropout:
         features.pow(2).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((features.detach(), grads, kept, torch.get_rng_state()))
+        if after is not None:
+            after(core)
+    return results
+
+
+@pytest.mark.parametrize("symbolic_dropout", [False, True])
+def test_trainer_gradient_equals_the_plain_path_and_keeps_less(symbolic_dropout: bool) -> None:
+    """The trainer's music encoder (frozen feed-forward blocks patched) against the model's own
+    forward: the same features and LoRA gradients within 1e-5, dropout masks included (the
+    patched layers draw them in the same order), and less memory kept for backward."""
+    def check(core) -> None:
+        assert len(frozen_feed_forward_layers(core.symbolic_model)) == 2
+
+    results = trainer_and_plain_path(music_batch([9, 5, 7]), dropout=0.1, symbolic_dropout=symbolic_dropout,
+                                     check_patched=check)  # padded, so the attention mask matters
     (features, grads, kept, rng), (plain_features, plain_grads, plain_kept, plain_rng) = results
     assert torch.allclose(features, plain_features, rtol=0, atol=1e-5)
     assert grads.keys() == plain_grads.keys() and grads
