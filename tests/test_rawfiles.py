@@ -311,3 +311,18 @@ def test_mert_features_go_through_the_audio_tower(tmp_path):
     extractor = FeatureExtractor(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), device="cpu")
     expected = extractor.extract("audio", [extractor.audio_input(mert)])[0]
     assert np.abs(result.feature - expected).max() < 1e-6
+
+
+def test_a_relative_text_model_folder_is_found_from_any_working_directory(tmp_path, word_tokenizer, monkeypatch):
+    """TEXT_MODEL_NAME is a configuration path, so relative to the repository root (it was read relative
+    to the working directory, and every model script failed when run from elsewhere)."""
+    from features import load_text_tokenizer
+
+    folder = REPO_ROOT / "cache" / f"test-tokenizer-{tmp_path.name}"
+    shutil.copytree(word_tokenizer, folder)
+    try:
+        monkeypatch.chdir(tmp_path)
+        tokenizer = load_text_tokenizer(folder.relative_to(REPO_ROOT).as_posix())
+        assert tokenizer("w1 w2")["input_ids"] == [0, 5, 6, 2]
+    finally:
+        shutil.rmtree(folder)
