@@ -26,7 +26,7 @@ from pathlib import Path
 
 import rawfiles
 import runconfig
-from fileio import DropLog, failure_log_path
+from fileio import DropLog
 from tqdm import tqdm
 
 
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input_dir", help="folder of raw files, searched recursively")
     parser.add_argument("output_dir", help="where the .npy features go (mirrored folder structure)")
     parser.add_argument("--get_global", action="store_true", help="one pooled, projected vector per file")
-    parser.add_argument("--error_log", default=str(failure_log_path("clamp3_embd")),
-                        help="JSONL log of files that failed (default: %(default)s)")
-    rawfiles.add_model_arguments(parser)
+    rawfiles.add_model_arguments(parser, "clamp3_embd")
     return parser
 
 

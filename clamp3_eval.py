@@ -21,7 +21,6 @@ import sys
 
 import rawfiles
 import runconfig
-from fileio import failure_log_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE", help="also write a JSON report (both directions, intervals)")
     parser.add_argument("--n_resamples", type=int, default=1000, help="bootstrap resamples for --json")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed for --json")
-    parser.add_argument("--error_log", default=str(failure_log_path("clamp3_eval")),
-                        help="JSONL log of files that failed (default: %(default)s)")
-    rawfiles.add_model_arguments(parser)
+    rawfiles.add_model_arguments(parser, "clamp3_eval")
     return parser
 
 

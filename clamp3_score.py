@@ -21,7 +21,6 @@ import sys
 
 import rawfiles
 import runconfig
-from fileio import failure_log_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pairwise: list unmatched keys and leave them out instead of stopping")
     parser.add_argument("--output_dir", default=".", help="where the JSONL outputs go (default: here)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    parser.add_argument("--error_log", default=str(failure_log_path("clamp3_score")),
-                        help="JSONL log of files that failed (default: %(default)s)")
-    rawfiles.add_model_arguments(parser)
+    rawfiles.add_model_arguments(parser, "clamp3_score")
     return parser
 
 

@@ -29,7 +29,7 @@ import time
 import music_search
 import rawfiles
 import runconfig
-from fileio import DropLog, failure_log_path
+from fileio import DropLog
 from search_index import SearchIndex, SearchIndexError, read_manifest
 
 FORMAT_KINDS = {"abc": ("abc", "musicxml"), "mtf": ("midi", "mtf")}
@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption", help="the caption of an image query (or a text query by another name)")
     parser.add_argument("--index", help="the index folder (default: one under SEARCH_INDEX_DIR per FOLDER)")
     parser.add_argument("--no_update", action="store_true", help="search the index as it is, without checking FOLDER")
-    parser.add_argument("--error_log", default=str(failure_log_path("clamp3_search")),
-                        help="JSONL log of files that failed (default: %(default)s)")
-    rawfiles.add_model_arguments(parser)
+    rawfiles.add_model_arguments(parser, "clamp3_search")
     return parser
 
 

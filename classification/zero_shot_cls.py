@@ -23,7 +23,7 @@ from pathlib import Path
 import classify
 import rawfiles
 import runconfig
-from fileio import DropLog, atomic_write_text, failure_log_path
+from fileio import DropLog, atomic_write_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label_from", choices=classify.LABEL_RULES,
                         help="true labels from file names (<label>_...) or first sub-folders, for a report")
     parser.add_argument("--report", help="report JSON when true labels are known (default: <stem>.report.json)")
-    parser.add_argument("--error_log", default=str(failure_log_path("zero_shot_cls")),
-                        help="JSONL log of files that failed (default: %(default)s)")
-    rawfiles.add_model_arguments(parser)
+    rawfiles.add_model_arguments(parser, "zero_shot_cls")
     return parser
 
 

@@ -632,8 +632,13 @@ def embed_to_cache(embedder: Embedder, input_dir: str | os.PathLike, drops: Drop
 
 
 # ---------------------------------------------------------------------------- the scripts' shared options
-def add_model_arguments(parser: Any) -> None:
-    """The options every raw-file tool shares (models, adapters, conversion, cache)."""
+def add_model_arguments(parser: Any, tool: str) -> None:
+    """The options every raw-file tool shares (models, adapters, conversion, cache, and the failure
+    log ``logs/<tool>_failures.jsonl``)."""
+    from fileio import failure_log_path
+
+    parser.add_argument("--error_log", default=str(failure_log_path(tool)),
+                        help="JSONL log of files that failed (default: %(default)s)")
     parser.add_argument("--weights", help="CLaMP 3 checkpoint (default: CLAMP3_WEIGHTS_PATH; without it, the "
                         "embedded default's models when `make demo` has built them)")
     parser.add_argument("--model_config", help="JSON model sizes (default: MODEL_CONFIG or official sizes)")

@@ -24,7 +24,7 @@ import metrics
 import numpy as np
 import rawfiles
 import runconfig
-from fileio import DropLog, atomic_write_text, failure_log_path, file_sha256, iter_jsonl, repo_path
+from fileio import DropLog, atomic_write_text, file_sha256, iter_jsonl, repo_path
 
 SYSTEMS = ("base", "adapters")
 TASKS = ("zero_shot", "probe")
@@ -152,9 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="zero-shot prompt (default: %(default)r)")
     parser.add_argument("--systems", default="base,adapters", help="base, adapters or both (default: both)")
     parser.add_argument("--output", help="report JSON (default: RESULTS_DIR/classification_<test stem>.json)")
-    parser.add_argument("--error_log", default=str(failure_log_path("classification")),
-                        help="JSONL log of files that failed (default: %(default)s)")
-    rawfiles.add_model_arguments(parser)
+    rawfiles.add_model_arguments(parser, "classification")
     return parser
 
 
