@@ -536,7 +536,6 @@ class FolderSummary:
     unchanged: int = 0
     removed: int = 0
     failed: int = 0
-    outputs: dict[str, Embedded] = field(default_factory=dict)  # output path (relative) -> its feature
 
     def line(self) -> str:
         return (f"{self.written} written, {self.unchanged} unchanged, {self.removed} removed (their inputs are "
@@ -600,7 +599,6 @@ def embed_folder(embedder: Embedder, input_dir: str | os.PathLike, output_dir: s
             atomic_save_npy(target, result.feature)
             summary.written += 1
         outputs[out_rel] = record
-        summary.outputs[out_rel] = result
     # Inputs that are gone, and inputs that failed this time: an old feature of either is stale.
     for out_rel in sorted(set(previous) - set(outputs)):
         stale = output_dir / out_rel
