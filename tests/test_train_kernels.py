@@ -1,5 +1,6 @@
 """The trainer's fused LoRA projections and kept embedding table (training.frozen_ops): the same
-values and LoRA gradients as PEFT's plain path, applied only while autograd records, and restored."""
+values and LoRA gradients as PEFT's plain path, applied only inside the trainer's music encoder, and
+restored."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from modeling import ModelConfig, load_clamp3
 from test_train_memory import lora_core, music_batch, trainer_and_plain_path
 from training import frozen_ops
 from training.frozen_ops import FrozenLoRAProjections, frozen_base_kernels, fused_projection_attentions
+from training.loop import enable_checkpointing
 
 
 def projection_inputs(dtype: torch.dtype, ranks=(3, 2, 4), seed: int = 0):
@@ -128,7 +130,10 @@ def test_trainer_with_fused_projections_equals_peft(monkeypatch: pytest.MonkeyPa
     assert kept < plain_kept  # the feed-forward blocks' saving; the projections keep no more
 
 
-def test_fused_projections_only_while_autograd_records(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_projections_only_inside_the_trainers_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's music encoder fuses the projections with gradient and in GradCache's first
+    pass (no gradient) alike; the model's own forward (extraction, validation) never, and nothing
+    stays patched after a call."""
     from training.loop import music_encoder, set_train_mode
 
     calls = CountCalls(monkeypatch)
@@ -137,11 +142,14 @@ def test_fused_projections_only_while_autograd_records(monkeypatch: pytest.Monke
     encode = music_encoder(core, torch.device("cpu"), "fp32")
     batch = music_batch([6, 4])
     with torch.no_grad():
+        plain = core.features("symbolic", batch["patches"], batch["patch_mask"])
+        assert calls.count == 0
         first = encode(batch)
-    assert calls.count == 0 and patched_attributes(core) == []
-    second = encode(batch)
     assert calls.count == 2 and patched_attributes(core) == []
+    second = encode(batch)
+    assert calls.count == 4 and patched_attributes(core) == []
     assert torch.allclose(first, second.detach(), rtol=0, atol=1e-5)
+    assert torch.allclose(first, plain, rtol=0, atol=1e-5)
 
 
 def test_lora_dropout_keeps_peft_path() -> None:
@@ -168,7 +176,7 @@ def test_projections_left_alone_when_not_plain_lora() -> None:
     assert len(fused_projection_attentions(core.symbolic_model)) == 1
 
     _, core = lora_core(dropout=0.0)
-    core.symbolic_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(core.symbolic_model.base)
     core.train()
     assert fused_projection_attentions(core.symbolic_model) == []
 

@@ -133,10 +133,11 @@ def test_trainer_gradient_equals_the_plain_path_and_keeps_less(symbolic_dropout:
     assert plain_kept - kept == 2 * 3 * 9 * (64 - 32) * 4
 
 
-def test_the_patch_is_training_only() -> None:
-    """Without gradient (GradCache's first pass, validation, extraction) and in full fine-tuning
-    (trainable feed-forward weights) nothing is patched; after a call every layer has its class's
-    forward again."""
+def test_the_patch_is_training_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the trainer's music encoder patches (with gradient, and in GradCache's first pass
+    without, where the same arithmetic costs less than extraction's kernels); the model's own
+    forward (validation, extraction) and full fine-tuning (trainable feed-forward weights) run
+    unpatched; after a call every layer has its class's forward again."""
     from training.loop import music_encoder, set_train_mode
 
     model, core = lora_core(dropout=0.0)
@@ -144,8 +145,14 @@ def test_the_patch_is_training_only() -> None:
     layers = frozen_feed_forward_layers(core.symbolic_model)
     batch = music_batch([6, 4])
     encode = music_encoder(core, torch.device("cpu"), "fp32")
+    entered = []
+    original = FrozenFeedForward.apply
+    monkeypatch.setattr(FrozenFeedForward, "apply", lambda *args: entered.append(1) or original(*args))
     with torch.no_grad():
         first = encode(batch)
+        assert len(entered) == 2  # both layers, in the first pass too
+        core.features("symbolic", batch["patches"], batch["patch_mask"])
+        assert len(entered) == 2  # the model's own forward: untouched
     second = encode(batch)
     assert torch.allclose(first, second.detach(), rtol=0, atol=1e-5)
     assert all("feed_forward_chunk" not in vars(layer) for layer in layers)
@@ -160,10 +167,10 @@ def test_the_patch_is_training_only() -> None:
 
 
 def test_gradient_checkpointed_layers_keep_their_forward() -> None:
-    from training.loop import set_train_mode
+    from training.loop import enable_checkpointing, set_train_mode
 
     _, core = lora_core(dropout=0.0)
-    core.symbolic_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(core.symbolic_model.base)
     set_train_mode(core, text_frozen=True, symbolic_dropout=True)
     assert frozen_feed_forward_layers(core.symbolic_model) == []
 
@@ -173,12 +180,12 @@ def test_gradient_checkpointing_applies_with_the_encoder_dropout_off() -> None:
     each layer is still recomputed in backward (transformers checkpoints only layers in training mode)."""
     import lora
     import runconfig
-    from training.loop import set_train_mode
+    from training.loop import enable_checkpointing, set_train_mode
 
     model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS),
                              runconfig.build_config(overrides={"LORA_R": 4, "LORA_DROPOUT": 0.0}), "abc")
     core = model.get_base_model()
-    core.symbolic_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(core.symbolic_model.base)
     set_train_mode(core, text_frozen=True, symbolic_dropout=False)
     layers = core.symbolic_model.base.encoder.layer
     assert all(layer.training and not layer.attention.training for layer in layers)

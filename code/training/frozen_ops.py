@@ -20,8 +20,9 @@ dropout on, PEFT draws one mask per target on its own copy of the input, and tha
 A frozen gathered patch embedding keeps its transposed weight from step to step (the trainer
 passes a cache) instead of copying the whole table on every forward.
 
-Nothing here runs in extraction or evaluation: the patch is entered by the trainer's music encoder
-only while autograd records, and each layer gets its class's forward back on exit.
+Nothing here runs in extraction or evaluation: the patch is entered only by the trainer's music
+encoder (its steps with gradient, and GradCache's first pass without), and each layer gets its
+class's forward back on exit.
 """
 
 from __future__ import annotations

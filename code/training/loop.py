@@ -174,10 +174,21 @@ def _build_model(ctx: RunContext, fmt: str) -> tuple[nn.Module, CLaMP3Model, boo
         model = core = base
     core.to(ctx.dist.device)
     if cfg["GRADIENT_CHECKPOINTING"]:
-        core.symbolic_model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(core.symbolic_model.base)
         if not text_frozen:
-            core.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(core.text_model)
     return model, core, text_frozen
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing of every layer of a transformers model, non-reentrant:
+    ``activation_checkpointing_enable`` where transformers has it (``gradient_checkpointing_enable``
+    is deprecated from 5.x and goes in v6), the older name before."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def set_train_mode(core: CLaMP3Model, text_frozen: bool, symbolic_dropout: bool) -> None:
@@ -206,12 +217,14 @@ def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, froze
     ``frozen_feed_forward=False`` keeps plain autograd through frozen feed-forward blocks (the
     benchmark's naive loop) instead of ``training.frozen_ops``."""
 
-    # GradCache's first pass needs no gradient: on CPU it runs the oneDNN kernels of extraction
-    # (same features within 1e-5; no random numbers drawn, so dropout masks still match the re-run).
-    fast_first_pass = device.type == "cpu" and precision == "fp32" and onednn_linear_available()
-    # With gradient: frozen feed-forward blocks keep 1 × hidden for backward instead of 4 × hidden
-    # (training.frozen_ops). Only in float32: autocast would change the block's dtypes.
+    # Frozen feed-forward blocks keep 1 × hidden for backward instead of 4 × hidden, LoRA q/k/v are
+    # computed together (training.frozen_ops). Only in float32: autocast would change the dtypes.
+    # GradCache's first pass (no gradient) runs them too: they draw no random numbers, so dropout
+    # masks still match the re-run, and here they beat the oneDNN linears of extraction (PEFT's
+    # per-target LoRA ops around oneDNN's base products: 5% slower, measured on the bench's pieces).
     frozen_path = frozen_feed_forward and precision == "fp32"
+    # Without them (the benchmark's naive loop), the first pass takes extraction's oneDNN kernels.
+    fast_first_pass = device.type == "cpu" and precision == "fp32" and onednn_linear_available()
     # The frozen patch embedding's transposed table, kept from step to step (training.frozen_ops).
     embedding_cache: dict = {}
 
@@ -220,11 +233,12 @@ def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, froze
         longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
         if 0 < longest < mask.shape[1]:
             patches, mask = patches[:, :longest], mask[:, :longest]
-        if not torch.is_grad_enabled():
-            kernels = onednn_linears(core) if fast_first_pass else contextlib.nullcontext()
+        if frozen_path:
+            kernels = frozen_base_kernels(core.symbolic_model, embedding_cache)
+        elif fast_first_pass and not torch.is_grad_enabled():
+            kernels = onednn_linears(core)
         else:
-            kernels = (frozen_base_kernels(core.symbolic_model, embedding_cache) if frozen_path
-                       else contextlib.nullcontext())
+            kernels = contextlib.nullcontext()
         with _autocast(device, precision), kernels:
             return core.features("symbolic", patches, mask)
 
