@@ -170,7 +170,7 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     import runconfig
     from patchilizer import M3Patchilizer
     from training import data
-    from training.loop import music_encoder, set_train_mode
+    from training.loop import build_optimizer, music_encoder, set_train_mode
     from training.loss import ContrastiveLoss, contrastive_step, split_batch
     from training.text_cache import TextFeatureCache, fingerprint
     from transformers import AutoTokenizer
@@ -227,7 +227,7 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
 
     loss_fn = ContrastiveLoss("clamp3")
     parameters = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    optimizer = build_optimizer(trained, loss_fn, runconfig.build_config(), torch.device("cpu"))
     set_train_mode(core, text_frozen=True, symbolic_dropout=symbolic_dropout)
 
     encode_music = music_encoder(core, torch.device("cpu"), "fp32", frozen_feed_forward=not naive)

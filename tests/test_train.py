@@ -417,3 +417,42 @@ def test_records_too_uniform_for_a_batch_without_duplicates_are_a_clear_error(tm
     assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, TEXT_DROPOUT=False, NO_DUPLICATE_NEGATIVES=False)
                                   + ["--overwrite"]) == 0
     assert all(entry["train_loss"] > 0 for entry in history(tmp_path))
+
+
+def test_the_optimizer_is_fused_adamw_and_steps_as_the_plain_one() -> None:
+    """The trainer's AdamW runs PyTorch's fused kernel on CPU, with weight decay on matrices only,
+    and moves the parameters as the per-tensor implementation does (within float rounding)."""
+    import lora
+    import runconfig
+    from training.loop import _parameter_groups, build_optimizer
+    from training.loss import ContrastiveLoss
+
+    cfg = runconfig.build_config(overrides={"LORA_R": 4, "LORA_WEIGHT_DECAY": 0.1, "LORA_LEARNING_RATE": 1e-2})
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same LoRA initialisation
+        models.append(lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), cfg, "abc"))
+    loss_fns = [ContrastiveLoss("normalized") for _ in models]  # a trainable temperature: undecayed
+    fused = build_optimizer(models[0], loss_fns[0], cfg, torch.device("cpu"))
+    assert all(group["fused"] for group in fused.param_groups)
+    assert [group["weight_decay"] for group in fused.param_groups] == [0.1, 0.0]
+    assert all(p.ndim >= 2 for p in fused.param_groups[0]["params"])
+    plain = torch.optim.AdamW(_parameter_groups(models[1], loss_fns[1], 0.1), lr=1e-2, fused=False, foreach=False)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for model, loss_fn in zip(models, loss_fns, strict=True):
+            for p in [*model.parameters(), *loss_fn.parameters()]:
+                p.grad = None
+        for pair in zip([p for p in models[0].parameters() if p.requires_grad] + list(loss_fns[0].parameters()),
+                        [p for p in models[1].parameters() if p.requires_grad] + list(loss_fns[1].parameters()),
+                        strict=True):
+            grad = torch.randn(pair[0].shape, generator=generator)
+            pair[0].grad, pair[1].grad = grad.clone(), grad.clone()
+        fused.step()
+        plain.step()
+    moved = 0
+    for a, b in zip([*models[0].parameters(), *loss_fns[0].parameters()],
+                    [*models[1].parameters(), *loss_fns[1].parameters()], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+        moved += a.requires_grad
+    assert moved == sum(len(group["params"]) for group in fused.param_groups)

