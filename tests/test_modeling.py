@@ -100,3 +100,32 @@ def test_model_core_does_not_import_the_cli_layer():
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not {"runconfig", "config"} & imported
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_the_padding_mask_broadcast_over_queries_gives_transformers_features(attn_implementation):
+    """The towers get the padding mask as ``[B, 1, 1, L]`` (not transformers' materialised
+    ``[B, 1, L, L]``): the same hidden states as the 2-D mask handed to transformers, padded or not."""
+    from modeling import key_padding_mask
+
+    model = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS, attn_implementation=attn_implementation)
+    config = model.symbolic_model.base.config
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.randint(0, 128, (3, 7, model.model_config.patch_size), generator=generator)
+    for lengths in ([7, 4, 1], [7, 7, 7]):
+        mask = (torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]).long()
+        prepared = key_padding_mask(mask, config, torch.float32)
+        if min(lengths) == 7:
+            assert prepared is None
+        else:
+            assert prepared.shape == (3, 1, 1, 7)
+            assert prepared.dtype == (torch.bool if attn_implementation == "sdpa" else torch.float32)
+        with torch.no_grad():
+            ours = model.hidden_states("symbolic", patches, mask)
+            theirs = model.symbolic_model.base(inputs_embeds=model.symbolic_model.embed_patches(patches),
+                                               attention_mask=mask)["last_hidden_state"]
+            ids = torch.where(mask.bool(), torch.randint(5, 100, mask.shape, generator=generator), 1)
+            text_ours = model.hidden_states("text", ids, mask)
+            text_theirs = model.text_model(input_ids=ids, attention_mask=mask)["last_hidden_state"]
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-6)  # padded rows too
+        assert torch.allclose(text_ours, text_theirs, rtol=0, atol=1e-6)
