@@ -170,6 +170,7 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     afterwards under ``torch.profiler`` (not timed), its op table written to that file."""
     import lora
     import runconfig
+    from bench_extract import matmul_gflops
     from patchilizer import M3Patchilizer
     from training import data
     from training.loop import build_optimizer, music_encoder, set_train_mode
@@ -252,8 +253,6 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
         step(batches[0])  # warm-up (allocates the optimizer state, which counts as memory)
         for b in batches[1:]:
             step(b)
-    from bench_extract import matmul_gflops
-
     # The reference rate right before the timed passes, in the same process: on a shared machine
     # the rate drifts by 10% over minutes, and the efficiency is a ratio of the two.
     reference = matmul_gflops(seconds=2.0)
@@ -295,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="timed steps per row (after one warm-up); row d needs 64 x (steps + 1) records")
     parser.add_argument("--batch", type=int, default=8, help="pieces per step (per micro-batch for d)")
     parser.add_argument("--records", type=int, default=400, help="corpus scores to train on (converted once)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed passes over the steps; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes over the steps; each step's fastest time counts")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no_symbolic_dropout", action="store_true",
                         help="every row with SYMBOLIC_DROPOUT=False (fused attention on CPU)")
