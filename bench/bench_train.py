@@ -233,7 +233,9 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     optimizer = build_optimizer(trained, loss_fn, runconfig.build_config(), torch.device("cpu"))
     set_train_mode(core, text_frozen=True, symbolic_dropout=symbolic_dropout)
 
-    encode_music = music_encoder(core, torch.device("cpu"), "fp32", frozen_feed_forward=not naive)
+    # The trainer's budget: the rows of one encoding with gradient (d's micro-batch) × patch length.
+    encode_music = music_encoder(core, torch.device("cpu"), "fp32", frozen_feed_forward=not naive,
+                                 patch_budget=batch * patchilizer.patch_length)
 
     def step(b):
         if naive:

@@ -21,12 +21,13 @@ def feed_forward_inputs(dtype: torch.dtype, seed: int = 0):
     return x, w1, b1, w2, b2
 
 
+@pytest.mark.parametrize("keep_pre_activation", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_frozen_feed_forward_equals_plain_autograd(dtype: torch.dtype) -> None:
+def test_frozen_feed_forward_equals_plain_autograd(dtype: torch.dtype, keep_pre_activation: bool) -> None:
     x, w1, b1, w2, b2 = feed_forward_inputs(dtype)
     upstream = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
     outputs, grads = [], []
-    for fn in (lambda v: FrozenFeedForward.apply(v, w1, b1, w2, b2),
+    for fn in (lambda v: FrozenFeedForward.apply(v, w1, b1, w2, b2, keep_pre_activation),
                lambda v: F.linear(F.gelu(F.linear(v, w1, b1)), w2, b2)):
         leaf = x.clone().requires_grad_(True)
         out = fn(leaf)
@@ -38,9 +39,11 @@ def test_frozen_feed_forward_equals_plain_autograd(dtype: torch.dtype) -> None:
     assert torch.allclose(grads[0], grads[1], rtol=0, atol=tolerance)
 
 
-def test_frozen_feed_forward_passes_gradcheck() -> None:
+@pytest.mark.parametrize("keep_pre_activation", [False, True])
+def test_frozen_feed_forward_passes_gradcheck(keep_pre_activation: bool) -> None:
     x, w1, b1, w2, b2 = feed_forward_inputs(torch.float64)
-    assert torch.autograd.gradcheck(lambda v: FrozenFeedForward.apply(v, w1, b1, w2, b2), (x.requires_grad_(True),))
+    assert torch.autograd.gradcheck(lambda v: FrozenFeedForward.apply(v, w1, b1, w2, b2, keep_pre_activation),
+                                    (x.requires_grad_(True),))
 
 
 def test_frozen_feed_forward_refuses_trainable_weights() -> None:
@@ -131,6 +134,44 @@ def test_trainer_gradient_equals_the_plain_path_and_keeps_less(symbolic_dropout:
     # Per layer and patch the plain path keeps the 4 × hidden (here 64) GELU input, the patched one
     # its 1 × hidden (32) input instead: 2 layers × 3 × 9 patches × (64 - 32) float32 less.
     assert plain_kept - kept == 2 * 3 * 9 * (64 - 32) * 4
+
+
+def test_short_batches_keep_pre_activations_within_the_longest_batchs_memory() -> None:
+    """With a patch budget, a batch shorter than the longest the run can bring keeps feed-forward
+    pre-activations instead of recomputing them, in as many layers as fit: never more kept for
+    backward than the recomputing path keeps at the budget, none at the budget, both layers when
+    short; the same features and LoRA gradients as the recomputing path."""
+    from training.frozen_ops import pre_activation_layers
+    from training.loop import music_encoder, set_train_mode
+
+    rows, longest = 2, 12
+    budget = rows * longest
+
+    def run(lengths: list[int], patch_budget: int) -> tuple[torch.Tensor, dict, int]:
+        model, core = lora_core(dropout=0.0)
+        set_train_mode(core, text_frozen=True, symbolic_dropout=False)
+        encode = functools.partial(music_encoder(core, torch.device("cpu"), "fp32", patch_budget=patch_budget),
+                                   music_batch(lengths))
+        features, kept = saved_bytes(encode, model)
+        features.pow(2).sum().backward()
+        return features.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kept
+
+    _, at_budget = lora_core(dropout=0.0)
+    layers = {length: pre_activation_layers(at_budget.symbolic_model, rows * length, budget)
+              for length in range(1, longest + 1)}
+    # 2 layers of 8 units, 1 more for each that keeps (intermediate = 2 × hidden).
+    assert [layers[n] for n in (1, 10, 11, longest)] == [2, 2, 1, 0]
+    _, _, longest_kept = run([longest, longest - 1], 0)  # padded, as the shorter ones are
+    for length in (3, 10, 11, longest):
+        features, grads, kept = run([length, length - 1], budget)
+        plain_features, plain_grads, plain_kept = run([length, length - 1], 0)
+        assert kept <= longest_kept, length
+        # Each keeping layer holds the 2 × hidden pre-activation instead of its 1 × hidden input.
+        assert kept - plain_kept == layers[length] * rows * length * 32 * 4, length
+        assert torch.allclose(features, plain_features, rtol=0, atol=1e-6)
+        assert grads.keys() == plain_grads.keys()
+        for name, grad in plain_grads.items():
+            assert torch.allclose(grads[name], grad, rtol=0, atol=1e-6), name
 
 
 def test_the_patch_is_training_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,10 @@ through ``FrozenFeedForward`` instead: it keeps only the block's input (1 × hid
 the pre-activation in backward. The price is one more matmul beside the block's two input-gradient
 matmuls (a sixth more linear work per layer; 5-11% of a step measured on CPU), for a quarter less
 kept per layer. Its forward fuses the GELU into the first matmul (oneDNN on CPU), as extraction does.
+That memory only matters for the longest batches: ``pre_activation_layers`` says in how many
+layers a batch of fewer patches can keep the pre-activation instead (no recomputation) and still
+keep no more than the recomputing path keeps for a batch at the budget (batch × patch length, the
+longest any step can bring), so peak memory stays where the longest batch puts it.
 
 Beside it, ``FrozenLoRAProjections`` runs a self-attention's query, key and value together when
 they are PEFT LoRA layers over frozen plain linears: the three LoRA ``A`` products as one matmul,
@@ -55,26 +59,36 @@ class FrozenFeedForward(torch.autograd.Function):
     """``linear(gelu(linear(x, w1, b1)), w2, b2)`` with frozen weights (exact GELU).
 
     Saves only ``x``; backward recomputes ``linear(x, w1, b1)`` for the GELU's derivative and
-    returns the gradient with respect to ``x`` alone (the weights get none: they do not train)."""
+    returns the gradient with respect to ``x`` alone (the weights get none: they do not train).
+    With ``keep_pre_activation`` it saves that pre-activation instead of ``x`` (4 × hidden instead
+    of 1 × hidden in BERT) and backward skips the recomputation."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                b2: torch.Tensor | None) -> torch.Tensor:
+                b2: torch.Tensor | None, keep_pre_activation: bool = False) -> torch.Tensor:
         if any(t is not None and t.requires_grad for t in (w1, b1, w2, b2)):
             raise ValueError("FrozenFeedForward computes no weight gradients: its weights must be frozen")
+        ctx.keep_pre_activation = keep_pre_activation
+        if keep_pre_activation:
+            pre_activation = F.linear(x, w1, b1)
+            ctx.save_for_backward(pre_activation, w1, w2)
+            return F.linear(F.gelu(pre_activation), w2, b2)
         ctx.save_for_backward(x, w1, b1, w2)
         return F.linear(_fused_linear_gelu(x, w1, b1), w2, b2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, w1, b1, w2 = ctx.saved_tensors
-        pre_activation = F.linear(x, w1, b1)
+        if ctx.keep_pre_activation:
+            pre_activation, w1, w2 = ctx.saved_tensors
+        else:
+            x, w1, b1, w2 = ctx.saved_tensors
+            pre_activation = F.linear(x, w1, b1)
         # The GELU's derivative written over the incoming gradient: a third 4 × hidden buffer
         # would be fresh memory, and its page faults cost as much as the GELU backward itself.
         grad_pre = grad.matmul(w2)
         torch.ops.aten.gelu_backward.grad_input(grad_pre, pre_activation, grad_input=grad_pre)
         del pre_activation  # the one 4 × hidden temporary, freed before the last matmul
-        return grad_pre.matmul(w1), None, None, None, None
+        return grad_pre.matmul(w1), None, None, None, None, None
 
 
 class FrozenLoRAProjections(torch.autograd.Function):
@@ -222,12 +236,14 @@ def _has_frozen_feed_forward(layer: nn.Module) -> bool:
             and getattr(act, "act", None) is F.gelu and type(act).__name__ == "GELUActivation")
 
 
-def _feed_forward(layer: BertLayer):
+def _feed_forward(layer: BertLayer, keep_pre_activation: bool = False):
     dense1, output = layer.intermediate.dense, layer.output
 
     def feed_forward_chunk(attention_output: torch.Tensor) -> torch.Tensor:
+        # Without gradient nothing is kept, and the fused kernel is the faster forward.
+        keep = keep_pre_activation and torch.is_grad_enabled()
         hidden = FrozenFeedForward.apply(attention_output, dense1.weight, dense1.bias, output.dense.weight,
-                                         output.dense.bias)
+                                         output.dense.bias, keep)
         # BertOutput.forward after its dense: dropout, residual, LayerNorm.
         return output.LayerNorm(output.dropout(hidden) + attention_output)
 
@@ -237,6 +253,28 @@ def _feed_forward(layer: BertLayer):
 def frozen_feed_forward_layers(model: nn.Module) -> list[BertLayer]:
     """The BERT layers of ``model`` that ``frozen_base_kernels`` runs through ``FrozenFeedForward``."""
     return [module for module in model.modules() if _has_frozen_feed_forward(module)]
+
+
+# What the recomputing path keeps per patch of a LoRA BERT layer, in units of the hidden size:
+# query, key, value and output of the fused attention (4), the two LayerNorm inputs (2), the
+# LoRA projections' input (1) and the feed-forward block's input (1). Attention dropout keeps
+# more (the probabilities), which leaves more room, never less.
+_KEPT_PER_LAYER = 8
+
+
+def pre_activation_layers(model: nn.Module, patches: int, budget: int) -> int:
+    """In how many of ``model``'s frozen feed-forward blocks a batch of ``patches`` patches (batch ×
+    length, padding included) can keep its pre-activation for backward instead of recomputing it,
+    while all its layers together keep no more than the recomputing path keeps for ``budget``
+    patches: each block that keeps adds ``intermediate / hidden - 1`` units to the 8 of a layer
+    (``_KEPT_PER_LAYER``). 0 at or above the budget, every block below about 8/11 of it (BERT)."""
+    layers = frozen_feed_forward_layers(model)
+    if not layers or patches <= 0 or budget <= patches:
+        return 0
+    dense = layers[0].intermediate.dense
+    extra = dense.out_features / dense.in_features - 1
+    spare = _KEPT_PER_LAYER * len(layers) * (budget - patches) / patches
+    return len(layers) if extra <= 0 else min(len(layers), int(spare / extra))
 
 
 def _transposed(weight: torch.Tensor, cache: dict) -> torch.Tensor:
@@ -284,17 +322,22 @@ def fused_projection_attentions(model: nn.Module) -> list[BertSelfAttention]:
 
 
 @contextlib.contextmanager
-def frozen_base_kernels(model: nn.Module, embedding_cache: dict | None = None) -> Iterator[int]:
+def frozen_base_kernels(model: nn.Module, embedding_cache: dict | None = None,
+                        keep_pre_activations: int = 0) -> Iterator[int]:
     """For the length of the block, every BERT layer of ``model`` with a frozen feed-forward block
     runs it through ``FrozenFeedForward``, and every self-attention with plain LoRA query, key and
     value computes them through ``FrozenLoRAProjections`` (same values and gradients within float
-    rounding); yields how many feed-forward blocks were patched. With ``embedding_cache`` (a dict
-    the caller keeps across calls: the trainer's music encoder) a frozen gathered patch embedding
-    keeps its transposed weight there instead of copying it on every call (same values)."""
+    rounding); yields how many feed-forward blocks were patched. The last ``keep_pre_activations``
+    of those blocks keep their pre-activation instead of recomputing it (``pre_activation_layers``
+    says how many fit). With ``embedding_cache`` (a dict the caller keeps across calls: the
+    trainer's music encoder) a frozen gathered patch embedding keeps its transposed weight there
+    instead of copying it on every call (same values)."""
     with contextlib.ExitStack() as stack:
         layers = frozen_feed_forward_layers(model)
-        for layer in layers:
-            stack.enter_context(patched(layer, feed_forward_chunk=_feed_forward(layer)))
+        first_keeping = len(layers) - max(0, min(keep_pre_activations, len(layers)))
+        for index, layer in enumerate(layers):
+            forward = _feed_forward(layer, keep_pre_activation=index >= first_keeping)
+            stack.enter_context(patched(layer, feed_forward_chunk=forward))
         for attention in fused_projection_attentions(model):
             for projection, forward in _fused_projections(attention).items():
                 stack.enter_context(patched(projection, forward=forward))

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from training import checkpoint as ckpt
 from training import data, distributed
-from training.frozen_ops import frozen_base_kernels
+from training.frozen_ops import frozen_base_kernels, pre_activation_layers
 from training.loss import ContrastiveLoss, contrastive_step
 from training.run_folder import RunLogger, environment, git_commit, prepare_run_folder, run_file, write_json
 from training.text_cache import TextFeatureCache, fingerprint
@@ -210,12 +210,16 @@ def set_train_mode(core: CLaMP3Model, text_frozen: bool, symbolic_dropout: bool)
                 module.training = True
 
 
-def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, frozen_feed_forward: bool = True):
+def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, frozen_feed_forward: bool = True,
+                  patch_budget: int = 0):
     """``(micro-)batch -> features`` with gradient, as the loss steps call it. A micro-batch of
     GradCache is cut to its own longest piece first: slices of a batch padded to the batch's
     longest would otherwise carry its padding (the features do not change; tests check it).
     ``frozen_feed_forward=False`` keeps plain autograd through frozen feed-forward blocks (the
-    benchmark's naive loop) instead of ``training.frozen_ops``."""
+    benchmark's naive loop) instead of ``training.frozen_ops``. ``patch_budget``: the most
+    patches (rows × length) one encoding can bring, the run's (micro-)batch × patch length; a
+    shorter one keeps feed-forward pre-activations instead of recomputing them, as far as that
+    keeps no more memory than the longest would (``frozen_ops.pre_activation_layers``)."""
 
     # Frozen feed-forward blocks keep 1 × hidden for backward instead of 4 × hidden, LoRA q/k/v are
     # computed together (training.frozen_ops). Only in float32: autocast would change the dtypes.
@@ -234,7 +238,10 @@ def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, froze
         if 0 < longest < mask.shape[1]:
             patches, mask = patches[:, :longest], mask[:, :longest]
         if frozen_path:
-            kernels = frozen_base_kernels(core.symbolic_model, embedding_cache)
+            keep = 0
+            if patch_budget and torch.is_grad_enabled():
+                keep = pre_activation_layers(core.symbolic_model, patches.shape[0] * patches.shape[1], patch_budget)
+            kernels = frozen_base_kernels(core.symbolic_model, embedding_cache, keep_pre_activations=keep)
         elif fast_first_pass and not torch.is_grad_enabled():
             kernels = onednn_linears(core)
         else:
@@ -407,7 +414,10 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
     log(f"[{fmt}] {len(records)} records, global batch {global_batch} ({per_rank} x {dist.world_size}), "
         f"{batches_per_epoch} steps per epoch, {total_steps} steps in all"
         + (f", GradCache micro-batch {cfg['GRAD_CACHE_MICRO_BATCH']}" if cfg["GRAD_CACHE_MICRO_BATCH"] else ""))
-    encode_music = music_encoder(core, dist.device, cfg["TRAIN_PRECISION"])
+    micro = int(cfg["GRAD_CACHE_MICRO_BATCH"])
+    rows_per_pass = micro if 0 < micro < per_rank else per_rank
+    encode_music = music_encoder(core, dist.device, cfg["TRAIN_PRECISION"],
+                                 patch_budget=rows_per_pass * patchilizer.patch_length)
     max_steps = int(cfg["LORA_MAX_STEPS"])
     checkpoint_every = int(cfg["LORA_CHECKPOINT_STEPS"])
     while not state.done and state.epoch < int(cfg["LORA_NUM_EPOCHS"]):
