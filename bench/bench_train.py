@@ -15,7 +15,9 @@ same thread count, each in a fresh process so that memory figures do not mix:
     autograd through the frozen feed-forward blocks);
 (c) **full fine-tuning** of the symbolic encoder and projection (otherwise as (a));
 (d) **GradCache**: as (a), with a batch of 8 micro-batches of B (the last one encoded once, its
-    graph kept), against (a) at batch B on the same pieces (row ``a_micro``: each of d's batches cut into its 8 micro-batches, one step each);
+    graph kept), against (a) at batch B on the same pieces (row ``a_micro``: each of d's batches
+    cut into its 8 micro-batches, one step each, for its memory; for the time ratio, row d also
+    times those steps in its own process, passes alternating with its own);
 data: the data pipeline alone (records -> collated batches, no model), one worker.
 
 A step is the trainer's: ``training.loss.contrastive_step`` (forward, loss, backward, with the
@@ -237,13 +239,13 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     encode_music = music_encoder(core, torch.device("cpu"), "fp32", frozen_feed_forward=not naive,
                                  patch_budget=batch * patchilizer.patch_length)
 
-    def step(b):
+    def step(b, micro_batch: int = micro):
         if naive:
             with torch.no_grad():
                 side = core.features("text", b["text_ids"], b["text_mask"]).float()
         else:
             side = text.features(b["text_rows"])
-        loss = contrastive_step(b, encode_music, side, loss_fn, micro_batch=micro)
+        loss = contrastive_step(b, encode_music, side, loss_fn, micro_batch=micro_batch)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -258,14 +260,26 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     # The reference rate right before the timed passes, in the same process: on a shared machine
     # the rate drifts by 10% over minutes, and the efficiency is a ratio of the two.
     reference = matmul_gflops(seconds=2.0)
+    # Row d also times (a′) on exactly its timed pieces, each of its batches cut into its
+    # micro-batches, one step each, in passes alternating with d's: the ratio of the two then
+    # compares them at the same machine speed (between rows, in separate processes minutes
+    # apart, the reference rate moved by 3% and more).
+    paired = [part for b in batches[1:] for part in split_batch(b, batch)] if row == "d" else []
+    if paired:
+        step(split_batch(batches[0], batch)[0], 0)  # its warm-up
     # The machine is shared: each step's fastest time over ``repeats`` passes over the same
     # batches, summed (a slow spell then costs one pass's step, not the whole pass).
     fastest = [float("inf")] * (len(batches) - 1)
+    fastest_paired = [float("inf")] * len(paired)
     for _ in range(repeats):
         for k, b in enumerate(batches[1:]):
             start = time.perf_counter()
             step(b)
             fastest[k] = min(fastest[k], time.perf_counter() - start)
+        for k, b in enumerate(paired):
+            start = time.perf_counter()
+            step(b, 0)
+            fastest_paired[k] = min(fastest_paired[k], time.perf_counter() - start)
     seconds = sum(fastest)
     # The reference again after the passes, the higher of the two kept: the conservative ratio.
     reference = max(reference, matmul_gflops(seconds=2.0))
@@ -285,6 +299,8 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
               "matmul_gflops": reference, "of_matmul_rate": flops / seconds / 1e9 / reference}
     if not naive:
         result["text_cache_seconds"] = cache_seconds
+    if paired:
+        result["paired_a_micro_seconds_per_sample"] = sum(fastest_paired) / sum(len(b["record_index"]) for b in paired)
     return result
 
 
@@ -339,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
         summary["d_over_a_peak_memory"] = rows["d"]["peak_memory_mb"] / rows["a_micro"]["peak_memory_mb"]
         summary["d_over_a_seconds_per_sample"] = (rows["d"]["seconds_per_sample"]
                                                   / rows["a_micro"]["seconds_per_sample"])
+    if "d" in rows:  # (a′) timed in d's process, alternating with d on the same pieces
+        summary["d_over_a_seconds_per_sample_paired"] = (rows["d"]["seconds_per_sample"]
+                                                         / rows["d"]["paired_a_micro_seconds_per_sample"])
     if "a" in rows:
         summary["a_efficiency"] = rows["a"]["of_matmul_rate"]  # against the rate measured beside it
     print(json.dumps(summary, indent=2))

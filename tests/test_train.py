@@ -456,3 +456,24 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_plain_one() -> None:
         assert torch.allclose(a, b, rtol=0, atol=1e-6)
         moved += a.requires_grad
     assert moved == sum(len(group["params"]) for group in fused.param_groups)
+
+
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_the_music_encoder_gets_the_longest_pass_as_its_patch_budget(tmp_path, word_tokenizer, abc_records,
+                                                                       monkeypatch, micro_batch):
+    """Pre-activations are kept only within the memory of the longest batch one pass can bring:
+    the rows encoded at once with gradient (the batch, or GradCache's micro-batch) × patch length."""
+    import training.loop
+
+    budgets = []
+    original = training.loop.music_encoder
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs.get("patch_budget"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training.loop, "music_encoder", spy)
+    args = options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1, LORA_MAX_STEPS=1, LORA_CHECKPOINT_STEPS=0,
+                   GRAD_CACHE_MICRO_BATCH=micro_batch)
+    assert train_clamp3_lora.main(args) == 0
+    assert budgets == [(micro_batch or 4) * 512]
