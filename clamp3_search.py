@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import music_search
 import rawfiles
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         query = music_search.resolve_query(args.query, args.caption, embedder.cfg["CAPTION_MODEL"])
+        if not args.no_update and not Path(args.folder).is_dir():
+            raise FileNotFoundError(f"folder to search not found: {args.folder}")
+        # The query before the folder: a text query loads the weights and the tokenizer, a music file
+        # is converted and embedded, so a missing model or a bad query fails in seconds, not after the folder.
+        vector, exclude = music_search.query_vector(embedder, query)
         index_dir = args.index or music_search.default_index_dir(embedder.cfg, args.folder)
         with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
             if args.no_update:
@@ -80,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                     drops=drops)
                 say(f"index: {index_dir}: {summary.line()} ({time.perf_counter() - started:.1f} s)"
                     + (f"; not music, left out: {len(skipped)} file(s)" if skipped else ""))
-            vector, exclude = music_search.query_vector(embedder, query)
     except (FileNotFoundError, ValueError, RuntimeError, SearchIndexError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     embedder = rawfiles.open_embedder(args, cfg)
     if embedder is None:
         return 2
+    try:  # the label prompts first: the weights and the tokenizer are checked before any file is embedded
+        prompt_features = embedder.embed_texts(prompts)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     with DropLog("zero_shot_cls", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
         results = embedder.embed_files(files, drops=drops)
     embedded = [(path, result) for path, result in zip(files, results, strict=True)
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     music = np.concatenate([result.feature for _, result in embedded])
-    zero = classify.zero_shot(music, embedder.embed_texts(prompts), labels)
+    zero = classify.zero_shot(music, prompt_features, labels)
     names = [str(path) for path, _ in embedded]
     output = Path(args.output_file)
     atomic_write_text(output, json.dumps(dict(zip(names, zero.predicted, strict=True)), indent=1) + "\n")

@@ -10,6 +10,7 @@ pieces are sorted by length and run together, each batch padded only to its own 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,24 +70,85 @@ class _Segment:
     end: int
 
 
-def load_text_tokenizer(name_or_path: str):
-    """The XLM-R tokenizer from a local folder (relative: to the repository root) or the Hugging Face
-    cache (never downloaded in tests)."""
+# Downloads are opt-in: only an explicit HF_HUB_OFFLINE=0 (or false/no/off) lets the hub be asked.
+# Unset, the Hugging Face libraries would go online by default; this project never does unasked.
+DOWNLOAD_OPT_IN = "HF_HUB_OFFLINE=0"
+
+
+def downloads_allowed() -> bool:
+    """True only when the environment sets ``HF_HUB_OFFLINE`` explicitly to 0/false/no/off."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a hub id (``owner/name``): an absolute or dotted path, or deeper folders."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def load_text_tokenizer(name_or_path: str, allow_download: bool | None = None):
+    """The XLM-R tokenizer from a local folder (relative: to the repository root), else from the
+    Hugging Face cache without touching the network; a download only when ``allow_download`` (default:
+    ``downloads_allowed()``, i.e. ``HF_HUB_OFFLINE=0`` set explicitly). Fails at once with the fix."""
     from fileio import repo_path
     from transformers import AutoTokenizer
 
     # TEXT_MODEL_NAME is a configuration path: a relative folder is under the repository root (the
     # path rule of docs/ARCHITECTURE.md), whatever the working directory; otherwise a hub name.
     local = repo_path(name_or_path)
+    fix = (f"Fix: --TEXT_MODEL_NAME=DIR, a local folder holding the {config.TEXT_MODEL_NAME} tokenizer (e.g. "
+           "written by AutoTokenizer.save_pretrained), or allow one download into the Hugging Face cache by "
+           f"setting {DOWNLOAD_OPT_IN} explicitly (README, 'Offline behaviour')")
     if local.is_dir():
-        name_or_path = str(local)
+        try:
+            return AutoTokenizer.from_pretrained(str(local), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the advice is the same
+            raise RuntimeError(f"the folder {local} (TEXT_MODEL_NAME) holds no loadable tokenizer: {_reason(exc)}. "
+                               f"{fix}") from exc
+    if _looks_like_path(str(name_or_path)):
+        raise RuntimeError(f"text tokenizer folder not found: {local} (TEXT_MODEL_NAME={name_or_path!r}). {fix}")
+    download = downloads_allowed() if allow_download is None else allow_download
+    if not download:
+        # The cache is read as files: even ``local_files_only`` lets the hub library contact the hub
+        # (its telemetry), which an offline machine must not wait for.
+        snapshot = _cached_snapshot(name_or_path)
+        if snapshot is None:
+            from huggingface_hub import constants
+
+            raise RuntimeError(
+                f"text tokenizer {name_or_path!r} (TEXT_MODEL_NAME) is neither a folder ({local}) nor in the "
+                f"Hugging Face cache ({constants.HF_HUB_CACHE}); nothing is downloaded unless asked. {fix}")
+        try:
+            return AutoTokenizer.from_pretrained(str(snapshot), local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the advice is the same
+            raise RuntimeError(f"text tokenizer {name_or_path!r} is in the Hugging Face cache ({snapshot}) but "
+                               f"does not load: {_reason(exc)}. {fix}") from exc
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except Exception as exc:  # noqa: BLE001 - the hub raises many kinds; the advice is the same
-        raise RuntimeError(
-            f"cannot load the text tokenizer {name_or_path!r}: {exc}. Set --TEXT_MODEL_NAME to a local "
-            "folder holding the xlm-roberta-base tokenizer, or fill the Hugging Face cache once online."
-        ) from exc
+        raise RuntimeError(f"cannot download the text tokenizer {name_or_path!r} (downloads allowed): {_reason(exc)}. "
+                           "Fix: check the connection, or --TEXT_MODEL_NAME=DIR, a local folder holding the "
+                           "tokenizer") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """An exception's message on one line, without its final full stop (a sentence follows)."""
+    return " ".join(str(exc).split()).rstrip(".")
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The Hugging Face cache's folder of ``repo_id`` (its ``main`` snapshot) holding a tokenizer file,
+    found on disk alone; None when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("tokenizer_config.json", "tokenizer.json", "sentencepiece.bpe.model"):
+        try:
+            found = try_to_load_from_cache(repo_id, filename)
+        except Exception:  # noqa: BLE001 - an invalid repo id is simply not cached
+            return None
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
 
 
 class FeatureExtractor:

@@ -83,11 +83,15 @@ def evaluate_system(embedder: rawfiles.Embedder, train: LabelledSet, test: Label
                     template: str, probe_config: classify.ProbeConfig, n_resamples: int, seed: int,
                     drops: DropLog, log: Callable[[str], None]) -> dict[str, Any]:
     """Zero-shot and linear-probe predictions of one system on ``test`` (with per-piece correctness)."""
+    prompts = classify.prompt_texts(labels, template)
+    try:  # the prompts first: the weights and the tokenizer are checked before any file is embedded
+        prompt_features = embedder.embed_texts(prompts)
+    except RuntimeError as exc:
+        raise ClassificationSetupError(str(exc)) from exc
     train, train_features = features_of(embedder, train, drops)
     test, test_features = features_of(embedder, test, drops)
     log(f"  features: {len(train.ids)} training and {len(test.ids)} test pieces")
-    prompts = classify.prompt_texts(labels, template)
-    zero = classify.zero_shot(test_features, embedder.embed_texts(prompts), labels)
+    zero = classify.zero_shot(test_features, prompt_features, labels)
     train_rows, valid_rows = classify.split_train_validation(train.labels, 0.1, seed)
     probe = classify.LinearProbe.fit(
         train_features[train_rows], [train.labels[i] for i in train_rows], probe_config,

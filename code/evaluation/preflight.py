@@ -86,9 +86,10 @@ class Preflight:
 
     def checks(self) -> list[Check]:
         formats = self.settings.formats
-        checks = [Check("model config", self.check_model_config), Check("text tokenizer", self.check_tokenizer)]
+        # The tokenizer and the weights first (each fails in seconds), then the test data (every file read).
+        checks = [Check("model config", self.check_model_config), Check("text tokenizer", self.check_tokenizer),
+                  Check("base weights", self.check_weights)]
         checks += [Check(f"test data {fmt}", self._bind(self.check_test_data, fmt)) for fmt in formats]
-        checks.append(Check("base weights", self.check_weights))
         checks += [Check(f"forward symbolic {fmt} (base)", self._bind(self.check_symbolic_forward, fmt))
                    for fmt in formats]
         checks.append(Check("forward text (base)", self.check_text_forward))
