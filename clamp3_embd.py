@@ -16,6 +16,13 @@ Re-running is cheap: conversions and features are cached by content (RAWFILE_CAC
 output is rewritten only when its input or the model changed, and outputs whose input is gone are
 deleted. What each output was made from is in OUTPUT_DIR.embd_manifest.json, beside the folder.
 A file that fails is named with the reason (and logged to --error_log); the rest go on.
+
+Several processes: torchrun --nproc_per_node=N clamp3_embd.py INPUT_DIR OUTPUT_DIR [options] (or
+python -m torch.distributed.launch --use_env, or several nodes sharing the filesystem) splits the
+files across the processes, whole chunks of EXTRACT_FILES_PER_CHUNK files balanced by bytes, each
+output written by exactly one process; rank 0 writes the manifest once every process is done and
+prints one summary of all. Each process logs its failures to its own log (FILE.rankR.jsonl beside
+--error_log), which rank 0 appends to --error_log at the end.
 """
 
 from __future__ import annotations
@@ -26,14 +33,18 @@ from pathlib import Path
 
 import rawfiles
 import runconfig
+from extraction import merge_rank_logs, rank_log_path
 from fileio import DropLog
+from modeling import resolve_device
 from tqdm import tqdm
+from training.distributed import all_gather_object, barrier, distributed_session, launch_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="See the module docstring (README: 'Raw-file tools') for what each file type becomes.")
+        epilog="See the module docstring (README: 'Raw-file tools') for what each file type becomes, and for "
+        "several processes (torchrun --nproc_per_node=N clamp3_embd.py ...).")
     parser.add_argument("input_dir", help="folder of raw files, searched recursively")
     parser.add_argument("output_dir", help="where the .npy features go (mirrored folder structure)")
     parser.add_argument("--get_global", action="store_true", help="one pooled, projected vector per file")
@@ -46,20 +57,65 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = runconfig.parse_args(parser, argv)
     if not Path(args.input_dir).is_dir():
         parser.error(f"input directory not found: {args.input_dir}")
-    embedder = rawfiles.open_embedder(args, cfg)
-    if embedder is None:
+    try:
+        _, world_size, _ = launch_environment()
+    except ValueError as exc:
+        parser.error(str(exc))
+    if world_size == 1:  # plain python (or a launcher with one process): no process group
+        return run(args, cfg)
+    try:
+        resolve_device(cfg["EXTRACT_DEVICE"])
+    except (RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    with distributed_session(cfg["EXTRACT_DEVICE"], cfg["DIST_TIMEOUT_MINUTES"]) as context:
+        return run(args, cfg, context.rank, world_size, str(context.device))
+
+
+def run(args: argparse.Namespace, cfg: dict, rank: int = 0, world_size: int = 1, device: str | None = None) -> int:
+    """Every process runs it; rank 0 prints the models and the summary and merges the failure logs."""
+    main_rank = rank == 0
+    embedder = rawfiles.open_embedder(args, cfg, show=not args.quiet and main_rank, device=device)
     files = rawfiles.discover(args.input_dir)
-    drops = DropLog("clamp3_embd", args.error_log, echo=lambda message: tqdm.write(message, file=sys.stderr))
-    with drops, tqdm(total=len(files), desc="embed", unit="file", disable=args.quiet, dynamic_ncols=True) as bar:
+    error = None if embedder is not None else "no models"  # open_embedder printed why
+    if embedder is not None and any(rel.suffix.lower() == ".txt" for rel in files):
+        try:
+            embedder.tokenizer()  # before any file is converted or embedded
+        except (OSError, RuntimeError, ValueError) as exc:
+            error = str(exc)
+            print(f"error: {exc}", file=sys.stderr)
+    # Every process goes on, or none does (one that stopped alone would leave the others waiting).
+    if any(all_gather_object(error)):
+        return 2
+    prefix = f"[rank {rank}] " if world_size > 1 else ""
+    drops = DropLog("clamp3_embd", rank_log_path(args.error_log, rank, world_size),
+                    echo=lambda message: tqdm.write(prefix + message, file=sys.stderr))
+    with drops, tqdm(total=len(files), desc="embed" if world_size == 1 else f"embed (rank 0 of {world_size})",
+                     unit="file", disable=args.quiet or not main_rank, dynamic_ncols=True) as bar:
+
+        def planned(count: int) -> None:
+            bar.total = count
+            bar.refresh()
+
         try:
             summary = rawfiles.embed_folder(embedder, args.input_dir, args.output_dir, args.get_global,
-                                            drops=drops, progress=bar.update)
+                                            drops=drops, progress=bar.update, planned=planned)
         except (FileNotFoundError, RuntimeError) as exc:
+            if world_size > 1:
+                raise  # the session ends this process and torchrun the others; a return would leave them waiting
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    print(f"clamp3_embd: {len(files)} files in {args.input_dir}: {summary.line()}; features: "
-          f"{embedder.summary.line()}" + (f" (failures logged to {args.error_log})" if summary.failed else ""))
+    features = rawfiles.EmbedSummary()
+    for part in all_gather_object(embedder.summary):
+        features.embedded += part.embedded
+        features.cached += part.cached
+        features.failed += part.failed
+    barrier()  # every rank's log is closed before rank 0 merges them
+    if main_rank:
+        merge_rank_logs(args.error_log, world_size)
+        processes = f" ({world_size} processes)" if world_size > 1 else ""
+        print(f"clamp3_embd: {len(files)} files in {args.input_dir}{processes}: {summary.line()}; features: "
+              f"{features.line()}" + (f" (failures logged to {args.error_log})" if summary.failed else ""))
     return 0
 
 

@@ -352,6 +352,13 @@ class Embedder:
             self._tokenizer = load_text_tokenizer(self.cfg["TEXT_MODEL_NAME"])
         return self._tokenizer
 
+    def check_models(self, text: bool = False) -> None:
+        """Load the base weights now, and the text tokenizer when ``text``, so a missing or mismatched
+        one fails (``RuntimeError``/``ValueError`` with the fix) before any file is converted or embedded."""
+        self._load_base()
+        if text:
+            self.tokenizer()
+
     def extractor(self, fmt: str | None, needs_tokenizer: bool = False) -> Any:
         from features import FeatureExtractor
 
@@ -462,6 +469,8 @@ class Embedder:
         ``batch_files`` at a time (default ``EXTRACT_FILES_PER_CHUNK``)."""
         batch_files = batch_files or int(self.cfg["EXTRACT_FILES_PER_CHUNK"])
         results: list[Embedded | None] = [None] * len(paths)
+        if any(Path(path).suffix.lower() == ".txt" for path in paths):
+            self.tokenizer()  # a missing tokenizer fails before the first file, not after the music
 
         def fail(index: int, stage: str, reason: str) -> None:
             self.summary.failed += 1
@@ -553,17 +562,8 @@ def discover(input_dir: str | os.PathLike) -> list[Path]:
     return find_files(input_dir, SEEN_EXTENSIONS)
 
 
-def embed_folder(embedder: Embedder, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                 get_global: bool, drops: DropLog | None = None,
-                 progress: Callable[[int], None] | None = None) -> FolderSummary:
-    """One ``.npy`` per input file at the mirrored path under ``output_dir`` (``name.ext`` →
-    ``name.npy``), written only when missing or when the input or model changed; outputs this tool
-    wrote for inputs that are gone are deleted. The manifest beside the folder records what each
-    output was made from."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"input directory not found: {input_dir}")
-    summary = FolderSummary()
+def _folder_plan(input_dir: Path, output_dir: Path) -> tuple[dict, list[Path], list[tuple[Path, str, Path]], list[int]]:
+    """(previous manifest outputs, inputs in order, name clashes, inputs' bytes) of an ``embed_folder`` run."""
     manifest_file = manifest_path(output_dir)
     try:
         previous = json.loads(manifest_file.read_text(encoding="utf-8"))["outputs"] if manifest_file.is_file() else {}
@@ -571,44 +571,106 @@ def embed_folder(embedder: Embedder, input_dir: str | os.PathLike, output_dir: s
         previous = {}
     claimed: dict[str, Path] = {}
     inputs: list[Path] = []
+    clashes: list[tuple[Path, str, Path]] = []
+    sizes: list[int] = []
     for rel in discover(input_dir):
         out_rel = with_extension(rel, ".npy").as_posix()
         if out_rel in claimed:
-            summary.failed += 1
-            if drops is not None:
-                drops.fail(input_dir / rel, "name", f"its output {out_rel} is already made from {claimed[out_rel]}")
+            clashes.append((rel, out_rel, claimed[out_rel]))
             continue
         claimed[out_rel] = rel
         inputs.append(rel)
-    before = embedder.summary.failed
-    results = embedder.embed_files([input_dir / rel for rel in inputs], get_global=get_global, drops=drops,
-                                   progress=progress)
-    summary.failed += embedder.summary.failed - before
-    outputs: dict[str, dict[str, Any]] = {}
-    for rel, result in zip(inputs, results, strict=True):
-        if result is None:
-            continue
-        out_rel = with_extension(rel, ".npy").as_posix()
-        record = {"input": rel.as_posix(), "sha256": result.sha256, "kind": result.kind, "format": result.format,
-                  "model_key": result.model_key, "get_global": get_global,
-                  "adapter": str(embedder.adapter_of(result.format) or "") or None}
-        target = output_dir / out_rel
-        if previous.get(out_rel) == record and target.is_file():
-            summary.unchanged += 1
-        else:
-            atomic_save_npy(target, result.feature)
-            summary.written += 1
-        outputs[out_rel] = record
-    # Inputs that are gone, and inputs that failed this time: an old feature of either is stale.
-    for out_rel in sorted(set(previous) - set(outputs)):
-        stale = output_dir / out_rel
-        if stale.is_file():
-            stale.unlink()
-            summary.removed += 1
-    document = {"input_dir": str(input_dir.resolve()), "get_global": get_global,
-                "models": embedder.choice.describe(), "outputs": outputs}
-    atomic_write_text(manifest_file, json.dumps(document, indent=1) + "\n")
-    return summary
+        try:
+            sizes.append((input_dir / rel).stat().st_size)
+        except OSError:
+            sizes.append(0)  # reading it fails later, and is logged then
+    return previous, inputs, clashes, sizes
+
+
+def embed_folder(embedder: Embedder, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                 get_global: bool, drops: DropLog | None = None,
+                 progress: Callable[[int], None] | None = None,
+                 planned: Callable[[int], None] | None = None) -> FolderSummary:
+    """One ``.npy`` per input file at the mirrored path under ``output_dir`` (``name.ext`` →
+    ``name.npy``), written only when missing or when the input or model changed; outputs this tool
+    wrote for inputs that are gone are deleted. The manifest beside the folder records what each
+    output was made from. ``planned`` is told how many files this process embeds (a bar's total).
+
+    With a process group (``clamp3_embd.py`` under torchrun), rank 0 plans the run (the previous
+    manifest, the inputs, the name clashes), each rank embeds and writes whole chunks of
+    ``EXTRACT_FILES_PER_CHUNK`` inputs (``extraction.split_chunks``, balanced by bytes; each input
+    on exactly one rank), and once every rank is done rank 0 deletes stale outputs and writes the
+    manifest; every rank returns the summary of all. Every rank must call it. Without a process
+    group, one rank takes every chunk in order, as it always did."""
+    from extraction import RankShare, chunk_ranges, split_chunks
+
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input directory not found: {input_dir}")
+    share = RankShare()
+    try:
+        previous, inputs, clashes, sizes = share.from_main(lambda: _folder_plan(input_dir, output_dir))
+        summary = FolderSummary()
+        if share.is_main:
+            for rel, out_rel, other in clashes:
+                summary.failed += 1
+                if drops is not None:
+                    drops.fail(input_dir / rel, "name", f"its output {out_rel} is already made from {other}")
+        batch_files = int(embedder.cfg["EXTRACT_FILES_PER_CHUNK"])
+        spans = chunk_ranges(len(inputs), batch_files)
+        assigned = split_chunks([sum(sizes[i] for i in span) for span in spans], share.world_size)[share.rank]
+        if planned is not None:
+            planned(sum(len(spans[index]) for index in assigned))
+        before = embedder.summary.failed
+        mine: dict[str, dict[str, Any]] = {}
+        for index in assigned:
+            chunk = [inputs[i] for i in spans[index]]
+            results = embedder.embed_files([input_dir / rel for rel in chunk], get_global=get_global, drops=drops,
+                                           progress=progress, batch_files=batch_files)
+            for rel, result in zip(chunk, results, strict=True):
+                if result is None:
+                    continue
+                out_rel = with_extension(rel, ".npy").as_posix()
+                record = {"input": rel.as_posix(), "sha256": result.sha256, "kind": result.kind,
+                          "format": result.format, "model_key": result.model_key, "get_global": get_global,
+                          "adapter": str(embedder.adapter_of(result.format) or "") or None}
+                target = output_dir / out_rel
+                if previous.get(out_rel) == record and target.is_file():
+                    summary.unchanged += 1
+                else:
+                    atomic_save_npy(target, result.feature)
+                    summary.written += 1
+                mine[out_rel] = record
+        summary.failed += embedder.summary.failed - before
+        everyone = share.gather((mine, summary))
+    finally:
+        share.close()
+    total = FolderSummary()
+    done: dict[str, dict[str, Any]] = {}
+    for records, part in everyone:
+        done.update(records)
+        total.written += part.written
+        total.unchanged += part.unchanged
+        total.failed += part.failed
+    # The manifest lists outputs in input order, whichever rank made them.
+    outputs = {out_rel: done[out_rel] for out_rel in (with_extension(rel, ".npy").as_posix() for rel in inputs)
+               if out_rel in done}
+
+    def finish() -> int:
+        removed = 0
+        # Inputs that are gone, and inputs that failed this time: an old feature of either is stale.
+        for out_rel in sorted(set(previous) - set(outputs)):
+            stale = output_dir / out_rel
+            if stale.is_file():
+                stale.unlink()
+                removed += 1
+        document = {"input_dir": str(input_dir.resolve()), "get_global": get_global,
+                    "models": embedder.choice.describe(), "outputs": outputs}
+        atomic_write_text(manifest_path(output_dir), json.dumps(document, indent=1) + "\n")
+        return removed
+
+    total.removed = share.from_main(finish)
+    return total
 
 
 def folder_cache_dir(cache_dir: str | os.PathLike, input_dir: str | os.PathLike, get_global: bool) -> Path:
@@ -650,13 +712,15 @@ def add_model_arguments(parser: Any, tool: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no model summary")
 
 
-def open_embedder(args: Any, cfg: dict[str, Any], show: bool | None = None) -> Embedder | None:
+def open_embedder(args: Any, cfg: dict[str, Any], show: bool | None = None,
+                  device: str | None = None) -> Embedder | None:
     """``embedder_from_args`` for a script: the models it will use printed (``show``, default: unless
-    ``--quiet``), or the error printed and None (the script exits 2)."""
+    ``--quiet``), or the error printed and None (the script exits 2). ``device`` overrides
+    EXTRACT_DEVICE (a launched process's own GPU)."""
     import sys
 
     try:
-        embedder = embedder_from_args(args, cfg)
+        embedder = embedder_from_args(args, cfg, device=device)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
@@ -665,14 +729,14 @@ def open_embedder(args: Any, cfg: dict[str, Any], show: bool | None = None) -> E
     return embedder
 
 
-def embedder_from_args(args: Any, cfg: dict[str, Any]) -> Embedder:
+def embedder_from_args(args: Any, cfg: dict[str, Any], device: str | None = None) -> Embedder:
     """The ``Embedder`` the options ask for; raises ``ModelsNotFoundError``/``ValueError`` with the fix."""
     from features import check_dtype
 
     check_dtype(cfg["EXTRACT_DTYPE"])
     choice = choose_models(cfg, weights=args.weights, model_config=args.model_config, no_adapter=args.no_adapter)
     cache_dir = Path(args.cache_dir) if args.cache_dir else repo_path(choice.cfg["RAWFILE_CACHE_DIR"])
-    return Embedder(choice, cache_dir=cache_dir, abc_mode=args.abc_mode)
+    return Embedder(choice, cache_dir=cache_dir, abc_mode=args.abc_mode, device=device)
 
 
 def run_feature_tool(tool: str, arguments: Sequence[str], quiet: bool = False) -> int:
@@ -715,10 +779,14 @@ def embed_query_and_reference(embedder: Embedder, tool: str, query_dir: str, ref
         tqdm.write(message, file=sys.stderr)
 
     folders = []
+    for name, folder in (("query", query_dir), ("reference", reference_dir)):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{name} directory not found: {folder}")
+    # The weights, and the tokenizer when either folder holds text, before anything is embedded.
+    embedder.check_models(text=any(rel.suffix.lower() == ".txt" for folder in (query_dir, reference_dir)
+                                   for rel in discover(folder)))
     with DropLog(tool, error_log, echo=echo) as drops:
         for name, folder in (("query", query_dir), ("reference", reference_dir)):
-            if not Path(folder).is_dir():
-                raise FileNotFoundError(f"{name} directory not found: {folder}")
             total = len(discover(folder))
             with tqdm(total=total, desc=f"embed {name}", unit="file", disable=quiet, dynamic_ncols=True) as bar:
                 features, summary = embed_to_cache(embedder, folder, drops=drops, progress=bar.update)

@@ -23,7 +23,8 @@ SUBDIRS = ("int_abc", "int_abc_from_abc_inputs", "mtf")
 
 
 def run_extract(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "code" / "extract_clamp3.py"), *args, "--quiet"],
+    return subprocess.run([sys.executable, str(REPO_ROOT / "code" / "extract_clamp3.py"), *args, "--quiet",
+                           "--EXTRACT_DEVICE=cpu"],
                           capture_output=True, text=True, check=False)
 
 
@@ -194,9 +195,24 @@ def test_missing_tokenizer_and_bad_dtype_are_clear_errors(tmp_path):
     result = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), *TINY,
                          f"--TEXT_MODEL_NAME={tmp_path / 'no_tokenizer_here'}")
     assert result.returncode == 2
-    assert "cannot load the text tokenizer" in result.stderr and "Traceback" not in result.stderr
+    assert "text tokenizer" in result.stderr and "TEXT_MODEL_NAME" in result.stderr
+    assert "Traceback" not in result.stderr
     result = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), *TINY, "--EXTRACT_DTYPE=bf16")
     assert result.returncode == 2 and "EXTRACT_DTYPE must be float32, bfloat16 or float16" in result.stderr
+
+
+def test_missing_weights_fail_before_the_tokenizer_is_loaded(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "caption.txt").write_text("a calm piano piece", encoding="utf-8")
+    result = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), "--weights", str(tmp_path / "missing.pth"),
+                         "--model_config", str(TINY_MODEL_CONFIG), f"--TEXT_MODEL_NAME={tmp_path / 'no_tokenizer'}")
+    assert result.returncode == 2
+    assert "checkpoint not found" in result.stderr and "--weights" in result.stderr
+    assert "tokenizer" not in result.stderr and "Traceback" not in result.stderr  # the tokenizer was not tried
+    assert not (tmp_path / "out.extract_config.json").exists()
+    result = run_extract(str(tmp_path / "in"), str(tmp_path / "out"), *TINY[:2], "--model_config",
+                         str(tmp_path / "no_sizes.json"), f"--TEXT_MODEL_NAME={tmp_path / 'no_tokenizer'}")
+    assert result.returncode == 2 and "tokenizer" not in result.stderr  # the settings before the tokenizer too
 
 
 def test_onednn_fast_path_matches_and_restores_the_model(tiny_model):
@@ -266,7 +282,7 @@ def test_cli_paths_typed_are_relative_to_the_working_directory(tmp_path, monkeyp
     shutil.copy(TINY_WEIGHTS, tmp_path / "tiny.pth")
     monkeypatch.chdir(tmp_path)
     argv = ["in", "out", "--get_global", "--weights", "tiny.pth", "--model_config", "sizes.json", "--quiet",
-            "--MODEL_CONFIG=no/such/file.json"]  # what is typed wins over the configuration
+            "--MODEL_CONFIG=no/such/file.json", "--EXTRACT_DEVICE=cpu"]  # what is typed wins over the configuration
     assert extract_clamp3.main(argv) == 0
     assert np.load(tmp_path / "out" / "m21test_test01.npy").shape == (1, 32)
     saved = json.loads((tmp_path / "out.extract_config.json").read_text())
