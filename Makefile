@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast lint bench demo demo-quick
+.PHONY: setup test test-fast lint bench demo demo-quick gpu-check
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 setup:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(BIN)/python
 
 test-fast: $(BIN)/python
 	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
+
+# On a CUDA machine (< 8 min on one GPU): the gpu-marked tests, the trainer per precision at the
+# official size, GradCache's re-run with dropout, extraction against the CPU, the GPU bench rows
+# (bench/README.md, "GPU check"); report in results/gpu_check.json. Without CUDA it says so and
+# runs its CPU parts.
+gpu-check: $(BIN)/python
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/python bench/gpu_check.py
 
 # The embedded default: the whole pipeline offline on CPU (README, first lines). Outputs: data/demo/.
 demo: $(BIN)/python

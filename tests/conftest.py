@@ -1,9 +1,16 @@
 """Shared test fixtures: the official reference fixtures, the tiny model, an offline tokenizer, and
-offline settings (set here with setdefault: a value the caller exported wins)."""
+offline settings (set here with setdefault: a value the caller exported wins).
+
+Devices: every test pins the device it means (``--TRAIN_DEVICE=cpu``, ``--EXTRACT_DEVICE=cpu``,
+``device="cpu"``); ``auto`` would pick a GPU where there is one, in bf16. Tests that need a GPU
+are marked ``gpu`` (tests/test_gpu.py): skipped without CUDA, run after every other test, so that
+the guard below can tell on a CUDA machine whether an unmarked test allocated GPU memory in this
+process (subprocesses such as torchrun jobs are pinned by their arguments)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +23,41 @@ OFFICIAL = SHARED_DIR / "fixtures" / "official"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests: skipped without CUDA; otherwise moved after every other test (CUDA stays
+    uninitialised while the CPU tests run, and they fork worker processes freely)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu)")
+        for item in gpu:
+            item.add_marker(skip)
+        return
+    chosen = set(map(id, gpu))
+    items[:] = [item for item in items if id(item) not in chosen] + gpu
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu_unless_marked(request):
+    """On a CUDA machine, fail a test not marked ``gpu`` that allocates GPU memory in this process:
+    it resolved a device to ``auto`` (or named CUDA) where it should pin the CPU."""
+    torch = sys.modules.get("torch")
+    if request.node.get_closest_marker("gpu") or torch is None or not torch.cuda.is_available():
+        yield
+        return
+    initialised = torch.cuda.is_initialized()
+    before = torch.cuda.memory_allocated() if initialised else 0
+    if initialised:
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    if torch.cuda.is_initialized() and torch.cuda.max_memory_allocated() > before:
+        pytest.fail(f"{request.node.nodeid} allocated GPU memory without the gpu marker: pin its device "
+                    "(--TRAIN_DEVICE=cpu, --EXTRACT_DEVICE=cpu, device='cpu') or mark it gpu", pytrace=False)
 
 
 @pytest.fixture(scope="session")

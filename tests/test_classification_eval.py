@@ -119,7 +119,8 @@ def test_zero_shot_beats_chance_after_a_short_adapter_training(tmp_path, word_to
                 "LORA_LOG_DIR": str(tmp_path / "run"), "LORA_ABC_ADAPTER_DIR": str(tmp_path / "adapter_abc"),
                 "LORA_BATCH_SIZE": 2, "LORA_NUM_EPOCHS": 20, "LORA_LEARNING_RATE": 1e-2, "LORA_WARMUP_STEPS": 0,
                 "LORA_R": 4, "NUM_WORKERS": 0, "TEXT_CACHE_DIR": str(tmp_path / "text_cache"), "LORA_PATIENCE": 0,
-                "LOSS": "normalized", "LORA_ABC_MODULES_TO_SAVE": '["symbolic_proj"]', "TEXT_DROPOUT": False}
+                "LOSS": "normalized", "LORA_ABC_MODULES_TO_SAVE": '["symbolic_proj"]', "TEXT_DROPOUT": False,
+                "TRAIN_DEVICE": "cpu"}
     assert train_clamp3_lora.main(["--format", "abc", "--weights", str(TINY_WEIGHTS), "--model_config",
                                    str(TINY_MODEL_CONFIG), "--quiet",
                                    *(f"--{key}={value}" for key, value in settings.items())]) == 0
