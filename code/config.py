@@ -88,8 +88,8 @@ GRADIENT_CHECKPOINTING = False
 # attention then runs in PyTorch's fused kernel on CPU too, several times faster and smaller
 # (bench/README.md); GPUs have fused kernels with dropout, so there it costs little either way.
 SYMBOLIC_DROPOUT = True
-TRAIN_DEVICE = "auto"  # auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)
-TRAIN_PRECISION = "bf16"  # on CUDA: bf16 autocast | fp16 autocast with a GradScaler | fp32; CPU: fp32
+TRAIN_DEVICE = "auto"  # auto | cpu | cuda (torchrun: cuda:(LOCAL_RANK % visible GPUs))
+TRAIN_PRECISION = "auto"  # auto (GPU: bf16, fp16 + GradScaler without native bf16; CPU: fp32) | bf16 | fp16 | fp32
 NUM_WORKERS = 2  # DataLoader workers per rank
 DIST_TIMEOUT_MINUTES = 30  # a lost rank ends the job after this long instead of hanging it
 

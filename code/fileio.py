@@ -133,20 +133,38 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line of a JSONL file; a line that is not a JSON
-    object raises ValueError naming the file and the line."""
-    with open(path, encoding="utf-8") as f:
+def scan_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
+    """``(line number, object, None)`` for every non-blank line of a JSON object, and
+    ``(line number, None, reason)`` for every other non-blank line (not UTF-8, not valid JSON, or
+    JSON that is not an object): the lenient reading, for jobs that log bad lines and go on."""
+    # surrogateescape: a line with bytes that are not UTF-8 is one bad line, not the end of the file.
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:
+                yield number, None, "not UTF-8"
+                continue
+            try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                yield number, None, f"not valid JSON ({exc.msg})"
+                continue
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            yield number, obj
+                yield number, None, f"expected a JSON object, not {type(obj).__name__}"
+                continue
+            yield number, obj, None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a line that is not a JSON
+    object raises ValueError naming the file and the line (``scan_jsonl`` reports it instead)."""
+    for number, obj, problem in scan_jsonl(path):
+        if obj is None:
+            raise ValueError(f"{path}:{number}: {problem}")
+        yield number, obj
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

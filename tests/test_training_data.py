@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import OFFICIAL
-from fileio import DropLog
+from fileio import DropLog, iter_jsonl
 from patchilizer import M3Patchilizer
 from torch.utils.data import DataLoader
 from training.data import (
     Augmentation,
     BatchDataset,
+    FileCheckCache,
     LiveText,
     held_out_split,
     load_records,
@@ -146,6 +147,110 @@ def test_bad_records_are_dropped_with_file_and_reason(tmp_path):
         assert sum(drops.counts.values()) == 7
     mtf = load(path, "mtf")
     assert [r.id for r in mtf] == ["good", "mtfonly"]
+
+
+def test_bad_jsonl_lines_are_drops_with_their_line_numbers(tmp_path):
+    """An invalid line and a line that is JSON but not an object are drops like any bad record:
+    the good lines keep the indices they would have (every non-blank line counts)."""
+    files = copy_music(tmp_path, ABC_DIR)[:2]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"".join([
+        json.dumps({"id": "a", "filepaths": [files[0]], "title": "w1"}).encode() + b"\n",
+        b'{"id": "broken", "filepaths": [\n',
+        b"[1, 2]\n",
+        b"\n",
+        b'{"title": "w\xff"}\n',
+        json.dumps({"id": "b", "filepaths": [files[1]], "title": "w2"}).encode() + b"\n",
+    ]))
+    drops = DropLog("records")
+    records = load_records(path, "abc", M3Patchilizer(), drops, progress=False)
+    assert [(r.id, r.index) for r in records] == [("a", 0), ("b", 4)]
+    assert [(row["line"], row["reason"]) for row in drops.rows] == [
+        (2, "bad JSONL line: not valid JSON (Expecting value)"),
+        (3, "bad JSONL line: expected a JSON object, not list"),
+        (5, "bad JSONL line: not UTF-8")]
+    assert all(row["jsonl"] == str(path) for row in drops.rows)
+    with pytest.raises(ValueError, match=r"train\.jsonl:2: not valid JSON"):
+        list(iter_jsonl(path))  # the strict reading of the other callers is unchanged
+
+
+class ThreadGather:
+    """``distributed.all_gather_object`` for ranks played by threads."""
+
+    def __init__(self, world_size: int):
+        self.slots: list = [None] * world_size
+        self.barrier = threading.Barrier(world_size)
+
+    def for_rank(self, rank: int):
+        def gather(obj):
+            self.slots[rank] = obj
+            self.barrier.wait()
+            gathered = list(self.slots)
+            self.barrier.wait()
+            return gathered
+        return gather
+
+
+def mixed_records(tmp_path: Path) -> Path:
+    """Good, bad and shared files over 13 records (an odd count, so rank shares differ)."""
+    files = copy_music(tmp_path, ABC_DIR)[:9]
+    (tmp_path / "music" / "empty.abc").write_text("")
+    rows = [{"id": f"p{i}", "filepaths": [files[i % len(files)]], "title": words(i)} for i in range(11)]
+    rows += [{"id": "empty", "filepaths": ["music/empty.abc"], "title": "w1"},
+             {"id": "gone", "filepaths": ["music/gone.abc", files[0]], "title": "w2"}]
+    return write_records(tmp_path, rows)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_file_check_shared_by_ranks_gives_every_rank_the_one_process_result(tmp_path, world_size):
+    path = mixed_records(tmp_path)
+    one_drops = DropLog("one")
+    one = load_records(path, "abc", M3Patchilizer(), one_drops, progress=False)
+    gather = ThreadGather(world_size)
+    results: dict[int, tuple] = {}
+
+    def rank_main(rank: int) -> None:
+        drops = DropLog(f"rank {rank}")
+        records = load_records(path, "abc", M3Patchilizer(), drops, progress=False, rank=rank,
+                               world_size=world_size, gather=gather.for_rank(rank))
+        results[rank] = (records, drops.rows)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(results) == list(range(world_size))
+    for records, rows in results.values():
+        assert records == one
+        assert rows == one_drops.rows
+
+
+def test_file_checks_are_cached_by_path_size_mtime_and_patch_settings(tmp_path):
+    path = mixed_records(tmp_path)
+    cache_file = tmp_path / "run" / "file_checks.abc.json"
+
+    def load_cached(patchilizer=None, workers=1):
+        patchilizer = patchilizer or M3Patchilizer()
+        cache = FileCheckCache(cache_file, patchilizer)
+        drops = DropLog("records")
+        records = load_records(path, "abc", patchilizer, drops, workers=workers, progress=False, cache=cache)
+        cache.save()
+        return records, drops.rows, cache
+
+    first, first_drops, cache = load_cached()
+    assert (cache.checked, cache.hits) == (11, 0)  # 9 good files, the empty one, the missing one
+    assert cache_file.is_file() and not list(cache_file.parent.glob("*.tmp"))
+    again, again_drops, cache = load_cached(workers=2)
+    assert (again, again_drops) == (first, first_drops)
+    assert (cache.checked, cache.hits) == (1, 10)  # only the missing file is looked at again
+    changed = Path(first[1].music_files[0])
+    changed.write_text(changed.read_text() + "|\n")  # another size: checked again, not taken from the cache
+    third, _, cache = load_cached()
+    assert (cache.checked, cache.hits) == (2, 9)
+    assert third[1].music_keys != first[1].music_keys
+    _, _, cache = load_cached(M3Patchilizer(patch_size=32))
+    assert cache.hits == 0  # other patch settings, other verdicts
 
 
 def test_record_length_is_capped_at_the_patch_length(abc_corpus):

@@ -28,19 +28,31 @@ class ResumeError(RuntimeError):
     """No checkpoint to resume from, or one that does not fit this run."""
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG this process draws from: Python's, numpy's, torch's CPU generator and, on a CUDA
+    ``device``, that device's generator only. Each rank saves its own GPU's state, never every
+    visible GPU's: a job resumed with another layout (1 x 8 as 2 x 4, one GPU visible per
+    process under SLURM) sees other devices, and rank r's state must go to rank r's GPU."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore ``rng_state``'s result; its CUDA state goes to ``device`` (this rank's GPU)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device is not None and torch.device(device).type == "cuda":
+        if isinstance(cuda, (list, tuple)):  # written before the per-rank rule: every visible GPU's
+            index = torch.device(device).index or 0
+            if index >= len(cuda):
+                raise ResumeError(f"the checkpoint holds CUDA RNG states of {len(cuda)} GPUs, none for "
+                                  f"cuda:{index}; resume on the same GPU layout")
+            cuda = cuda[index]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def checkpoint_name(fmt: str, step: int) -> str:
@@ -77,8 +89,10 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike) -> Path:
     if resume == "latest":
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
-            raise ResumeError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR} "
-                              "(start without --resume, or pass a checkpoint path)")
+            raise ResumeError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINT_DIR}: the run stopped "
+                              "before its first one (an epoch's end, or LORA_CHECKPOINT_STEPS steps), so there is "
+                              "nothing to continue. Start it again without --resume (the folder is reused), or "
+                              "pass a checkpoint path")
         return checkpoints[-1]
     path = Path(resume)
     if not path.is_file():

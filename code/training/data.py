@@ -9,16 +9,19 @@ the same examples with any number of DataLoader workers, on any number of ranks 
 
 Bad records are found once, when the records are loaded (every music file is read and patchified),
 and left out with a reason in a ``fileio.DropLog``: the model never sees an empty text or an
-unreadable file, and no batch is ever skipped.
+unreadable file, and no batch is ever skipped. A bad JSONL line is one more drop. Across ranks each
+rank checks a share of the files and the verdicts are gathered, so every rank gets the records one
+process would; verdicts are kept by path, size and mtime (``FileCheckCache``) for the next start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from fileio import DropLog, iter_jsonl
+from fileio import DropLog, atomic_write_text, scan_jsonl
 from patchilizer import M3Patchilizer, remove_instrument_info
 from pools import process_context
 from torch.utils.data import Dataset
@@ -212,38 +215,144 @@ def _check_music_file(path: str, patchilizer: M3Patchilizer) -> _FileCheck:
     return _FileCheck(None, patches + 2, bytes_hash(data))  # + the BOS and EOS patches
 
 
-def _check_music_files(paths: list[str], patchilizer: M3Patchilizer, workers: int,
-                       progress: bool, description: str) -> list[_FileCheck]:
-    check = partial(_check_music_file, patchilizer=patchilizer)
-    bar = tqdm(total=len(paths), desc=description, unit="file", disable=not progress)
+FILE_CHECK_VERSION = 1  # raise when _check_music_file's verdicts change: cached verdicts are then redone
+_PROGRESS_ROUNDS = 100  # progress updates (one small gather each across ranks) per check
+
+
+def _file_stat(path: str) -> tuple[int, int] | None:
     try:
-        if workers <= 1 or len(paths) < 2:
-            results = []
-            for path in paths:
-                results.append(check(path))
-                bar.update()
-            return results
-        chunk = max(1, min(256, len(paths) // (workers * 16)))
-        with process_context().Pool(min(workers, len(paths))) as pool:
-            results = []
-            for result in pool.imap(check, paths, chunksize=chunk):
-                results.append(result)
-                bar.update()
-            return results
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+class FileCheckCache:
+    """Verdicts of the music-file check by path, each valid while the file keeps its size and
+    ``mtime_ns`` and the check its settings (patch size and length, ``FILE_CHECK_VERSION``).
+
+    One JSON file (``path``; None keeps the cache in memory only), written atomically by ``save``
+    with the verdicts of the files checked since it was opened: a resumed run, the validation
+    records and a restart after a failed start read each unchanged file's verdict instead of
+    reading and patchifying the file again. A missing file is never cached. An unreadable cache file
+    or one of other settings counts as empty.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, patchilizer: M3Patchilizer):
+        self.path = Path(path) if path is not None else None
+        self.settings = {"version": FILE_CHECK_VERSION, "patch_size": patchilizer.patch_size,
+                         "patch_length": patchilizer.patch_length}
+        self.saved: dict[str, list] = {}
+        self.current: dict[str, list] = {}
+        self.hits = 0  # verdicts taken from the cache (every rank's, after a gathered check)
+        self.checked = 0  # files read and patchified
+        if self.path is not None and self.path.is_file():
+            try:
+                stored = json.loads(self.path.read_text(encoding="utf-8"))
+                if stored.get("settings") == self.settings and isinstance(stored.get("files"), dict):
+                    self.saved = stored["files"]
+            except (OSError, ValueError, AttributeError):
+                self.saved = {}
+
+    def get(self, path: str) -> list | None:
+        """``[size, mtime_ns, reason, patches, key, detail]`` of ``path``'s last check, or None."""
+        return self.current.get(path) or self.saved.get(path)
+
+    def put(self, path: str, stat: tuple[int, int] | None, check: _FileCheck) -> None:
+        if stat is not None:
+            self.current[path] = [*stat, check.reason, check.patches, check.key, check.detail]
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        payload = {"settings": self.settings, "files": self.current}
+        atomic_write_text(self.path, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+
+def _check_cached(item: tuple[str, list | None], patchilizer: M3Patchilizer
+                  ) -> tuple[tuple[int, int] | None, _FileCheck, bool]:
+    """``(stat, verdict, from the cache)`` of one file. The file is stat'ed before it is read: a
+    change after that gives another stat at the next check, never a stale verdict."""
+    path, cached = item
+    stat = _file_stat(path)
+    if cached is not None and stat is not None and (cached[0], cached[1]) == stat:
+        return stat, _FileCheck(cached[2], cached[3], cached[4], cached[5]), True
+    return stat, _check_music_file(path, patchilizer), False
+
+
+def _check_music_files(paths: list[str], patchilizer: M3Patchilizer, workers: int, progress: bool,
+                       description: str, cache: FileCheckCache | None = None, rank: int = 0,
+                       world_size: int = 1, gather: Callable[[Any], list[Any]] | None = None
+                       ) -> list[_FileCheck]:
+    """The verdict of each of ``paths``, in order. With ``world_size`` > 1, rank r checks
+    ``paths[r::world_size]`` (in a pool of ``workers`` processes) and ``gather`` (every rank's
+    object in rank order, e.g. ``distributed.all_gather_object``; every rank calls this with the
+    same paths) hands every rank every verdict, so all ranks end with one process's result. The
+    progress bar counts every rank's files: the ranks exchange their counts in
+    ``_PROGRESS_ROUNDS`` rounds, which also keeps each collective short."""
+    if world_size > 1 and gather is None:
+        raise ValueError("a file check shared by several ranks needs a gather")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    share = paths[rank::world_size]
+    items = [(path, cache.get(path) if cache is not None else None) for path in share]
+    largest_share = -(-len(paths) // world_size)  # rank 0's
+    rounds = min(_PROGRESS_ROUNDS, largest_share)
+    per_round = -(-largest_share // rounds) if rounds else 0
+    check = partial(_check_cached, patchilizer=patchilizer)
+    ranks = f", {world_size} ranks" if world_size > 1 else ""
+    bar = tqdm(total=len(paths), desc=f"{description} ({len(paths):,} files{ranks})", unit="file",
+               disable=not progress, dynamic_ncols=True)
+    results: list[tuple[tuple[int, int] | None, _FileCheck, bool]] = []
+    pool = None
+    try:
+        if workers > 1 and len(items) > 1:
+            pool = process_context().Pool(min(workers, len(items)))
+            chunk = max(1, min(256, len(items) // (workers * 16)))
+            stream = pool.imap(check, items, chunksize=chunk)
+        else:
+            stream = map(check, items)
+        for _ in range(rounds):
+            for _ in range(min(per_round, len(items) - len(results))):
+                results.append(next(stream))
+            done = sum(gather(len(results))) if world_size > 1 else len(results)
+            bar.update(done - bar.n)
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         bar.close()
+    parts = gather(results) if world_size > 1 else [results]
+    merged: list[Any] = [None] * len(paths)
+    for part_rank, part in enumerate(parts):
+        merged[part_rank::world_size] = part
+    verdicts = []
+    for path, (stat, verdict, hit) in zip(paths, merged, strict=True):
+        if cache is not None:
+            cache.put(path, stat, verdict)
+            cache.hits += hit
+            cache.checked += not hit
+        verdicts.append(verdict)
+    return verdicts
 
 
 def load_records(jsonl_path: str | os.PathLike, fmt: str, patchilizer: M3Patchilizer, drops: DropLog,
-                 workers: int = 1, progress: bool = True) -> list[TrainingRecord]:
+                 workers: int = 1, progress: bool = True, cache: FileCheckCache | None = None,
+                 rank: int = 0, world_size: int = 1,
+                 gather: Callable[[Any], list[Any]] | None = None) -> list[TrainingRecord]:
     """The usable records of a training JSONL for one format (``abc`` or ``mtf``).
 
     Only ``filepaths`` ending in ``.<fmt>`` count. Each distinct file is read and patchified once
-    (in a pool of ``workers`` processes when > 1). Left out, each with a row in ``drops``
-    (``reason``, ``id``, ``line`` and, for a file, ``file``): a record with no file of the format
-    (``no .<fmt> file``) or no usable text (``no text``); a file that is missing, empty, not UTF-8,
-    unpatchifiable or gives no patch. A record keeps its good files and is left out when none is
-    left (its bad files are its rows in the log).
+    (in a pool of ``workers`` processes when > 1), unless ``cache`` holds its verdict; with
+    ``world_size`` > 1 every rank calls this with the same arguments but its ``rank``, checks its
+    share of the files, and ``gather`` (``distributed.all_gather_object``) gives every rank the same
+    records as one process. Left out, each with a row in ``drops`` (``reason``, ``line`` and, where
+    known, ``id`` and ``file``): a line that is not a JSON object (``bad JSONL line: not valid JSON
+    (...)``, ``...: expected a JSON object, not list``, ``...: not UTF-8``; ``jsonl`` names the
+    file), a record with no file of the format (``no .<fmt> file``) or no usable text (``no
+    text``); a file that is missing, empty, not UTF-8, unpatchifiable or gives no patch. A record
+    keeps its good files and is left out when none is left (its bad files are its rows in
+    the log). Every non-blank line, bad ones included, counts for ``TrainingRecord.index``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -251,7 +360,10 @@ def load_records(jsonl_path: str | os.PathLike, fmt: str, patchilizer: M3Patchil
     base = jsonl_path.parent
     suffix = "." + fmt
     pending: list[tuple[int, int, str, dict[str, Any], list[str]]] = []
-    for index, (line, obj) in enumerate(iter_jsonl(jsonl_path)):
+    for index, (line, obj, problem) in enumerate(scan_jsonl(jsonl_path)):
+        if obj is None:
+            drops.add(f"bad JSONL line: {problem}", line=line, jsonl=str(jsonl_path))
+            continue
         filepaths = obj.get("filepaths")
         filepaths = [filepaths] if isinstance(filepaths, str) else filepaths
         filepaths = [p for p in filepaths if isinstance(p, str) and p] if isinstance(filepaths, list) else []
@@ -268,8 +380,9 @@ def load_records(jsonl_path: str | os.PathLike, fmt: str, patchilizer: M3Patchil
         pending.append((index, line, record_id, fields, list(dict.fromkeys(own))))
 
     paths = sorted({path for *_, files in pending for path in files})
-    checks = dict(zip(paths, _check_music_files(paths, patchilizer, workers, progress,
-                                                f"checking {suffix} files"), strict=True))
+    checks = dict(zip(paths, _check_music_files(paths, patchilizer, workers, progress, f"checking {suffix} files",
+                                                cache=cache, rank=rank, world_size=world_size, gather=gather),
+                      strict=True))
     records = []
     for index, line, record_id, fields, files in pending:
         good = []

@@ -79,9 +79,19 @@ def _pick_device(device_name: str, local_rank: int, distributed: bool) -> torch.
         return device
     if not torch.cuda.is_available():
         raise RuntimeError(f"device {device_name!r} requested but CUDA is not available")
-    # Under a launcher every process owns the GPU of its local rank, whatever index was asked for.
-    index = local_rank if distributed else (device.index or 0)
+    index = cuda_index(local_rank, torch.cuda.device_count()) if distributed else (device.index or 0)
     return torch.device("cuda", index)
+
+
+def cuda_index(local_rank: int, visible_gpus: int) -> int:
+    """The GPU a launched process owns: its local rank modulo the GPUs it sees. With one GPU per
+    process (SLURM's usual binding, or CUDA_VISIBLE_DEVICES set per task) every process sees its
+    own as ``cuda:0``; with as many visible as local ranks it is ``cuda:LOCAL_RANK``; with more
+    processes than GPUs they share GPUs round-robin (nccl refuses two ranks on one GPU, so that
+    layout runs only with gloo)."""
+    if visible_gpus < 1:
+        raise RuntimeError("CUDA is available but this process sees no GPU (check CUDA_VISIBLE_DEVICES)")
+    return local_rank % visible_gpus
 
 
 def init_distributed(device_name: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,

@@ -55,6 +55,15 @@ def _fused_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return F.gelu(F.linear(x, weight, bias))
 
 
+def _refuse_autocast(x: torch.Tensor) -> None:
+    """These kernels save and return tensors in the input's dtype and call matmuls directly:
+    under autocast, forward would mix dtypes and backward fail on them. The trainer enters them
+    only in float32 (``training.loop.music_encoder``); anyone else is stopped here."""
+    if torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError("the frozen-base training kernels compute in float32 only and cannot run under "
+                           f"autocast ({x.device.type}); run the layer's own forward under autocast instead")
+
+
 class FrozenFeedForward(torch.autograd.Function):
     """``linear(gelu(linear(x, w1, b1)), w2, b2)`` with frozen weights (exact GELU).
 
@@ -68,6 +77,7 @@ class FrozenFeedForward(torch.autograd.Function):
                 b2: torch.Tensor | None, keep_pre_activation: bool = False) -> torch.Tensor:
         if any(t is not None and t.requires_grad for t in (w1, b1, w2, b2)):
             raise ValueError("FrozenFeedForward computes no weight gradients: its weights must be frozen")
+        _refuse_autocast(x)
         ctx.keep_pre_activation = keep_pre_activation
         if keep_pre_activation:
             pre_activation = F.linear(x, w1, b1)
@@ -105,6 +115,7 @@ class FrozenLoRAProjections(torch.autograd.Function):
         a_weights, b_weights = lora[:count], lora[count:]
         if any(t is not None and t.requires_grad for base in bases for t in base[:2]):
             raise ValueError("FrozenLoRAProjections computes no base gradients: the base layers must be frozen")
+        _refuse_autocast(x)
         flat = x.reshape(-1, x.shape[-1])
         ranks = [a.shape[0] for a in a_weights]
         stacked_a = torch.cat(a_weights) if count > 1 else a_weights[0]
@@ -331,7 +342,10 @@ def frozen_base_kernels(model: nn.Module, embedding_cache: dict | None = None,
     of those blocks keep their pre-activation instead of recomputing it (``pre_activation_layers``
     says how many fit). With ``embedding_cache`` (a dict the caller keeps across calls: the
     trainer's music encoder) a frozen gathered patch embedding keeps its transposed weight there
-    instead of copying it on every call (same values)."""
+    instead of copying it on every call (same values). Not under autocast (``_refuse_autocast``)."""
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            raise RuntimeError(f"frozen_base_kernels is float32-only: entered under {device_type} autocast")
     with contextlib.ExitStack() as stack:
         layers = frozen_feed_forward_layers(model)
         first_keeping = len(layers) - max(0, min(keep_pre_activations, len(layers)))

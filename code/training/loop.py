@@ -37,6 +37,7 @@ from training import checkpoint as ckpt
 from training import data, distributed
 from training.frozen_ops import frozen_base_kernels, pre_activation_layers
 from training.loss import ContrastiveLoss, contrastive_step
+from training.precision import Precision, PrecisionError, device_description, resolve_precision
 from training.run_folder import RunLogger, environment, git_commit, prepare_run_folder, run_file, write_json
 from training.text_cache import TextFeatureCache, fingerprint
 
@@ -62,6 +63,8 @@ class RunContext:
     tokenizer: Any
     progress: bool
     formats: list[str]
+    precision: Precision
+    notes: list[str] = field(default_factory=list)  # set-up lines every format's log starts with
 
 
 @dataclass
@@ -99,11 +102,17 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
         raise TrainingSetupError(f"TRAIN_MODE must be 'lora' or 'full', not {cfg['TRAIN_MODE']!r}")
     if cfg["LOSS"] not in ("clamp3", "normalized"):
         raise TrainingSetupError(f"LOSS must be 'clamp3' or 'normalized', not {cfg['LOSS']!r}")
+    try:
+        # Once, here: every later choice (kernels, autocast, scaler, text cache) reads the result.
+        precision = resolve_precision(str(cfg["TRAIN_PRECISION"]), dist.device)
+    except PrecisionError as exc:
+        raise TrainingSetupError(str(exc)) from None
     lora.lora_config(cfg, "abc")  # refuse base-rewriting inits before any work
     run_dir = repo_path(cfg["LORA_LOG_DIR"])
     resume_path = None
+    folder_line = ""
     if dist.is_main:
-        prepare_run_folder(run_dir, resume=bool(args.resume), overwrite=args.overwrite)
+        folder_line = prepare_run_folder(run_dir, resume=bool(args.resume), overwrite=args.overwrite)
         if args.resume:
             resume_path = ckpt.resolve_resume(args.resume, run_dir)
     distributed.barrier()
@@ -118,7 +127,10 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
     formats = ["abc", "mtf"] if args.format == "both" else [args.format]
     ctx = RunContext(cfg=cfg, args=args, dist=dist, run_dir=run_dir, model_config=model_config, weights=weights,
                      base_fingerprint=base_fingerprint, tokenizer=load_text_tokenizer(cfg["TEXT_MODEL_NAME"]),
-                     progress=not args.quiet, formats=formats)
+                     progress=not args.quiet, formats=formats, precision=precision)
+    ctx.notes += [folder_line] if folder_line else []
+    ctx.notes.append(f"precision: {precision.name} on {device_description(dist.device)} (TRAIN_PRECISION="
+                     f"{precision.requested})" + (f": {precision.note}" if precision.note else ""))
     resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
     if resume_state is not None:
         _check_resumable(resume_state, ctx)
@@ -126,7 +138,9 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
         write_json(run_dir / "config.json", {
             "config": cfg, "argv": list(sys.argv), "commit": git_commit(), "environment": environment(),
             "base_weights": str(weights), "base_fingerprint": base_fingerprint, "world_size": dist.world_size,
-            "formats": formats, "model_config": model_config.to_dict(), "resumed_from": str(resume_path or "")})
+            "formats": formats, "model_config": model_config.to_dict(), "resumed_from": str(resume_path or ""),
+            "precision": {"requested": precision.requested, "effective": precision.name, "note": precision.note},
+            "device": str(dist.device), "device_name": device_description(dist.device)})
     for fmt in formats:
         if resume_state is not None and fmt in resume_state["completed_formats"]:
             continue
@@ -283,12 +297,10 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def _autocast(device: torch.device, precision: str):
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise TrainingSetupError(f"TRAIN_PRECISION must be bf16, fp16 or fp32, not {precision!r}")
-    return torch.autocast("cuda", dtype=dtype)
+    """Autocast for an effective precision (``precision.resolve_precision``), on CPU as on CUDA."""
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"not an effective precision: {precision!r} (expected bf16, fp16 or fp32)")
+    return Precision(precision, device.type, precision).autocast()
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -318,30 +330,56 @@ def _restore_trainable_state(model: nn.Module, loss_fn: nn.Module, state: dict[s
 
 
 def _load_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drops: DropLog, log: RunLogger):
-    cfg = ctx.cfg
+    """The training and validation records of ``fmt``, the same on every rank: every rank reads the
+    JSONL and checks its share of the music files (``data.load_records``), the verdicts gathered;
+    the verdicts are kept in ``<run>/file_checks.<fmt>.json`` (``data.FileCheckCache``), so a resume
+    or a restart reads only new or changed files."""
+    cfg, dist = ctx.cfg, ctx.dist
     train_path = repo_path(cfg[f"LORA_{fmt.upper()}_TRAIN_JSONL"])
     if not train_path.is_file():
         raise FileNotFoundError(f"training records not found: {train_path} (set LORA_{fmt.upper()}_TRAIN_JSONL; "
                                 "see data/README.md)")
-    workers = max(1, int(cfg["NUM_WORKERS"]))
-    records = data.load_records(train_path, fmt, patchilizer, drops, workers=workers,
-                                progress=ctx.progress and ctx.dist.is_main)
+    started = time.perf_counter()
+    cache = data.FileCheckCache(ctx.run_dir / f"file_checks.{fmt}.json", patchilizer)
+    settings = dict(workers=max(1, int(cfg["NUM_WORKERS"])), progress=ctx.progress and dist.is_main, cache=cache,
+                    rank=dist.rank, world_size=dist.world_size, gather=distributed.all_gather_object)
+
+    def load(path: Path) -> list[data.TrainingRecord]:
+        loaded = data.load_records(path, fmt, patchilizer, drops, **settings)
+        if dist.is_main:
+            cache.save()
+        return loaded
+
+    records = load(train_path)
+    if not records:
+        raise TrainingSetupError(f"[{fmt}] no usable training record in {train_path}: {drops.summary_line()}"
+                                 + (f" (details: {drops.path})" if drops.path else ""))
     valid_name = cfg[f"LORA_{fmt.upper()}_VALID_JSONL"]
     valid_path = repo_path(valid_name) if valid_name else None
     if valid_path is not None and valid_path.is_file():
-        valid = data.load_records(valid_path, fmt, patchilizer, drops, workers=workers,
-                                  progress=ctx.progress and ctx.dist.is_main)
+        valid = load(valid_path)
         log(f"[{fmt}] records: {len(records)} train ({train_path}), {len(valid)} validation ({valid_path})")
+        if not valid:
+            raise TrainingSetupError(f"[{fmt}] no usable validation record in {valid_path}: {drops.summary_line()}"
+                                     + (f" (details: {drops.path})" if drops.path else ""))
     else:
         records, valid = data.held_out_split(records, float(cfg["VALID_FRACTION"]), int(cfg["SEED"]))
         log(f"[{fmt}] records: {len(records)} train, {len(valid)} validation held out by piece hash "
             f"(VALID_FRACTION={cfg['VALID_FRACTION']}; no file at {valid_path})")
+    log(f"[{fmt}] records loaded in {time.perf_counter() - started:.1f} s on {dist.world_size} process(es): "
+        f"{cache.checked} music files checked, {cache.hits} unchanged ones taken from {cache.path.name}")
     if drops.rows:
         log(f"[{fmt}] {drops.summary_line()} (details: {drops.path})")
-    global_batch = int(cfg["LORA_BATCH_SIZE"]) * ctx.dist.world_size
+    # Every rank built its records itself: a node that sees other files would train on others.
+    digest = hashlib.blake2b(repr([(r.index, r.id, r.music_keys, r.length, r.text_key)
+                                   for r in (*records, *valid)]).encode(), digest_size=16).hexdigest()
+    if len(set(distributed.all_gather_object(digest))) > 1:
+        raise TrainingSetupError(f"[{fmt}] the ranks read different records: every node must see the same "
+                                 f"JSONL ({train_path}) and music files")
+    global_batch = int(cfg["LORA_BATCH_SIZE"]) * dist.world_size
     if len(records) < global_batch:
         raise TrainingSetupError(f"[{fmt}] {len(records)} training records are fewer than one global batch "
-                                 f"({global_batch} = LORA_BATCH_SIZE x {ctx.dist.world_size} processes)")
+                                 f"({global_batch} = LORA_BATCH_SIZE x {dist.world_size} processes)")
     if not valid:
         raise TrainingSetupError(f"[{fmt}] no validation records (raise VALID_FRACTION or give a validation JSONL)")
     return records, valid
@@ -351,6 +389,8 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
     """Train the ``fmt`` adapter (or full model) from the base; returns the best epoch's entry."""
     cfg, dist = ctx.cfg, ctx.dist
     log = RunLogger(run_file(ctx.run_dir, fmt, "training"), dist.is_main)
+    for note in ctx.notes:
+        log(note)
     # The adapter's initialisation draws from the RNG: the same seed on every rank (and for any
     # number of ranks) gives every rank the same starting model. Dropout then draws per rank.
     distributed.seed_everything(int(cfg["SEED"]))
@@ -365,13 +405,13 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
 
     patchilizer = M3Patchilizer(ctx.model_config.patch_size,
                                 int(ctx.model_config.symbolic.get("max_position_embeddings", cfg["PATCH_LENGTH"])))
-    # The main rank reads and checks every file once; the others receive the checked records
-    # instead of reading the same files again.
-    loaded = None
-    if dist.is_main:
-        drops = DropLog(f"{fmt} records", run_file(ctx.run_dir, fmt, "drops"))
-        loaded = _load_data(ctx, fmt, patchilizer, drops, log)
-    records, valid = distributed.broadcast_object(loaded)
+    # Every rank loads the records, each checking a share of the music files; the main rank
+    # writes the drops, anew (a resume finds the same ones again).
+    drops_path = run_file(ctx.run_dir, fmt, "drops") if dist.is_main else None
+    if drops_path is not None:
+        drops_path.unlink(missing_ok=True)
+    with DropLog(f"{fmt} records", drops_path) as drops:
+        records, valid = _load_data(ctx, fmt, patchilizer, drops, log)
 
     loss_fn = ContrastiveLoss(cfg["LOSS"], logit_scale=float(cfg["LOGIT_SCALE"])).to(dist.device)
     optimizer = build_optimizer(model, loss_fn, cfg, dist.device)
@@ -383,8 +423,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
         total_steps = min(total_steps, int(cfg["LORA_MAX_STEPS"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, int(cfg["LORA_WARMUP_STEPS"]), total_steps, float(cfg["LORA_MIN_LR_RATIO"])))
-    fp16 = dist.device.type == "cuda" and cfg["TRAIN_PRECISION"] == "fp16"
-    scaler = torch.amp.GradScaler("cuda") if fp16 else None
+    scaler = ctx.precision.grad_scaler()
 
     text_source = TextSide(ctx, core, text_frozen, records, valid, log)
     state = FormatState()
@@ -395,12 +434,12 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         state = FormatState(**resume_state["state"])
-        ckpt.set_rng_state(resume_state["rng"][dist.rank])
+        ckpt.set_rng_state(resume_state["rng"][dist.rank], dist.device)
         log(f"[{fmt}] resumed at epoch {state.epoch + 1}, batch {state.position}, step {state.step}")
     wandb_run = _start_wandb(ctx, fmt)
 
     def save_checkpoint() -> None:
-        rng_states = distributed.all_gather_object(ckpt.rng_state())
+        rng_states = distributed.all_gather_object(ckpt.rng_state(dist.device))
         if not dist.is_main:
             return
         payload = {
@@ -416,7 +455,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
         + (f", GradCache micro-batch {cfg['GRAD_CACHE_MICRO_BATCH']}" if cfg["GRAD_CACHE_MICRO_BATCH"] else ""))
     micro = int(cfg["GRAD_CACHE_MICRO_BATCH"])
     rows_per_pass = micro if 0 < micro < per_rank else per_rank
-    encode_music = music_encoder(core, dist.device, cfg["TRAIN_PRECISION"],
+    encode_music = music_encoder(core, dist.device, ctx.precision.name,
                                  patch_budget=rows_per_pass * patchilizer.patch_length)
     max_steps = int(cfg["LORA_MAX_STEPS"])
     checkpoint_every = int(cfg["LORA_CHECKPOINT_STEPS"])
@@ -551,7 +590,7 @@ class TextSide:
         core.text_model.eval()
         # The features depend on the weights, on how they are computed (autocast dtype) and on
         # whether they are projected.
-        precision = cfg["TRAIN_PRECISION"] if dist.device.type == "cuda" else "fp32"
+        precision = ctx.precision.name
         towers = (core.text_model,) if self.project_each_step else (core.text_model, core.text_proj)
         kind = "pooled" if self.project_each_step else "projected"
         text_fingerprint = hashlib.blake2b(f"{fingerprint(*towers)}-{precision}-{kind}".encode(),
@@ -559,7 +598,7 @@ class TextSide:
 
         @torch.no_grad()
         def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            with _autocast(dist.device, cfg["TRAIN_PRECISION"]):
+            with ctx.precision.autocast():
                 return self._frozen_features(ids.to(dist.device), mask.to(dist.device)).float().cpu()
 
         common = dict(tokenizer=ctx.tokenizer, encode=encode, text_fingerprint=text_fingerprint,
@@ -587,13 +626,13 @@ class TextSide:
     def batch_side(self, core: CLaMP3Model, batch: dict[str, Any], train: bool):
         """Text features of the batch (a tensor, no gradient) or, when part of the text side trains,
         the closure that computes them with gradient (GradCache calls it per micro-batch)."""
-        cfg, device = self.ctx.cfg, self.ctx.dist.device
+        device = self.ctx.dist.device
         cache = self.train_cache if train else self.valid_cache
         if self.project_each_step:
             if cache is not None:
                 batch["text_pooled"] = cache.features(batch["text_rows"]).to(device)
             else:
-                with torch.no_grad(), _autocast(device, cfg["TRAIN_PRECISION"]):
+                with torch.no_grad(), self.ctx.precision.autocast():
                     batch["text_pooled"] = self._frozen_features(batch["text_ids"], batch["text_mask"]).float()
 
             def project(micro: dict[str, Any]) -> torch.Tensor:
@@ -607,7 +646,7 @@ class TextSide:
             return cache.features(batch["text_rows"]).to(device)
 
         def encode_text(micro: dict[str, Any]) -> torch.Tensor:
-            with _autocast(device, cfg["TRAIN_PRECISION"]):
+            with self.ctx.precision.autocast():
                 return core.features("text", micro["text_ids"], micro["text_mask"])
 
         if self.frozen or not train:
@@ -648,11 +687,17 @@ def validate(ctx: RunContext, core: CLaMP3Model, loss_fn: ContrastiveLoss, valid
     text_parts, music_parts = [], []
     batches = tqdm(_data_loader(ctx, dataset, 0), total=len(dataset), desc="validation", unit="batch",
                    disable=not (ctx.progress and dist.is_main), dynamic_ncols=True, leave=False)
+    dim = ctx.model_config.projection_size
     for position, batch in enumerate(batches):
         batch = _to_device(batch, dist.device)
-        with _autocast(dist.device, cfg["TRAIN_PRECISION"]):
-            music = core.features("symbolic", batch["patches"], batch["patch_mask"]).float()
-        text = text_side.batch_side(core, batch, train=False)
+        if batch["patches"].shape[0] == 0:
+            # A last batch with fewer rows than ranks leaves this rank none: it still joins the
+            # loss's gathers (every rank must), with no rows of its own.
+            music = text = torch.zeros(0, dim, device=dist.device)
+        else:
+            with ctx.precision.autocast():
+                music = core.features("symbolic", batch["patches"], batch["patch_mask"]).float()
+            text = text_side.batch_side(core, batch, train=False)
         # The loss gathers every rank's rows: the same global-batch loss on every rank.
         loss = loss_fn(text, music, text_keys=batch["text_keys"], music_keys=batch["music_keys"])
         rows = len(plan.batches[position])
@@ -660,7 +705,6 @@ def validate(ctx: RunContext, core: CLaMP3Model, loss_fn: ContrastiveLoss, valid
         count += rows
         text_parts.append(text.float().cpu())
         music_parts.append(music.cpu())
-    dim = ctx.model_config.projection_size
     text_all = distributed.all_gather_tensor(torch.cat(text_parts) if text_parts else torch.zeros(0, dim))
     music_all = distributed.all_gather_tensor(torch.cat(music_parts) if music_parts else torch.zeros(0, dim))
     return loss_sum / max(1, count), metrics.mrr(text_all, music_all)

@@ -7,7 +7,8 @@
 <run>/{ABC,MTF}_drops.jsonl  records left out of the data, with reasons
 <run>/checkpoints/           resumable checkpoints, the newest LORA_KEEP_CHECKPOINTS kept
 ```
-A fresh run refuses a folder that already holds a run unless ``--resume`` or ``--overwrite``.
+A fresh run refuses a folder that holds a checkpoint unless ``--resume`` or ``--overwrite``; a folder
+left by a start that wrote no checkpoint is reused.
 """
 
 from __future__ import annotations
@@ -27,28 +28,42 @@ from tqdm import tqdm
 
 from training.checkpoint import CHECKPOINT_DIR
 
-_RUN_FILES = ("config.json", CHECKPOINT_DIR)
-
 
 class RunFolderError(RuntimeError):
     """A run folder that would be overwritten by accident."""
 
 
-def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create ``run_dir``; a folder that already holds a run needs ``--resume`` or ``--overwrite``."""
-    holds_run = run_dir.is_dir() and any((run_dir / name).exists() for name in _RUN_FILES)
-    if holds_run and not (resume or overwrite):
+def has_checkpoint(run_dir: Path) -> bool:
+    folder = run_dir / CHECKPOINT_DIR
+    return folder.is_dir() and any(name.endswith(".pt") for name in os.listdir(folder))
+
+
+def prepare_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> str:
+    """Create ``run_dir``, or check that it may be used; returns a line saying how.
+
+    A folder holding a checkpoint is a run that trained: a fresh start there needs ``--resume``
+    (continue it) or ``--overwrite`` (delete it). A folder with a configuration but no checkpoint
+    is a start that failed or stopped before its first checkpoint (a wrong path, a killed first
+    epoch): nothing in it can be resumed, so a fresh start reuses it (its logs are appended to,
+    everything else is written anew)."""
+    trained = run_dir.is_dir() and has_checkpoint(run_dir)
+    if trained and not (resume or overwrite):
         raise RunFolderError(
             f"{run_dir} already holds a training run; pass --resume latest to continue it, --overwrite to "
             "start again (its checkpoints and logs are deleted), or another --LORA_LOG_DIR")
-    if holds_run and overwrite and not resume:
+    how = f"run folder: {run_dir}"
+    if run_dir.is_dir() and overwrite and not resume:
         for name in os.listdir(run_dir):
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
             else:
                 target.unlink()
+        how += " (--overwrite: its earlier contents deleted)"
+    elif not trained and (run_dir / "config.json").is_file():
+        how += " (reused: an earlier start there wrote no checkpoint)"
     run_dir.mkdir(parents=True, exist_ok=True)
+    return how
 
 
 def run_file(run_dir: Path, fmt: str, kind: str) -> Path:
