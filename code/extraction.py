@@ -57,6 +57,11 @@ def chunk_ranges(count: int, per_chunk: int) -> list[range]:
     return [range(start, min(start + per_chunk, count)) for start in range(0, count, per_chunk)]
 
 
+def chunk_weights(sizes: Sequence[int], per_chunk: int) -> list[int]:
+    """The bytes of each chunk of ``chunk_ranges(len(sizes), per_chunk)``: what ``split_chunks`` balances."""
+    return [sum(sizes[i] for i in span) for span in chunk_ranges(len(sizes), per_chunk)]
+
+
 def split_chunks(weights: Sequence[int], world_size: int) -> list[list[int]]:
     """The chunks (by index) each rank takes, balanced by weight (bytes): heaviest chunk first to the
     least loaded rank (ties: the lower chunk index, the lower rank). Every chunk goes to exactly one
@@ -162,7 +167,7 @@ class ExtractionPlan:
         return [[self.pending[i] for i in span] for span in chunk_ranges(len(self.pending), self.files_per_chunk)]
 
     def chunk_weights(self) -> list[int]:
-        return [sum(self.sizes[i] for i in span) for span in chunk_ranges(len(self.pending), self.files_per_chunk)]
+        return chunk_weights(self.sizes, self.files_per_chunk)
 
     def needs(self, suffix: str) -> bool:
         """Whether any pending input has this extension (``.txt``: the tokenizer is needed)."""
@@ -199,8 +204,6 @@ def plan_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLike,
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"input directory not found: {input_dir}")
-    if not is_distributed():
-        return _make_plan(input_dir, output_dir, files_per_chunk)
     return broadcast_object(_make_plan(input_dir, output_dir, files_per_chunk) if get_rank() == 0 else None)
 
 

@@ -602,7 +602,7 @@ def embed_folder(embedder: Embedder, input_dir: str | os.PathLike, output_dir: s
     on exactly one rank), and once every rank is done rank 0 deletes stale outputs and writes the
     manifest; every rank returns the summary of all. Every rank must call it. Without a process
     group, one rank takes every chunk in order, as it always did."""
-    from extraction import RankShare, chunk_ranges, split_chunks
+    from extraction import RankShare, chunk_ranges, chunk_weights, split_chunks
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
@@ -618,7 +618,7 @@ def embed_folder(embedder: Embedder, input_dir: str | os.PathLike, output_dir: s
                     drops.fail(input_dir / rel, "name", f"its output {out_rel} is already made from {other}")
         batch_files = int(embedder.cfg["EXTRACT_FILES_PER_CHUNK"])
         spans = chunk_ranges(len(inputs), batch_files)
-        assigned = split_chunks([sum(sizes[i] for i in span) for span in spans], share.world_size)[share.rank]
+        assigned = split_chunks(chunk_weights(sizes, batch_files), share.world_size)[share.rank]
         if planned is not None:
             planned(sum(len(spans[index]) for index in assigned))
         before = embedder.summary.failed

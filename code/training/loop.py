@@ -129,7 +129,8 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
                      base_fingerprint=base_fingerprint, tokenizer=load_text_tokenizer(cfg["TEXT_MODEL_NAME"]),
                      progress=not args.quiet, formats=formats, precision=precision)
     ctx.notes += [folder_line] if folder_line else []
-    ctx.notes.append(f"precision: {precision.name} on {device_description(dist.device)} (TRAIN_PRECISION="
+    device_name = device_description(dist.device)
+    ctx.notes.append(f"precision: {precision.name} on {device_name} (TRAIN_PRECISION="
                      f"{precision.requested})" + (f": {precision.note}" if precision.note else ""))
     resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
     if resume_state is not None:
@@ -140,7 +141,7 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
             "base_weights": str(weights), "base_fingerprint": base_fingerprint, "world_size": dist.world_size,
             "formats": formats, "model_config": model_config.to_dict(), "resumed_from": str(resume_path or ""),
             "precision": {"requested": precision.requested, "effective": precision.name, "note": precision.note},
-            "device": str(dist.device), "device_name": device_description(dist.device)})
+            "device": str(dist.device), "device_name": device_name})
     for fmt in formats:
         if resume_state is not None and fmt in resume_state["completed_formats"]:
             continue
@@ -350,18 +351,20 @@ def _load_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drops: Dro
             cache.save()
         return loaded
 
+    def no_usable_record(kind: str, path: Path) -> TrainingSetupError:
+        return TrainingSetupError(f"[{fmt}] no usable {kind} record in {path}: {drops.summary_line()}"
+                                  + (f" (details: {drops.path})" if drops.path else ""))
+
     records = load(train_path)
     if not records:
-        raise TrainingSetupError(f"[{fmt}] no usable training record in {train_path}: {drops.summary_line()}"
-                                 + (f" (details: {drops.path})" if drops.path else ""))
+        raise no_usable_record("training", train_path)
     valid_name = cfg[f"LORA_{fmt.upper()}_VALID_JSONL"]
     valid_path = repo_path(valid_name) if valid_name else None
     if valid_path is not None and valid_path.is_file():
         valid = load(valid_path)
         log(f"[{fmt}] records: {len(records)} train ({train_path}), {len(valid)} validation ({valid_path})")
         if not valid:
-            raise TrainingSetupError(f"[{fmt}] no usable validation record in {valid_path}: {drops.summary_line()}"
-                                     + (f" (details: {drops.path})" if drops.path else ""))
+            raise no_usable_record("validation", valid_path)
     else:
         records, valid = data.held_out_split(records, float(cfg["VALID_FRACTION"]), int(cfg["SEED"]))
         log(f"[{fmt}] records: {len(records)} train, {len(valid)} validation held out by piece hash "
