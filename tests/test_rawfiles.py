@@ -43,8 +43,10 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     cfg = runconfig.build_config(overrides={"LORA_R": 4})
     folders = {}
     for seed, fmt in enumerate(lora.FORMATS):
-        model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), cfg, fmt)
+        # seeded before the adapter is made: PEFT draws lora_A from the global generator, whose state
+        # otherwise depends on which tests ran before this fixture
         torch.manual_seed(seed)
+        model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), cfg, fmt)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
