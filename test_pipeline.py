@@ -18,7 +18,7 @@ from pathlib import Path
 import runconfig
 from evaluation.preflight import Preflight, PreflightSettings, run_checks
 from fileio import repo_path
-from lora import FORMATS
+from formats import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ the official checkpoint format. Training, evaluation, search and the demo all go
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import re
@@ -17,11 +18,11 @@ from typing import Any
 
 import torch
 from fileio import atomic_write_bytes, repo_path
+from formats import FORMATS
 from modeling import CLaMP3Model
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-FORMATS = ("abc", "mtf")
 # PEFT initialisations that rewrite the base weights when the adapter is created: an adapter
 # trained that way only works on the rewritten base, never on the stock C2 weights.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "eva", "loftq")
@@ -109,6 +110,18 @@ def load_adapter(model: CLaMP3Model, folder: str | os.PathLike, is_trainable: bo
         raise FileNotFoundError(f"no adapter in {folder} (expected adapter_config.json; train one with "
                                 "code/train_clamp3_lora.py)")
     return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+
+
+def with_adapter(base: CLaMP3Model, folder: str | os.PathLike) -> CLaMP3Model:
+    """``base`` with the saved adapter in ``folder``, in eval mode, leaving ``base`` itself untouched.
+
+    PEFT injects the adapter's layers into the model it is given, so the adapter goes onto a copy;
+    the text and audio towers (never adapted) are shared with ``base`` rather than copied, so each
+    further format costs the symbolic encoder's memory only.
+    """
+    frozen_towers = {id(module): module for module in
+                     (base.text_model, base.text_proj, base.audio_model, base.audio_proj)}
+    return load_adapter(copy.deepcopy(base, memo=frozen_towers), folder).get_base_model().eval()
 
 
 def merged_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -107,3 +108,8 @@ def piece_hash(seed: int, piece_id: str) -> bytes:
     import hashlib
 
     return hashlib.sha256(f"{seed}\x00{piece_id}".encode("utf-8", "surrogatepass")).digest()
+
+
+def same_text_key(text: str) -> str:
+    """What two texts share when they read the same: NFKC, casefolded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())

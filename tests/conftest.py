@@ -14,12 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import OFFICIAL, TINY_MODEL_CONFIG, TINY_WEIGHTS
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = Path(os.environ.get("CLAMP3_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
-OFFICIAL = SHARED_DIR / "fixtures" / "official"
-
-# Tests never touch the network, whatever the caller's environment says.
+# Tests never touch the network unless the caller exported these themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -67,10 +64,6 @@ def official_dir() -> Path:
     return OFFICIAL
 
 
-TINY_WEIGHTS = OFFICIAL / "model" / "tiny_clamp3.pth"
-TINY_MODEL_CONFIG = OFFICIAL / "model" / "tiny_model_config.json"
-
-
 @pytest.fixture(scope="module")
 def tiny_model():
     """The official tiny fixture model (hidden 32, 2 layers per tower), loaded strictly, eval mode."""
@@ -96,3 +89,30 @@ def word_tokenizer(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """One adapter per format on the tiny model, with non-zero LoRA B weights (a seed per format),
+    so each changes the features of its format."""
+    import formats
+    import lora
+    import runconfig
+    import torch
+    from modeling import ModelConfig, load_clamp3
+
+    root = tmp_path_factory.mktemp("adapters")
+    cfg = runconfig.build_config(overrides={"LORA_R": 4})
+    folders = {}
+    for seed, fmt in enumerate(formats.FORMATS):
+        # seeded before the adapter is made: PEFT draws lora_A from the global generator, whose state
+        # otherwise depends on which tests ran before this fixture
+        torch.manual_seed(seed)
+        model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), cfg, fmt)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.5)
+        folders[fmt] = root / f"lora_{fmt}_adapter"
+        model.save_pretrained(str(folders[fmt]))
+    return folders

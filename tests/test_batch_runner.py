@@ -3,7 +3,6 @@ odd file names, --strict, and no leftover temporary files; and the runner surviv
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import OFFICIAL, REPO_ROOT
 from fileio import failure_log_path
+from helpers import OFFICIAL, REPO_ROOT, load_script
 from preprocess import batch
 
 MIDI2MTF = REPO_ROOT / "preprocessing" / "midi" / "batch_midi2mtf.py"
@@ -38,11 +37,6 @@ GOOD_FILES = {
 BAD_FILES = ["bad/empty.mid", "bad/random.mid", "bad/truncated.mid", "bad/huge.mid"]
 
 
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def mtf_name(relative: str) -> str:

@@ -3,7 +3,6 @@ zero-shot, base against adapters, paired) and classification/zero_shot_cls.py (l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import rawfiles
 import runconfig
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from evaluation import classification
 from fileio import write_jsonl
-from test_rawfiles import adapters  # noqa: F401 - the module-scoped fixture, shared
+from helpers import OFFICIAL, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
 
 
 def model_arguments(tmp_path: Path, tokenizer: Path, adapter_dirs: dict[str, Path]) -> list[str]:
@@ -38,7 +36,7 @@ def labelled_sets(tmp_path: Path) -> tuple[Path, Path]:
     return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "test.jsonl", test)
 
 
-def test_evaluate_cls_probe_beats_chance_and_compares_systems(tmp_path, word_tokenizer, adapters, capsys):  # noqa: F811
+def test_evaluate_cls_probe_beats_chance_and_compares_systems(tmp_path, word_tokenizer, adapters, capsys):
     train, test = labelled_sets(tmp_path)
     output = tmp_path / "report.json"
     code = classification.run(["--train", str(train), "--test", str(test), "--min_count", "2", "--quiet",
@@ -59,7 +57,7 @@ def test_evaluate_cls_probe_beats_chance_and_compares_systems(tmp_path, word_tok
     assert "adapters - base, probe" in summary
 
 
-def test_evaluate_cls_setup_errors(tmp_path, word_tokenizer, adapters, capsys):  # noqa: F811
+def test_evaluate_cls_setup_errors(tmp_path, word_tokenizer, adapters, capsys):
     train, test = labelled_sets(tmp_path)
     common = model_arguments(tmp_path, word_tokenizer, adapters)
     assert classification.run(["--train", str(train), "--test", str(tmp_path / "none.jsonl"), *common]) == 2
@@ -68,16 +66,14 @@ def test_evaluate_cls_setup_errors(tmp_path, word_tokenizer, adapters, capsys): 
     assert "fewer than two labels" in capsys.readouterr().err
 
 
-def test_zero_shot_cls_labels_every_file_by_the_nearest_prompt(tmp_path, word_tokenizer, adapters):  # noqa: F811
+def test_zero_shot_cls_labels_every_file_by_the_nearest_prompt(tmp_path, word_tokenizer, adapters):
     folder = tmp_path / "pieces"
     folder.mkdir()
     for index, path in enumerate(sorted((OFFICIAL / "outputs" / "int_abc").iterdir())[:4]):
         shutil.copy(path, folder / f"{'w1' if index % 2 else 'w2'}_{path.name}")
     shutil.copy(OFFICIAL / "inputs" / "mid" / "edge_multitrack_8.mid", folder / "w1_midi.mid")
     (folder / "w2_broken.mid").write_bytes(b"MThd")
-    spec = importlib.util.spec_from_file_location("zero_shot_cls", REPO_ROOT / "classification" / "zero_shot_cls.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("classification/zero_shot_cls.py")
     output = tmp_path / "labels.json"
     common = model_arguments(tmp_path, word_tokenizer, adapters)
     assert module.main([str(folder), str(output), "--labels", "w1,w2", "--template", "{label} w3",
@@ -124,9 +120,7 @@ def test_zero_shot_beats_chance_after_a_short_adapter_training(tmp_path, word_to
     assert train_clamp3_lora.main(["--format", "abc", "--weights", str(TINY_WEIGHTS), "--model_config",
                                    str(TINY_MODEL_CONFIG), "--quiet",
                                    *(f"--{key}={value}" for key, value in settings.items())]) == 0
-    spec = importlib.util.spec_from_file_location("zero_shot_cls", REPO_ROOT / "classification" / "zero_shot_cls.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("classification/zero_shot_cls.py")
     common = ["--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--cache_dir",
               str(tmp_path / "cache"), f"--TEXT_MODEL_NAME={word_tokenizer}", "--EXTRACT_DEVICE=cpu",
               f"--LORA_ABC_ADAPTER_DIR={tmp_path / 'adapter_abc'}", "--quiet"]

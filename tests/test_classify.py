@@ -5,7 +5,6 @@ force, zero-shot, clear errors, and determinism. No model is loaded."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 
@@ -14,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from classify import CheckpointError, LabelError, LinearProbe, ProbeConfig
-from conftest import REPO_ROOT
 from fileio import read_jsonl
+from helpers import REPO_ROOT, load_script
 
 CLASSIFICATION = REPO_ROOT / "classification"
 DIM = 32
@@ -23,15 +22,10 @@ LABELS = ("folk", "jazz", "pop")
 FAST = ["--num_epochs", "60", "--n_resamples", "200", "--quiet"]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"classification_{name}", CLASSIFICATION / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-train_cls = load_script("train_cls")
-inference_cls = load_script("inference_cls")
+train_cls = load_script(CLASSIFICATION / "train_cls.py")
+inference_cls = load_script(CLASSIFICATION / "inference_cls.py")
 
 
 def centres(seed: int = 0) -> np.ndarray:

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 
 N_PIECES = 10
 N_PAIRED = 3
@@ -57,13 +57,14 @@ def write_test_set(root) -> None:
 
 
 def write_adapters(root) -> dict:
+    import formats
     import lora
     import runconfig
     import torch
     from modeling import ModelConfig, load_clamp3
 
     folders = {}
-    for seed, fmt in enumerate(lora.FORMATS, 1):
+    for seed, fmt in enumerate(formats.FORMATS, 1):
         base = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS)
         torch.manual_seed(seed)  # PEFT initialises the LoRA A matrices from the global generator
         model = lora.add_adapter(base, runconfig.build_config(overrides={"LORA_R": 4}), fmt)

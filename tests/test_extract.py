@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import runconfig
 import torch
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from extraction import extract_config_path
 from features import FeatureExtractor, segment_bounds, segment_weights
 from fileio import find_files, with_extension
+from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 
 TINY = ["--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG)]
 SUBDIRS = ("int_abc", "int_abc_from_abc_inputs", "mtf")

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,27 +15,11 @@ from pathlib import Path
 import extract_clamp3
 import numpy as np
 import pytest
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from extraction import chunk_ranges, merge_rank_logs, plan_folder, rank_log_path, split_chunks
+from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, free_port, torchrun
 
 TINY = ["--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG)]
 CHUNK = "--EXTRACT_FILES_PER_CHUNK=8"  # 62 fixture files make 8 chunks, so both ranks get work
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(script: Path, nproc: int, args: list[str], launcher: str = "torch.distributed.run",
-           timeout: float = 240) -> subprocess.CompletedProcess:
-    """``torchrun`` (or ``python -m torch.distributed.launch --use_env``) with ``nproc`` CPU processes."""
-    extra = ["--use_env"] if launcher == "torch.distributed.launch" else []
-    command = [sys.executable, "-m", launcher, f"--nproc_per_node={nproc}", *extra, "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 def same_files(a: Path, b: Path) -> None:
@@ -100,7 +83,7 @@ def test_torchrun_extraction_is_bitwise_one_process_and_resumes(tmp_path, inputs
     assert {rank_of["aaa_empty.abc"], rank_of["m21test_test00.npy"]} == {0, 1}
 
     assert extract_clamp3.main([str(inputs), str(one), *common, "--error_log", str(log_one)]) == 0
-    result = launch(REPO_ROOT / "code" / "extract_clamp3.py", 2,
+    result = torchrun(REPO_ROOT / "code" / "extract_clamp3.py", 2,
                     [str(inputs), str(two), *common, "--error_log", str(log_two)])
     assert result.returncode == 0, result.stderr
     same_files(one, two)  # bitwise, every output
@@ -123,7 +106,7 @@ def test_torchrun_extraction_is_bitwise_one_process_and_resumes(tmp_path, inputs
 
     # A rerun (the older launcher) skips every finished file; the failures are retried and logged again.
     (two / "mtf" / "m21test_test01.npy").unlink()
-    again = launch(REPO_ROOT / "code" / "extract_clamp3.py", 2,
+    again = torchrun(REPO_ROOT / "code" / "extract_clamp3.py", 2,
                    [str(inputs), str(two), *common, "--error_log", str(log_two)], launcher="torch.distributed.launch")
     assert again.returncode == 0, again.stderr
     assert "1 extracted, 61 skipped (already done), 2 failed (2 processes" in again.stdout
@@ -135,7 +118,7 @@ def test_torchrun_extraction_is_bitwise_one_process_and_resumes(tmp_path, inputs
 @pytest.mark.slow  # one launch of two processes
 def test_a_rank_that_cannot_start_stops_every_rank_cleanly(tmp_path, inputs):
     (inputs / "caption.txt").write_text("w1 w2", encoding="utf-8")
-    result = launch(REPO_ROOT / "code" / "extract_clamp3.py", 2,
+    result = torchrun(REPO_ROOT / "code" / "extract_clamp3.py", 2,
                     [str(inputs), str(tmp_path / "out"), *TINY, "--EXTRACT_DEVICE=cpu", "--quiet",
                      f"--TEXT_MODEL_NAME={tmp_path / 'no_tokenizer'}"])
     assert result.returncode != 0  # torchrun reports the exit codes 2 (with its own traceback)
@@ -187,7 +170,7 @@ def test_clamp3_embd_over_two_nodes_is_bitwise_one_process(tmp_path):
     assert [Path(r["file"]).name for r in rows] == ["song.wav"] and not list(tmp_path.glob("two.rank*"))
     # A rerun with two processes: nothing rewritten; a removed input's output is deleted by rank 0.
     (source / "abc" / "bach_bwv190.7-inst.abc").unlink()
-    again = launch(script, 2, arguments(tmp_path / "two", "two"))
+    again = torchrun(script, 2, arguments(tmp_path / "two", "two"))
     assert again.returncode == 0, again.stderr
     assert "0 written, 26 unchanged, 1 removed" in again.stdout
     assert not (tmp_path / "two" / "abc" / "bach_bwv190.7-inst.npy").exists()

@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import OFFICIAL
 from fast_linears import onednn_linear_available, onednn_linears
 from features import FeatureExtractor
+from helpers import OFFICIAL
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn

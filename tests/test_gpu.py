@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import train_clamp3_lora
-from conftest import OFFICIAL
 from features import FeatureExtractor
+from helpers import OFFICIAL
 from test_train import history, make_records, options
 from test_train_memory import lora_core, music_batch
 

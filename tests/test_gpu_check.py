@@ -3,11 +3,10 @@ passes its checks, prints one table and writes the JSON report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT, load_script
 
 SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
 
@@ -15,10 +14,7 @@ SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
 @pytest.fixture
 def gpu_check(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO_ROOT / "bench"))  # its helpers: bench_extract, bench_train
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_without_cuda_it_says_so_and_runs_the_cpu_parts(gpu_check):

@@ -5,7 +5,6 @@ printed lines, where outputs go, unmatched keys, and search against brute force.
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import io
 import json
 import os
@@ -16,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
 from fileio import read_jsonl
+from helpers import REPO_ROOT, load_script
 from retrieval import (
     FeatureFileError,
     feature_key,
@@ -32,16 +31,11 @@ INFERENCE = REPO_ROOT / "inference"
 DIM = 8
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"inference_{name}", INFERENCE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-clamp3_eval = load_script("clamp3_eval")
-clamp3_score = load_script("clamp3_score")
-clamp3_search = load_script("clamp3_search")
+clamp3_eval = load_script(INFERENCE / "clamp3_eval.py")
+clamp3_score = load_script(INFERENCE / "clamp3_score.py")
+clamp3_search = load_script(INFERENCE / "clamp3_search.py")
 
 
 def save(folder: Path, relative: str, vector: np.ndarray) -> None:
@@ -366,5 +360,5 @@ def test_search_script_prints_and_json(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["clamp3_eval", "clamp3_score", "clamp3_search"])
 def test_scripts_have_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_script(name).main(["--help"])
+        load_script(INFERENCE / f"{name}.py").main(["--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import pytest
 from abctoolkit.check import check_alignment_unrotated
 from abctoolkit.rotate import rotate_abc
 from abctoolkit.utils import remove_bar_no_annotations, remove_information_field, strip_empty_bars
-from conftest import OFFICIAL, REPO_ROOT
+from helpers import OFFICIAL, REPO_ROOT
 from patchilizer import M3Patchilizer
 from preprocess.errors import ConversionError
 from preprocess.interleave import convert_file, interleave_abc, read_abc_text

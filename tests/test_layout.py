@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 CODE = REPO_ROOT / "code"
 SCRIPT_FOLDERS = [REPO_ROOT, REPO_ROOT / "inference", REPO_ROOT / "classification", REPO_ROOT / "bench",

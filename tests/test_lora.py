@@ -9,7 +9,7 @@ import lora
 import pytest
 import runconfig
 import torch
-from conftest import TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import TINY_MODEL_CONFIG, TINY_WEIGHTS
 from modeling import CLaMP3Model, ModelConfig, load_clamp3
 from peft import PeftModel
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mido
 import pytest
-from conftest import OFFICIAL
+from helpers import OFFICIAL
 from preprocess.errors import describe_exception
 from preprocess.midi_mtf import (
     M3_SKIPPED_META_TYPES,

@@ -7,7 +7,7 @@ import ast
 import pytest
 import runconfig
 import torch
-from conftest import REPO_ROOT, SHARED_DIR, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import REPO_ROOT, SHARED_DIR, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from modeling import CheckpointMismatchError, CLaMP3Model, ModelConfig, load_clamp3
 
 

@@ -4,7 +4,6 @@ sorted and de-duplicated, the adapter of each format."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -17,16 +16,12 @@ import pytest
 import rawfiles
 import runconfig
 import search_index
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
-from test_rawfiles import adapters  # noqa: F401 - the module-scoped fixture, shared
+from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
 
 
 @pytest.fixture(scope="module")
 def search_main():
-    spec = importlib.util.spec_from_file_location("raw_clamp3_search", REPO_ROOT / "clamp3_search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("clamp3_search.py").main
 
 
 @pytest.fixture()
@@ -63,7 +58,7 @@ def embedder_for(tokenizer: Path, adapter_dirs: dict[str, Path], tmp_path: Path)
     return rawfiles.Embedder(rawfiles.choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "cache")
 
 
-def test_text_query_ranks_every_piece_by_cosine(tmp_path, scores, word_tokenizer, adapters, search_main,  # noqa: F811
+def test_text_query_ranks_every_piece_by_cosine(tmp_path, scores, word_tokenizer, adapters, search_main,
                                                 capsys):
     output = run_json(search_main, capsys, [*arguments(tmp_path, word_tokenizer, adapters, "w1 w2 w3",
                                                        str(scores)), "--top_k", "50"])
@@ -89,7 +84,7 @@ def test_text_query_ranks_every_piece_by_cosine(tmp_path, scores, word_tokenizer
     assert {hit["format"] for hit in midi_only["results"]} == {"midi"} and len(midi_only["results"]) == 2
 
 
-def test_music_query_leaves_out_itself_and_its_copies(tmp_path, scores, word_tokenizer, adapters, search_main,  # noqa: F811
+def test_music_query_leaves_out_itself_and_its_copies(tmp_path, scores, word_tokenizer, adapters, search_main,
                                                       capsys):
     output = run_json(search_main, capsys, arguments(tmp_path, word_tokenizer, adapters,
                                                      str(scores / "bach_bwv1.6.abc"), str(scores), "--top_k", "3"))
@@ -98,7 +93,7 @@ def test_music_query_leaves_out_itself_and_its_copies(tmp_path, scores, word_tok
     assert len(paths) == 3 and not {"bach_bwv1.6.abc", "midi/same_as_bwv1.6.abc"} & set(paths)
 
 
-def test_the_index_follows_the_folder_without_embedding_twice(tmp_path, scores, word_tokenizer, adapters):  # noqa: F811
+def test_the_index_follows_the_folder_without_embedding_twice(tmp_path, scores, word_tokenizer, adapters):
     embedder = embedder_for(word_tokenizer, adapters, tmp_path)
     index_dir = tmp_path / "index"
     _, first, skipped = music_search.update_index(embedder, scores, index_dir)
@@ -121,7 +116,7 @@ def test_the_index_follows_the_folder_without_embedding_twice(tmp_path, scores, 
     assert len(rebuilt.added) == 8
 
 
-def test_image_queries_go_through_a_caption(tmp_path, scores, word_tokenizer, adapters, search_main, capsys,  # noqa: F811
+def test_image_queries_go_through_a_caption(tmp_path, scores, word_tokenizer, adapters, search_main, capsys,
                                             monkeypatch):
     image = tmp_path / "cover.png"
     image.write_bytes(b"\x89PNG\r\n\x1a\n")
@@ -144,7 +139,7 @@ def test_image_queries_go_through_a_caption(tmp_path, scores, word_tokenizer, ad
     assert "CAPTION_MODEL folder not found" in capsys.readouterr().err
 
 
-def test_clear_errors(tmp_path, scores, word_tokenizer, adapters, search_main, capsys):  # noqa: F811
+def test_clear_errors(tmp_path, scores, word_tokenizer, adapters, search_main, capsys):
     song = tmp_path / "song.wav"
     song.write_bytes(b"RIFF")
     assert search_main(arguments(tmp_path, word_tokenizer, adapters, str(song), str(scores))) == 2

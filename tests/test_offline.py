@@ -5,7 +5,6 @@ any file of a folder is converted or embedded."""
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
 
 # A hub name in no cache (each subprocess gets an empty HF_HOME), and one put in that cache by hand.
 NOT_CACHED = "nobody-here/no-such-tokenizer"
@@ -135,11 +134,6 @@ def test_folder_errors_name_the_folder_and_the_fix(tmp_path, word_tokenizer):
 
 
 # ---------------------------------------------------------------------------- tools fail before the folder
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(f"offline_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def model_arguments(tmp_path: Path, tokenizer: Path) -> list[str]:

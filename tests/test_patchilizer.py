@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from conftest import OFFICIAL
+from helpers import OFFICIAL
 from patchilizer import M3Patchilizer
 
 PATCH_FILES = sorted((OFFICIAL / "patches").rglob("*.json"))

@@ -8,12 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import formats
 import lora
 import pytest
 import runconfig
 import torch
-from conftest import REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from evaluation import preflight, testsets
+from helpers import REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from modeling import ModelConfig, load_clamp3
 from test_testsets import make_sources
 
@@ -31,7 +32,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     test_dir = testsets.write_test_set(plan, root / "test", lambda path: path.write_text("{}\n"))
     cfg = runconfig.build_config(overrides={"LORA_R": 4})
     adapters = {}
-    for fmt in lora.FORMATS:
+    for fmt in formats.FORMATS:
         torch.manual_seed(0)  # PEFT draws lora_A from the global generator: the same adapters in any test order
         model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), cfg, fmt)
         if fmt == "abc":

@@ -4,7 +4,6 @@ on the tiny fixture model: official features from raw MusicXML and MIDI, the ada
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,19 +13,13 @@ import numpy as np
 import pytest
 import rawfiles
 import runconfig
-import torch
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
 from fileio import DropLog
+from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
 from modeling import ModelConfig, load_clamp3
 
 OFFICIAL_GLOBAL = OFFICIAL / "features" / "global"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"raw_{name}", REPO_ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_cfg(tokenizer: Path | None = None, **overrides) -> dict:
@@ -34,26 +27,6 @@ def tiny_cfg(tokenizer: Path | None = None, **overrides) -> dict:
     if tokenizer is not None:
         values["TEXT_MODEL_NAME"] = str(tokenizer)
     return runconfig.build_config(overrides=values)
-
-
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory) -> dict[str, Path]:
-    """One adapter per format with non-zero LoRA B weights (different seeds), so each changes features."""
-    root = tmp_path_factory.mktemp("adapters")
-    cfg = runconfig.build_config(overrides={"LORA_R": 4})
-    folders = {}
-    for seed, fmt in enumerate(lora.FORMATS):
-        # seeded before the adapter is made: PEFT draws lora_A from the global generator, whose state
-        # otherwise depends on which tests ran before this fixture
-        torch.manual_seed(seed)
-        model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), cfg, fmt)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(std=0.5)
-        folders[fmt] = root / f"lora_{fmt}_adapter"
-        model.save_pretrained(str(folders[fmt]))
-    return folders
 
 
 @pytest.fixture()
@@ -256,7 +229,7 @@ def script_arguments(tmp_path: Path, tokenizer: Path, adapters: dict[str, Path])
 
 
 def test_clamp3_embd_script(tmp_path, mixed_folder, word_tokenizer, adapters, capsys):
-    main = load_script("clamp3_embd").main
+    main = load_script(REPO_ROOT / "clamp3_embd.py").main
     out = tmp_path / "out"
     log = tmp_path / "failures.jsonl"
     common = script_arguments(tmp_path, word_tokenizer, adapters) + ["--error_log", str(log)]
@@ -284,20 +257,20 @@ def test_clamp3_eval_and_score_scripts_on_raw_folders(tmp_path, word_tokenizer, 
         shutil.copy(path, references / f"{key}{path.suffix}")
         (queries / f"{key}.txt").write_text(f"w{number} w{number + 10} w{number + 20}\n", encoding="utf-8")
     common = script_arguments(tmp_path, word_tokenizer, adapters)
-    assert load_script("clamp3_eval").main([str(queries), str(references), "--output_dir", str(tmp_path), *common,
+    assert load_script(REPO_ROOT / "clamp3_eval.py").main([str(queries), str(references), "--output_dir", str(tmp_path), *common,
                                             "--json", str(tmp_path / "report.json")]) == 0
     ranks = [json.loads(line) for line in (tmp_path / "retrieval_ranks.jsonl").read_text().splitlines()]
     assert sorted(Path(row["query"]).stem for row in ranks) == ["one", "three", "two"]
     assert all(1 <= row["rank"] <= 3 for row in ranks)
     report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert report["n_keys"] == 3
-    assert load_script("clamp3_score").main([str(queries), str(references), "--group", "--output_dir",
+    assert load_script(REPO_ROOT / "clamp3_score.py").main([str(queries), str(references), "--group", "--output_dir",
                                              str(tmp_path), *common, "--json", str(tmp_path / "score.json")]) == 0
     score = json.loads((tmp_path / "score.json").read_text(encoding="utf-8"))
     assert score["mode"] == "group" and score["n_query_files"] == 3
     # A reference that fails to convert leaves its key unmatched: named, and the official exit status 1.
     (references / "two.mid").write_bytes(b"MThd")
-    assert load_script("clamp3_eval").main([str(queries), str(references), "--output_dir", str(tmp_path),
+    assert load_script(REPO_ROOT / "clamp3_eval.py").main([str(queries), str(references), "--output_dir", str(tmp_path),
                                             *common]) == 1
 
 

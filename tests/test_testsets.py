@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import OFFICIAL, REPO_ROOT
 from evaluation import testsets
 from fileio import read_jsonl, write_jsonl
+from helpers import OFFICIAL, REPO_ROOT
 from records import piece_hash
 
 SCRIPT = REPO_ROOT / "prepare_test_data.py"

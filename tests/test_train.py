@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import train_clamp3_lora
-from conftest import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, torchrun
 from modeling import ModelConfig, load_clamp3
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -75,20 +73,10 @@ def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(nproc: int, args: list[str], timeout: float = 240, launcher: str = "torch.distributed.run",
-             ) -> subprocess.CompletedProcess:
-    """``torchrun`` (or the seed README's ``python -m torch.distributed.launch --use_env``)."""
-    extra = ["--use_env"] if launcher == "torch.distributed.launch" else []
-    command = [sys.executable, "-m", launcher, f"--nproc_per_node={nproc}", *extra,
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(SCRIPT), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+def train_job(nproc: int, args: list[str], timeout: float = 240, launcher: str = "torch.distributed.run",
+              ) -> subprocess.CompletedProcess:
+    """The trainer under ``torchrun`` with ``nproc`` CPU processes."""
+    return torchrun(SCRIPT, nproc, args, timeout=timeout, launcher=launcher)
 
 
 @pytest.fixture
@@ -272,9 +260,9 @@ def test_two_gloo_ranks_equal_one_process_with_modules_to_save_and_checkpointing
         listed = options(tmp_path / name, word_tokenizer, LORA_BATCH_SIZE=batch, **common)
         return [str(model_config) if a == str(TINY_MODEL_CONFIG) else a for a in listed]
 
-    one = torchrun(1, args("one", 4), launcher="torch.distributed.launch")
+    one = train_job(1, args("one", 4), launcher="torch.distributed.launch")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, args("two", 2))
+    two = train_job(2, args("two", 2))
     assert two.returncode == 0, two.stderr[-3000:]
     for a, b in zip(history(tmp_path / "one"), history(tmp_path / "two"), strict=True):
         for key in ("train_loss", "valid_loss", "valid_mrr"):
@@ -387,7 +375,7 @@ def test_an_error_on_one_rank_ends_the_job_instead_of_hanging(tmp_path, word_tok
     the job must end with that error, in seconds, not wait for the process-group timeout."""
     args = options(tmp_path, word_tokenizer, LORA_BATCH_SIZE=2)  # no records written
     start = time.time()
-    done = torchrun(2, args, timeout=120)
+    done = train_job(2, args, timeout=120)
     assert done.returncode != 0
     assert "training records not found" in done.stderr and "/2] failed" in done.stderr
     assert time.time() - start < 90

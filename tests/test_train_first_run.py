@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 import train_clamp3_lora
-from conftest import TINY_MODEL_CONFIG
-from test_train import adapter_weights, history, make_records, no_dropout_model_config, options, torchrun
+from helpers import TINY_MODEL_CONFIG
+from test_train import adapter_weights, history, make_records, no_dropout_model_config, options, train_job
 from training import checkpoint as ckpt
 from training import frozen_ops
 from training.checkpoint import list_checkpoints
@@ -46,9 +46,9 @@ def test_validation_with_fewer_last_rows_than_ranks_equals_one_process(tmp_path,
                          LORA_DROPOUT=0.0, LOSS="normalized", TRAIN_DEVICE="cpu")
         return [str(model_config) if a == str(TINY_MODEL_CONFIG) else a for a in listed]
 
-    one = torchrun(1, args("one", 8))
+    one = train_job(1, args("one", 8))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, args("two", 4))
+    two = train_job(2, args("two", 4))
     assert two.returncode == 0, two.stderr[-3000:]
     (a,), (b,) = history(tmp_path / "one"), history(tmp_path / "two")
     assert a["valid_mrr"] == pytest.approx(b["valid_mrr"], abs=1e-6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import TINY_MODEL_CONFIG, TINY_WEIGHTS
 from modeling import ModelConfig, load_clamp3
 from test_train_memory import lora_core, music_batch, trainer_and_plain_path
 from training import frozen_ops

@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import TINY_MODEL_CONFIG, TINY_WEIGHTS
 from modeling import ModelConfig, load_clamp3
 from training.frozen_ops import FrozenFeedForward, frozen_base_kernels, frozen_feed_forward_layers
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import train_clamp3_lora
-from test_train import history, make_records, options, torchrun
+from test_train import history, make_records, options, train_job
 
 
 def drops(tmp_path: Path, fmt: str = "abc") -> list[dict]:
@@ -73,10 +73,10 @@ def test_two_ranks_share_the_file_check_and_load_what_one_process_loads(tmp_path
         with jsonl.open("a") as f:
             f.write(json.dumps({"id": "empty", "filepaths": ["music/empty.abc"], "title": "w1"}) + "\n")
             f.write(json.dumps({"id": "gone", "filepaths": ["music/gone.abc"], "title": "w2"}) + "\n")
-    one = torchrun(1, options(tmp_path / "one", word_tokenizer, LORA_BATCH_SIZE=4, LORA_NUM_EPOCHS=1,
+    one = train_job(1, options(tmp_path / "one", word_tokenizer, LORA_BATCH_SIZE=4, LORA_NUM_EPOCHS=1,
                               NUM_WORKERS=2, TRAIN_DEVICE="cpu"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, options(tmp_path / "two", word_tokenizer, LORA_BATCH_SIZE=2, LORA_NUM_EPOCHS=1,
+    two = train_job(2, options(tmp_path / "two", word_tokenizer, LORA_BATCH_SIZE=2, LORA_NUM_EPOCHS=1,
                               NUM_WORKERS=2, TRAIN_DEVICE="cpu"))
     assert two.returncode == 0, two.stderr[-3000:]
 

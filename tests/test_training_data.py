@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import OFFICIAL
 from fileio import DropLog, iter_jsonl
+from helpers import OFFICIAL
 from patchilizer import M3Patchilizer
 from torch.utils.data import DataLoader
 from training.data import (

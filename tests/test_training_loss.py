@@ -5,19 +5,14 @@ global batch, and a failing rank ends the job."""
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
-import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from dist_loss_worker import SCENARIOS, MusicTower, TextTower, build_towers, make_batch, run_scenario
+from helpers import REPO_ROOT, torchrun
 from training import distributed
 from training.loss import ContrastiveLoss, contrastive_step, split_batch
 
-TORCHRUN = REPO_ROOT / ".venv" / "bin" / "torchrun"
 WORKER = REPO_ROOT / "tests" / "dist_loss_worker.py"
 
 
@@ -214,21 +209,11 @@ def test_single_process_helpers_are_identities() -> None:
     assert torch.equal(torch.rand(3), first)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
-def torchrun(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [str(TORCHRUN), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-               str(WORKER), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
-
-
+@pytest.mark.slow  # a torchrun job
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path) -> None:
-    done = torchrun("equivalence", str(tmp_path), timeout=120)
+    done = torchrun(WORKER, 2, ["equivalence", str(tmp_path)], timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
@@ -250,10 +235,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path) -> None:
         assert result["objects"] == ["rank 0", "rank 1"]
 
 
+@pytest.mark.slow  # a torchrun job
 def test_a_failing_rank_ends_the_job_without_hanging() -> None:
-    start = time.monotonic()
-    done = torchrun("fail", timeout=60)
-    elapsed = time.monotonic() - start
+    done = torchrun(WORKER, 2, ["fail"], timeout=90)  # a hang would raise TimeoutExpired here
     assert done.returncode != 0
     assert "[rank 1/2] failed" in done.stderr and "deliberate failure on one rank" in done.stderr
-    assert elapsed < 30

@@ -12,8 +12,8 @@ from pathlib import Path
 from xml.etree import ElementPath, ElementTree
 
 import pytest
-from conftest import OFFICIAL, REPO_ROOT
 from fileio import with_extension
+from helpers import OFFICIAL, REPO_ROOT
 from patchilizer import M3Patchilizer
 from preprocess import xml2abc
 from preprocess.errors import ConversionError

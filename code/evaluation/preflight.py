@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import formats
 import lora
 import numpy as np
 from features import FeatureExtractor, load_text_tokenizer
@@ -63,7 +64,7 @@ class PreflightSettings:
     weights: Path
     model_config_path: Path | None
     test_data_dir: Path
-    formats: tuple[str, ...] = lora.FORMATS
+    formats: tuple[str, ...] = formats.FORMATS
     skip_adapters: bool = False
     adapter_dirs: dict[str, Path] = field(default_factory=dict)  # format -> folder; default LORA_*_ADAPTER_DIR
 

@@ -31,6 +31,7 @@ import numpy as np
 import runconfig
 from fileio import atomic_write, atomic_write_text, file_sha256, repo_path, write_jsonl
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, resolve_device
+from records import same_text_key
 
 from evaluation import testsets
 
@@ -139,10 +140,6 @@ def discover_test_sets(test_dir: Path, formats: Iterable[str]) -> list[TestSet]:
     return [load_test_set(test_dir, fmt) for fmt in present]
 
 
-def caption_key(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 # ---------------------------------------------------------------------------- features
 @dataclass
 class SetFeatures:
@@ -225,7 +222,7 @@ def evaluate_features(features: list[SetFeatures], n_resamples: int, seed: int,
         for name, (indices, text_matrix) in set_features.texts.items():
             music = set_features.music[indices]
             ids = [test_set.pieces[i].id for i in indices]
-            groups = [caption_key(test_set.pieces[i].texts[name]) for i in indices]
+            groups = [same_text_key(test_set.pieces[i].texts[name]) for i in indices]
             report = metrics.retrieval_report(text_matrix, music, text_groups=groups, n_resamples=n_resamples,
                                               seed=seed)
             report.pop("settings")  # identical for every field: kept once at the top of the report

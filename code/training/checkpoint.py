@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from fileio import atomic_write_bytes
-from lora import FORMATS
+from formats import FORMATS
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^(?P<fmt>[a-z]+)_step(?P<step>\d{8})\.pt$")

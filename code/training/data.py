@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,15 +29,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from fileio import DropLog, atomic_write_text, scan_jsonl
+from formats import FORMATS
 from patchilizer import M3Patchilizer, remove_instrument_info
 from pools import process_context
+from records import same_text_key
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 if TYPE_CHECKING:
     from training.text_cache import TextFeatureCache
 
-FORMATS = ("abc", "mtf")
 TEXT_SEPARATOR = "</s>"  # the literal the official code joins text lines with (XLM-R id 2)
 NON_TEXT_KEYS = frozenset({"id", "filepaths", "language", "translations"})
 TRANSLATION_P = 0.5  # official: translated fields are the candidates half of the time
@@ -129,7 +129,7 @@ def text_dropout(fields: dict[str, Any], rng: random.Random) -> str:
 
 def normalised_text_key(text: str) -> int:
     """Hash of the casefolded, whitespace-collapsed text: records that read the same share it."""
-    return stable_hash(" ".join(unicodedata.normalize("NFKC", text).casefold().split()))
+    return stable_hash(same_text_key(text))
 
 
 def truncate_ids(ids: list[int], max_length: int, rng: random.Random | None) -> list[int]:

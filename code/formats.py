@@ -1,0 +1,24 @@
+"""The project's vocabulary in one place: formats, raw-file kinds, towers and compared systems.
+
+* **format**: the notation a symbolic piece is written in for the model, ``abc`` (interleaved ABC,
+  sheet music) or ``mtf`` (MIDI text). One LoRA adapter per format.
+* **kind**: what a raw file is, read from its extension: ``text``, ``abc``, ``musicxml``,
+  ``midi``, ``mtf``, ``mert``. Each symbolic kind becomes one format before the model reads it.
+* **modality**: the tower that encodes a kind: ``text``, ``symbolic`` or ``audio``.
+* **system**: what an evaluation compares: the stock weights (``baseline``) against the same
+  weights with the format's adapter (``lora``).
+"""
+
+from __future__ import annotations
+
+FORMATS = ("abc", "mtf")
+
+KIND_OF_EXTENSION = {".txt": "text", ".abc": "abc", ".xml": "musicxml", ".mxl": "musicxml", ".musicxml": "musicxml",
+                     ".mid": "midi", ".midi": "midi", ".mtf": "mtf", ".npy": "mert"}
+FORMAT_OF_KIND = {"abc": "abc", "musicxml": "abc", "midi": "mtf", "mtf": "mtf"}  # symbolic kinds only
+KINDS_OF_FORMAT = {fmt: tuple(kind for kind, of in FORMAT_OF_KIND.items() if of == fmt) for fmt in FORMATS}
+MODALITY_OF_KIND = {"text": "text", "mert": "audio", **{kind: "symbolic" for kind in FORMAT_OF_KIND}}
+MUSIC_KINDS = frozenset(FORMAT_OF_KIND)
+
+BASELINE, LORA = "baseline", "lora"
+SYSTEMS = (BASELINE, LORA)
