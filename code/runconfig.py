@@ -167,11 +167,6 @@ def model_config_path(typed: str | None, cfg: dict[str, Any]) -> Path | None:
     return repo_path(cfg["MODEL_CONFIG"]) if cfg["MODEL_CONFIG"] else None
 
 
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A config path: absolute as given, relative to the repository root otherwise."""
-    return repo_path(path)
-
-
 CONFIG_HELP = (
     "Configuration: every upper-case name in code/config.py can be set with --config FILE "
     "(.py assignments or a .json object) and overridden with --KEY=value (e.g. --LORA_R=4)."

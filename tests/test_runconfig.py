@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import fileio
 import pytest
@@ -59,4 +60,5 @@ def test_parse_args_separates_script_options(tmp_path, capsys):
 
 
 def test_relative_paths_resolve_against_the_repository():
-    assert runconfig.resolve_path("data/x") == fileio.REPO_ROOT / "data" / "x"
+    assert fileio.repo_path("data/x") == fileio.REPO_ROOT / "data" / "x"
+    assert fileio.repo_path("/abs/x") == Path("/abs/x")
