@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from fileio import repo_path
-from preprocess import training_jsonl as tj
+from preprocess import training_jsonl
 
 DESCRIPTION = f"""\
 Write the CLaMP 3 training files from the PDMX metadata (preprocessing/parse_pdmx_csv.py) and the
@@ -26,14 +26,14 @@ filepaths are relative to the JSONL's own folder; every other key is a text fiel
 The train/valid split is by piece, from a hash of (--seed, id): a piece is in the same split in
 the ABC and MTF files and on every run. A referenced file that does not exist is dropped (unless
 --allow_missing); --verify_files also drops empty, non-UTF-8 and unpatchilizable files. Drops are
-counted by reason and listed in {tj.DROPPED_NAME}; counts also go to {tj.SUMMARY_NAME}.
+counted by reason and listed in {training_jsonl.DROPPED_NAME}; counts also go to {training_jsonl.SUMMARY_NAME}.
 All outputs are written atomically.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--metadata_dir", help=f"folder with {tj.METADATA_NAME}, or that file "
+    parser.add_argument("--metadata_dir", help=f"folder with {training_jsonl.METADATA_NAME}, or that file "
                         "(default: data/processed)")
     parser.add_argument("--data_dir", help="data root holding abc_interleaved/ and mtf/ (default: data)")
     parser.add_argument("--output_dir", help="where the JSONL files go (default: data/training)")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: data directory not found: {data_dir}", file=sys.stderr)
         return 2
     try:
-        summary = tj.generate(
+        summary = training_jsonl.generate(
             metadata, data_dir, output_dir, verify_files=args.verify_files,
             valid_fraction=args.valid_fraction, exclude_titles=args.exclude_titles, seed=args.seed,
             allow_missing=args.allow_missing, workers=args.workers, progress=not args.quiet,
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for line in summary.lines():
         print(line)
-    print(f"written to {output_dir}" + (f" (drops listed in {output_dir / tj.DROPPED_NAME})"
+    print(f"written to {output_dir}" + (f" (drops listed in {output_dir / training_jsonl.DROPPED_NAME})"
                                         if summary.drops else ""))
     return 0
 

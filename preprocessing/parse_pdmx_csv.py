@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     except (pdmx.PdmxError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    pdmx.main_summary(summary, args.subset, output_dir)
+    counts, drops = pdmx.report(summary, args.subset, output_dir)
+    print(counts)
+    if drops:
+        print(drops, file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import music21
 import pytest
 from patchilizer import M3Patchilizer
-from preprocess import abc_normalise
+from preprocess import abc2xml, abc_normalise
 from preprocess.abc_normalise import abc_to_musicxml, normalise_abc
 from preprocess.errors import ConversionError
 from preprocess.interleave import interleave_abc
@@ -112,9 +112,9 @@ def test_no_state_leaks_between_calls(tunes):
     a, b = tunes["nottingham"], tunes["chords"]
     assert [normalise_abc(a), normalise_abc(b), normalise_abc(a)][0] == normalise_abc(a)
     # abc2xml's own module state is back as it was (its global converter, its logger).
-    abc2xml = abc_normalise._a2x
-    assert abc2xml.mxm.__class__ is abc2xml.MusicXml and abc2xml.info.__module__ == abc2xml.__name__
-    assert abc2xml.MusicXml.uSyms.get("T") == "trill"
+    bundled = abc2xml._a2x
+    assert bundled.mxm.__class__ is bundled.MusicXml and bundled.info.__module__ == bundled.__name__
+    assert bundled.MusicXml.uSyms.get("T") == "trill"
 
 
 def test_nothing_is_printed(tunes, capfd):
@@ -150,6 +150,7 @@ def test_include_directives_read_no_file(tmp_path):
     assert any("abc-include" in m and "ignored" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_batch_script_normalise(tmp_path, tunes):
     source = tmp_path / "folk"
     (source / "sub").mkdir(parents=True)

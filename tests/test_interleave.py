@@ -265,6 +265,7 @@ def test_non_utf8_text(tmp_path):
         convert_file(binary)
 
 
+@pytest.mark.slow
 def test_batch_script_mixed_good_and_bad(tmp_path):
     src, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "logs" / "errors.jsonl"
     good = {

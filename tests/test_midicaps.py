@@ -123,6 +123,7 @@ def test_bad_inputs_name_the_file(tree):
         midicaps.convert(other, tree / "mtf", tree / "o", progress=False)
 
 
+@pytest.mark.slow
 def test_script(tree, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--input", str(tree / "train.json"), "--midi_root", str(tree / "mtf"),

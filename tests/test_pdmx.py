@@ -70,8 +70,6 @@ def test_paths_are_relative_to_base_dir_and_lose_dot_slash(parsed):
     assert record["paths"]["mxl"] == "mxl/Q/Qm/QmElise01.mxl"
     assert record["paths"]["mid"] == "mid/Q/Qm/QmElise01.mid"
     assert record["row"] == 0
-    base = Path("/some/data")
-    assert pdmx.resolve_path(record, "mxl", base) == base.resolve() / "mxl/Q/Qm/QmElise01.mxl"
     # a row without mxl keeps its MIDI
     sakura = by_id(parsed[0])["QmNoMxl003"]
     assert "mxl" not in sakura["paths"] and sakura["paths"]["mid"] == "mid/Q/Qm/QmNoMxl003.mid"
@@ -125,6 +123,7 @@ def test_check_files_removes_paths_of_absent_files(tmp_path):
     records, dropped, summary = pdmx.parse_pdmx(SAMPLE, tmp_path, progress=False, check_files=True)
     assert [r["id"] for r in records] == ["QmElise01"]
     assert records[0]["paths"]["mxl"] == "mxl/Q/Qm/QmElise01.mxl" and "mid" not in records[0]["paths"]
+    assert (tmp_path / records[0]["paths"]["mxl"]).is_file()  # a record's paths are found under base_dir
     # Moonlight, Sakura, Ave Maria and the text-less row: no file checks out under base_dir
     assert summary.drops.counts["mxl/mid files not found under base_dir"] == 4
 
@@ -173,6 +172,18 @@ def test_missing_subset_column_is_a_clear_error(tmp_path):
         pdmx.parse_pdmx(tmp_path / "absent.csv", tmp_path, progress=False)
 
 
+def test_report_returns_the_text_and_prints_nothing(parsed, tmp_path, capsys):
+    _, _, summary = parsed
+    counts, drops = pdmx.report(summary, "no_license_conflict", tmp_path)
+    assert capsys.readouterr() == ("", "")
+    lines = counts.splitlines()
+    assert lines[0] == "rows read: 10" and "kept: 4 (without mxl path: 1, without mid path: 0)" in lines
+    assert lines[-1] == f"metadata: {tmp_path / pdmx.METADATA_NAME}"
+    assert drops == f"dropped rows and reasons: {tmp_path / pdmx.DROPPED_NAME}"
+    assert pdmx.report(pdmx.PdmxSummary(rows=1, not_in_subset=1), "all", tmp_path)[1] == ""
+
+
+@pytest.mark.slow
 def test_script_writes_metadata_atomically_from_another_cwd(tmp_path):
     out = tmp_path / "processed"
     result = subprocess.run(
@@ -181,7 +192,8 @@ def test_script_writes_metadata_atomically_from_another_cwd(tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert "kept: 4" in result.stdout
+    assert "kept: 4" in result.stdout and f"metadata: {out / pdmx.METADATA_NAME}" in result.stdout
+    assert f"dropped rows and reasons: {out / pdmx.DROPPED_NAME}" in result.stderr
     lines = (out / pdmx.METADATA_NAME).read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["QmElise01", "QmMoon0002", "QmNoMxl003", "QmABB00006"]
     dropped = [json.loads(line) for line in (out / pdmx.DROPPED_NAME).read_text(encoding="utf-8").splitlines()]
@@ -191,6 +203,7 @@ def test_script_writes_metadata_atomically_from_another_cwd(tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_script_reports_missing_csv(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--csv_path", str(tmp_path / "nope.csv"),
                              "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=60)

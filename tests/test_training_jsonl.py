@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from fileio import write_jsonl
-from preprocess import training_jsonl as tj
+from formats import FORMATS
+from preprocess import training_jsonl
 from preprocess.pdmx import METADATA_NAME
 
 SCRIPT = Path(__file__).resolve().parent.parent / "preprocessing" / "generate_training_jsonl.py"
@@ -54,15 +55,15 @@ def tree(tmp_path, official_dir) -> Path:
     return data
 
 
-def generate(tree: Path, out: Path | None = None, **kwargs) -> tj.TrainingSummary:
+def generate(tree: Path, out: Path | None = None, **kwargs) -> training_jsonl.TrainingJsonlSummary:
     kwargs.setdefault("valid_fraction", 0.25)
     kwargs.setdefault("progress", False)
-    return tj.generate(tree / "processed", tree, out or tree / "training", **kwargs)
+    return training_jsonl.generate(tree / "processed", tree, out or tree / "training", **kwargs)
 
 
 def split_ids(out: Path) -> dict[tuple[str, str], list[str]]:
-    return {(f, s): [r["id"] for r in read(out / tj.output_name(f, s))] for f in tj.FORMATS
-            for s in tj.SPLITS}
+    return {(f, s): [r["id"] for r in read(out / training_jsonl.output_name(f, s))] for f in FORMATS
+            for s in training_jsonl.SPLITS}
 
 
 def test_records_follow_the_official_format(tree):
@@ -88,8 +89,8 @@ def test_filepaths_resolve_relative_to_the_jsonl(tree, official_dir):
     generate(tree)
     out = tree / "training"
     for format, sources, folder in (("abc", ABC_SOURCES, "int_abc"), ("mtf", MTF_SOURCES, "mtf")):
-        for split in tj.SPLITS:
-            jsonl = out / tj.output_name(format, split)
+        for split in training_jsonl.SPLITS:
+            jsonl = out / training_jsonl.output_name(format, split)
             for row in read(jsonl):
                 file = jsonl.parent / row["filepaths"][0]  # what the official loader does
                 assert file.is_file() and file.suffix == "." + format
@@ -106,7 +107,7 @@ def test_split_is_by_piece_deterministic_and_shared_by_formats(tree, tmp_path):
     assert first[("abc", "valid")], "0.25 of 40 pieces should give some validation pieces"
     assert len(first[("abc", "train")]) > len(first[("abc", "valid")])
     for pid in first[("abc", "valid")]:
-        assert tj.split_of(pid, 0.25, 42) == "valid"
+        assert training_jsonl.split_of(pid, 0.25, 42) == "valid"
 
     # Same result on a second run, and for a piece whatever other pieces are in the metadata.
     generate(tree, tmp_path / "again")
@@ -126,9 +127,9 @@ def test_split_is_by_piece_deterministic_and_shared_by_formats(tree, tmp_path):
 
 def test_split_of_fraction_is_about_right():
     ids = [f"piece{i}" for i in range(4000)]
-    share = sum(tj.split_of(i, 0.02) == "valid" for i in ids) / len(ids)
+    share = sum(training_jsonl.split_of(i, 0.02) == "valid" for i in ids) / len(ids)
     assert 0.012 < share < 0.028
-    assert all(tj.split_of(i, 0.0) == "train" for i in ids[:100])
+    assert all(training_jsonl.split_of(i, 0.0) == "train" for i in ids[:100])
 
 
 def test_missing_files_are_dropped_by_default_and_reported(tree):
@@ -138,7 +139,7 @@ def test_missing_files_are_dropped_by_default_and_reported(tree):
     assert piece_id(1) not in ids[("abc", "train")] + ids[("abc", "valid")]
     assert piece_id(1) in ids[("mtf", "train")] + ids[("mtf", "valid")]
     assert summary.dropped_by_format()[("abc", "missing file")] == 1
-    log = read(tree / "training" / tj.DROPPED_NAME)
+    log = read(tree / "training" / training_jsonl.DROPPED_NAME)
     assert log == [{"id": piece_id(1), "format": "abc", "reason": "missing file",
                     "file": str(tree / "abc_interleaved/0/00/Qm0001x.abc")}]
     # --allow_missing keeps the record (for writing the JSONL before the conversion has run)
@@ -156,7 +157,7 @@ def test_verify_files_drops_bad_files_with_reasons(tree):
     # without --verify_files these all exist and are kept
     assert len(generate(tree).drops) == 1
     summary = generate(tree, verify_files=True)
-    log = {(d["id"], d["format"]): d["reason"] for d in read(tree / "training" / tj.DROPPED_NAME)}
+    log = {(d["id"], d["format"]): d["reason"] for d in read(tree / "training" / training_jsonl.DROPPED_NAME)}
     assert log == {
         (piece_id(1), "abc"): "missing file",
         (piece_id(2), "mtf"): "empty file",
@@ -176,7 +177,8 @@ def test_verify_files_in_parallel_gives_the_same_result(tree, tmp_path):
     assert 2 * N_PIECES >= 64  # enough files for the process pool to be used
     generate(tree, tmp_path / "one", verify_files=True, workers=1)
     generate(tree, tmp_path / "two", verify_files=True, workers=2)
-    for name in [tj.output_name(f, s) for f in tj.FORMATS for s in tj.SPLITS] + [tj.DROPPED_NAME]:
+    names = [training_jsonl.output_name(f, s) for f in FORMATS for s in training_jsonl.SPLITS]
+    for name in [*names, training_jsonl.DROPPED_NAME]:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
@@ -209,21 +211,27 @@ def test_exclude_titles_jsonl_with_a_broken_line_is_an_error(tree, tmp_path):
 
 
 def test_normalise_title():
-    assert tj.normalise_title("  Für   Elise! ") == "fur elise"
-    assert tj.normalise_title("Ода к радости") == "oda k radosti"
-    assert tj.normalise_title("Rock'n'Roll -- Part_2") == "rock n roll part 2"
-    assert tj.normalise_title("...") == ""
+    assert training_jsonl.normalise_title("  Für   Elise! ") == "fur elise"
+    assert training_jsonl.normalise_title("Ода к радости") == "oda k radosti"
+    assert training_jsonl.normalise_title("Rock'n'Roll -- Part_2") == "rock n roll part 2"
+    assert training_jsonl.normalise_title("...") == ""
 
 
 def test_outputs_are_complete_files_only(tree):
     generate(tree)
     names = sorted(p.name for p in (tree / "training").iterdir())
-    assert names == sorted([tj.output_name(f, s) for f in tj.FORMATS for s in tj.SPLITS]
-                           + [tj.DROPPED_NAME, tj.SUMMARY_NAME])
-    info = json.loads((tree / "training" / tj.SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert names == sorted([training_jsonl.output_name(f, s) for f in FORMATS for s in training_jsonl.SPLITS]
+                           + [training_jsonl.DROPPED_NAME, training_jsonl.SUMMARY_NAME])
+    info = json.loads((tree / "training" / training_jsonl.SUMMARY_NAME).read_text(encoding="utf-8"))
     assert sum(info["written"].values()) == 2 * N_PIECES
 
 
+def test_every_format_has_its_converted_files():
+    assert tuple(training_jsonl.CONVERTED_FILES) == FORMATS
+    assert {f: c.suffix for f, c in training_jsonl.CONVERTED_FILES.items()} == {"abc": ".abc", "mtf": ".mtf"}
+
+
+@pytest.mark.slow
 def test_script_from_another_directory(tree, tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--metadata_dir", str(tree / "processed"), "--data_dir", str(tree),

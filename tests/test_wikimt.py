@@ -175,6 +175,7 @@ def test_own_ids_duplicates_and_stale_outputs(tmp_path):
     assert read(out / wikimt.RECORDS_NAME) == []
 
 
+@pytest.mark.slow
 def test_script(jsonl, tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run([sys.executable, str(SCRIPT), "--input", str(jsonl), "--output_dir", str(out),

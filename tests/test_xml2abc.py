@@ -130,6 +130,7 @@ def test_archive_without_score(tmp_path):
         xml2abc.convert_file(path)
 
 
+@pytest.mark.slow
 def test_stemless_matches_vendored_xml2abc(tmp_path, capfd):
     """The vendored VERSION 143 writes `s` + `U:s=!stemless!`; abctoolkit's copy `!stemless!`."""
     abc = xml2abc.musicxml_to_abc(STEMLESS_XML, name="stemless.xml")
@@ -175,6 +176,7 @@ def test_output_name():
     assert with_extension(Path("a/b/x.y.MXL"), ".abc") == Path("a/b/x.y.abc")
 
 
+@pytest.mark.slow
 def test_batch_script_odd_names_and_failures(tmp_path):
     src, out, log = tmp_path / "in dir", tmp_path / "out", tmp_path / "errors.jsonl"
     odd = {
@@ -204,6 +206,7 @@ def test_batch_script_odd_names_and_failures(tmp_path):
     assert again.returncode == 1 and "3 skipped" in again.stdout
 
 
+@pytest.mark.slow
 def test_script_help_runs_from_any_directory(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0 and "--num_shards" in result.stdout and ".musicxml" in result.stdout

@@ -339,7 +339,7 @@ def midi_bytes_to_mtf(data: bytes, m3_compatible: bool) -> str:
 
     events: list[tuple[int, str | None, str]] = []
     track_ends: list[int] = []
-    runs = 0  # tracks that contributed at least one event; one run needs no sort
+    tracks_with_events = 0  # one track's events are already in time order: only several need the sort
     for track_index in range(track_count):
         chunk = data[pos:pos + 8]
         if len(chunk) < 8:
@@ -362,10 +362,10 @@ def midi_bytes_to_mtf(data: bytes, m3_compatible: bool) -> str:
             offset = sum(track_ends)
             events[before:] = [(tick + offset, head, tail) for tick, head, tail in events[before:]]
         track_ends.append(end_tick)
-        runs += len(events) > before
+        tracks_with_events += len(events) > before
         pos += size
 
-    if runs > 1 and file_type != 2:
+    if tracks_with_events > 1 and file_type != 2:
         events.sort(key=_by_time)  # stable: earlier tracks first at equal times, like mido
     end_of_all = (sum(track_ends) if file_type == 2 else max(track_ends)) if track_ends else 0
 

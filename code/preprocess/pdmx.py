@@ -20,7 +20,6 @@ import json
 import os
 import posixpath
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,12 +251,6 @@ def parse_pdmx(
     return records, drops.rows, summary
 
 
-def resolve_path(record: dict, kind: str, base_dir: str | os.PathLike) -> Path | None:
-    """The absolute location of a record's ``kind`` file ("mxl", "mid", ...) under ``base_dir``."""
-    rel = record.get("paths", {}).get(kind)
-    return None if rel is None else Path(base_dir).resolve() / rel
-
-
 def run(csv_path: str | os.PathLike, output_dir: str | os.PathLike, base_dir: str | os.PathLike,
         subset: str = DEFAULT_SUBSET, progress: bool = True, check_files: bool = False) -> PdmxSummary:
     """Parse the CSV and write metadata, the dropped-row log and a summary under ``output_dir``."""
@@ -274,10 +267,10 @@ def run(csv_path: str | os.PathLike, output_dir: str | os.PathLike, base_dir: st
     return summary
 
 
-def main_summary(summary: PdmxSummary, subset: str, output_dir: str | os.PathLike) -> None:
-    for line in summary.lines(subset):
-        print(line)
+def report(summary: PdmxSummary, subset: str, output_dir: str | os.PathLike) -> tuple[str, str]:
+    """What ``parse_pdmx_csv.py`` tells after a run: the counts and where the metadata went (for
+    stdout), and where the dropped rows are listed (for stderr; empty when nothing was dropped)."""
     out = Path(output_dir)
-    print(f"metadata: {out / METADATA_NAME}")
-    if summary.drops:
-        print(f"dropped rows and reasons: {out / DROPPED_NAME}", file=sys.stderr)
+    counts = "\n".join([*summary.lines(subset), f"metadata: {out / METADATA_NAME}"])
+    drops = f"dropped rows and reasons: {out / DROPPED_NAME}" if summary.drops else ""
+    return counts, drops

@@ -23,8 +23,10 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from fileio import DropLog, atomic_write_text, iter_jsonl, read_jsonl, with_extension, write_jsonl
+from formats import FORMATS
 from pools import process_context
 from records import piece_hash
 from tqdm import tqdm
@@ -32,10 +34,18 @@ from tqdm import tqdm
 from preprocess.errors import describe_exception
 from preprocess.pdmx import METADATA_NAME
 
-# format -> (source path key in the metadata, converted folder under the data root, suffix)
-FORMATS: dict[str, tuple[str, str, str]] = {
-    "abc": ("mxl", "abc_interleaved", ".abc"),
-    "mtf": ("mid", "mtf", ".mtf"),
+
+class ConvertedFiles(NamedTuple):
+    """Where a format's training files come from: PDMX's original and the batch converter's output."""
+
+    source_key: str  # the key of the original file in a metadata record's "paths"
+    folder: str  # the converter's output folder under the data root
+    suffix: str  # the converted file's extension
+
+
+CONVERTED_FILES: dict[str, ConvertedFiles] = {
+    "abc": ConvertedFiles(source_key="mxl", folder="abc_interleaved", suffix=".abc"),
+    "mtf": ConvertedFiles(source_key="mid", folder="mtf", suffix=".mtf"),
 }
 SPLITS = ("train", "valid")
 DROPPED_NAME = "training_jsonl_dropped.jsonl"
@@ -192,7 +202,7 @@ def relative_to(path: str | os.PathLike, folder: str | os.PathLike) -> str:
 
 
 @dataclass
-class TrainingSummary:
+class TrainingJsonlSummary:
     pieces: int = 0
     written: Counter = field(default_factory=Counter)  # (format, split) -> records
     # One row per piece or file left out; "format" is "abc", "mtf", or "piece" for both at once.
@@ -235,14 +245,14 @@ def generate(
     allow_missing: bool = False,
     workers: int = 1,
     progress: bool = True,
-) -> TrainingSummary:
+) -> TrainingJsonlSummary:
     """Write the four JSONL files, the dropped-row log and a summary into ``output_dir``."""
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"--valid_fraction must be in [0, 1), got {valid_fraction}")
     records = load_metadata(metadata)
     excluded = load_titles(exclude_titles) if exclude_titles else set()
     output_dir = Path(output_dir)
-    summary = TrainingSummary(pieces=len(records))
+    summary = TrainingJsonlSummary(pieces=len(records))
     drops = summary.drops
 
     # Piece-level filters first, so both formats see the same set of pieces.
@@ -270,7 +280,7 @@ def generate(
     # Collect every file to check, then check them in one (optionally parallel) pass.
     jobs: list[tuple[str, str, dict, str, Path]] = []  # (format, id, text, split, file)
     for pid, paths, text, split in candidates:
-        for format, (source_key, folder, suffix) in FORMATS.items():
+        for format, (source_key, folder, suffix) in CONVERTED_FILES.items():
             source = paths.get(source_key)
             if not source:
                 drops.add(f"no {source_key} path in metadata", id=pid, format=format)
