@@ -175,8 +175,10 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     from bench_extract import matmul_gflops
     from patchilizer import M3Patchilizer
     from training import data
-    from training.loop import build_optimizer, music_encoder, set_train_mode
     from training.loss import ContrastiveLoss, contrastive_step, split_batch
+    from training.model_setup import music_encoder, set_train_mode
+    from training.optimizer import build_optimizer
+    from training.text import LiveText
     from training.text_cache import TextFeatureCache, fingerprint
     from transformers import AutoTokenizer
 
@@ -193,7 +195,7 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
 
     if row == "data":
         plan = data.plan_epoch(records, batch, 0, 0)
-        dataset = data.BatchDataset(records, plan, patchilizer, text=data.LiveText(tokenizer, 128), seed=0, epoch=0)
+        dataset = data.BatchDataset(records, plan, patchilizer, text=LiveText(tokenizer, 128), seed=0, epoch=0)
         start = time.perf_counter()
         count = sum(len(dataset[k]["record_index"]) for k in range(len(dataset)))
         return {"row": row, "samples_per_s": count / (time.perf_counter() - start), "samples": count}
@@ -212,7 +214,7 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
                 module.config._attn_implementation = "eager"
 
     if naive:
-        text = data.LiveText(tokenizer, 128)
+        text = LiveText(tokenizer, 128)
     else:
         started = time.perf_counter()
         with torch.no_grad():

@@ -201,8 +201,9 @@ class Steps:
 
     def __init__(self, trained, core, device: torch.device, precision: str, rows_per_pass: int):
         import runconfig
-        from training.loop import build_optimizer, music_encoder
         from training.loss import ContrastiveLoss
+        from training.model_setup import music_encoder
+        from training.optimizer import build_optimizer
 
         self.trained, self.device, self.precision = trained, device, precision
         self.encode = music_encoder(core, device, precision, patch_budget=rows_per_pass * PATCH_LENGTH)
@@ -250,8 +251,8 @@ def timed_steps(step: Steps, batches, micro_batch: int = 0) -> dict[str, Any]:
 def first_batch_numbers(trained, core, device: torch.device, precision: str, batch, text) -> dict[str, Any]:
     """Features (no gradient) and the LoRA gradient of the first batch, from the initial weights.
     fp16 scales the loss by 1024 (a fixed GradScaler) and divides the gradient back."""
-    from training.loop import music_encoder
     from training.loss import ContrastiveLoss, contrastive_step
+    from training.model_setup import music_encoder
 
     encode = music_encoder(core, device, precision)
     with torch.no_grad():
@@ -267,7 +268,7 @@ def first_batch_numbers(trained, core, device: torch.device, precision: str, bat
 def precision_part(args, device: torch.device, rows: list[dict]) -> dict[str, dict]:
     """Part 2 (and the batch-32 bench rows): returns the per-precision results."""
     trained, core = lora_model(args.size, 0.0, device)
-    from training.loop import set_train_mode
+    from training.model_setup import set_train_mode
 
     set_train_mode(core, text_frozen=True, symbolic_dropout=False)
     initial = trainable_state(trained)
@@ -324,8 +325,8 @@ def _finite(value: float) -> bool:
 
 def grad_cache_part(args, device: torch.device, rows: list[dict]) -> None:
     """Part 3: GradCache's re-run with dropout drawn on ``device``."""
-    from training.loop import music_encoder, set_train_mode
     from training.loss import ContrastiveLoss, contrastive_step, split_batch
+    from training.model_setup import music_encoder, set_train_mode
 
     trained, core = lora_model(args.size, 0.1, device)
     set_train_mode(core, text_frozen=True, symbolic_dropout=True)
@@ -432,7 +433,7 @@ def extraction_part(args, device: torch.device, rows: list[dict]) -> None:
 def grad_cache_bench_part(args, device: torch.device, rows: list[dict], batch_rows: dict[str, dict]) -> None:
     """Part 5's GradCache row: a global batch of ``global_batch`` in micro-batches, the default
     precision, against the batch-``batch`` row of the same precision if there is one."""
-    from training.loop import set_train_mode
+    from training.model_setup import set_train_mode
 
     requested = "auto"
     precision = effective_precision(requested, device)

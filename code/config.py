@@ -91,6 +91,9 @@ SYMBOLIC_DROPOUT = True
 TRAIN_DEVICE = "auto"  # auto | cpu | cuda (torchrun: cuda:(LOCAL_RANK % visible GPUs))
 TRAIN_PRECISION = "auto"  # auto (GPU: bf16, fp16 + GradScaler without native bf16; CPU: fp32) | bf16 | fp16 | fp32
 NUM_WORKERS = 2  # DataLoader workers per rank
+# Every this many optimizer steps, one line in the run's log (<run>/ABC_training.log): epoch, step,
+# loss, learning rate, samples/s and data-loading time since the previous line (0 = epoch lines only).
+TRAIN_LOG_EVERY_STEPS = 50
 DIST_TIMEOUT_MINUTES = 30  # a lost rank ends the job after this long instead of hanging it
 
 LORA_ABC_TRAIN_JSONL = "data/training/clamp3_train_abc.jsonl"
@@ -121,6 +124,15 @@ WANDB_MODE = "offline"  # offline works with no network; "online" to sync
 
 # ---------------------------------------------------------------- general
 SEED = 42
+
+# Not a setting (lower case: only upper-case names are config keys). The keys that steer a training
+# run without changing its results: they may differ between a run and its --resume.
+run_control_keys = frozenset({
+    "NUM_WORKERS", "LORA_LOG_DIR", "LORA_ABC_ADAPTER_DIR", "LORA_MTF_ADAPTER_DIR", "FULL_WEIGHTS_PATH",
+    "WANDB_ENABLED", "WANDB_PROJECT", "WANDB_MODE", "TEXT_CACHE_DIR", "DIST_TIMEOUT_MINUTES",
+    "LORA_KEEP_CHECKPOINTS", "LORA_CHECKPOINT_STEPS", "TRAIN_LOG_EVERY_STEPS", "EXTRACT_DEVICE", "EXTRACT_DTYPE",
+    "EXTRACT_TOKENS_PER_BATCH", "EXTRACT_MAX_PADDING", "EXTRACT_FILES_PER_CHUNK",
+})
 
 # ---------------------------------------------------------------- evaluation
 TEST_DATA_DIR = "data/test/"

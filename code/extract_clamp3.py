@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import runconfig
-from extraction import extract_config_path, extract_folder, plan_folder
-from features import FeatureExtractor, check_dtype, load_text_tokenizer
 from fileio import failure_log_path, repo_path
-from modeling import ModelConfig, load_clamp3, resolve_device
-from training.distributed import all_gather_object, distributed_session, launch_environment
+
+if TYPE_CHECKING:
+    import torch
+    from modeling import ModelConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = runconfig.parse_args(parser, argv)
     if not Path(args.input_dir).is_dir():
         parser.error(f"input directory not found: {args.input_dir}")
+    # After parsing: these load torch and transformers, which --help and a usage error need not wait for.
+    from features import check_dtype
+    from modeling import ModelConfig, resolve_device
+    from training.distributed import distributed_session, launch_environment
+
     # The settings and the weights come first: none of them should wait for a folder walk, the
     # tokenizer or a 1.8 GB checkpoint to fail.
     try:
@@ -77,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, cfg, weights, model_config, context.device, world_size, rank=context.rank)
 
 
-def run(args: argparse.Namespace, cfg: dict, weights: Path, model_config: ModelConfig, device, world_size: int,
-        rank: int = 0) -> int:
+def run(args: argparse.Namespace, cfg: dict, weights: Path, model_config: ModelConfig, device: torch.device,
+        world_size: int, rank: int = 0) -> int:
     """Plan, load, extract, report: every process runs it; rank 0 prints, saves and merges."""
+    from extraction import extract_config_path, extract_folder, plan_folder
+    from features import FeatureExtractor, load_text_tokenizer
+    from modeling import load_clamp3
+    from training.distributed import all_gather_object
+
     plan = plan_folder(args.input_dir, args.output_dir, cfg["EXTRACT_FILES_PER_CHUNK"])
     error = None
     try:

@@ -14,17 +14,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-import lora
 import runconfig
-from modeling import CheckpointMismatchError
-from training.checkpoint import ResumeError
-from training.loop import TrainingSetupError, train
-from training.run_folder import RunFolderError
 
-# Errors a user can act on: one line, not a traceback. (In a multi-process job a failing rank
-# prints its traceback with its rank and ends the job; see training/distributed.py.)
-USER_ERRORS = (ResumeError, RunFolderError, lora.AdapterConfigError, CheckpointMismatchError, FileNotFoundError,
-               runconfig.ConfigError, TrainingSetupError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can act on: one line, not a traceback. (In a multi-process job a failing rank
+    prints its traceback with its rank and ends the job; see training/distributed.py.) Imported
+    here, after the arguments are parsed: their modules load torch, which --help need not wait for."""
+    import lora
+    from modeling import CheckpointMismatchError
+    from training.checkpoint import ResumeError
+    from training.loop import TrainingSetupError
+    from training.run_folder import RunFolderError
+
+    return (ResumeError, RunFolderError, lora.AdapterConfigError, CheckpointMismatchError, FileNotFoundError,
+            runconfig.ConfigError, TrainingSetupError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--export_merged needs one format (--format abc or --format mtf)")
     if args.export_merged and cfg["TRAIN_MODE"] != "lora":
         parser.error("--export_merged applies to TRAIN_MODE='lora' (full mode already saves a checkpoint)")
+    errors = user_errors()
+    from training.loop import train
+
     try:
         return train(cfg, args)
-    except USER_ERRORS as exc:
+    except errors as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

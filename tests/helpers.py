@@ -50,3 +50,159 @@ def torchrun(script: str | os.PathLike, nproc: int, args: list[str], timeout: fl
                f"--master_port={free_port()}", str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+# ----------------------------------------------------------------------------- training
+# The trainer's tests (test_train*.py, test_gpu.py): records over the fixture files, the trainer's
+# command line, what a run leaves, and a LoRA model of the tiny base. Heavy imports stay inside.
+
+TRAINER_SCRIPT = REPO_ROOT / "code" / "train_clamp3_lora.py"
+
+
+def make_records(root: Path, fmt: str, valid: int = 8) -> Path:
+    """Training and validation records over the real fixture files of ``fmt`` (32 ABC, 30 MTF),
+    each with its own words as text (the test tokenizer knows w0 ... w199)."""
+    import json
+    import shutil
+
+    folders = ["int_abc", "int_abc_from_abc_inputs"] if fmt == "abc" else ["mtf"]
+    files = sorted(p for folder in folders for p in (OFFICIAL / "outputs" / folder).glob(f"*.{fmt}"))
+    music = root / "music"
+    music.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, path in enumerate(files):
+        shutil.copy(path, music / path.name)
+        rows.append({"id": f"{fmt}{i}", "filepaths": [f"music/{path.name}"],
+                     "title": f"w{i} w{(i * 7) % 50 + 50}", "genres": [f"w{100 + i % 5}"],
+                     "description": " ".join(f"w{(i * 13 + j) % 200}" for j in range(6))})
+    (root / f"valid_{fmt}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:valid]), encoding="utf-8")
+    jsonl = root / f"train_{fmt}.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[valid:]), encoding="utf-8")
+    return jsonl
+
+
+def no_dropout_model_config(path: Path) -> Path:
+    """The tiny model's configuration with every tower's dropout off, written to ``path``."""
+    import json
+
+    data = json.loads(TINY_MODEL_CONFIG.read_text())
+    for tower in ("symbolic", "text", "audio"):
+        data[tower].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def options(tmp_path: Path, tokenizer: Path, fmt: str = "abc", **overrides) -> list[str]:
+    """The trainer's arguments for a short run of ``fmt`` on ``make_records(tmp_path, fmt)``, its run
+    folder, adapter and text cache under ``tmp_path``; ``overrides`` are config keys."""
+    import json
+
+    settings = {
+        f"LORA_{fmt.upper()}_TRAIN_JSONL": str(tmp_path / f"train_{fmt}.jsonl"),
+        f"LORA_{fmt.upper()}_VALID_JSONL": str(tmp_path / f"valid_{fmt}.jsonl"), "TEXT_MODEL_NAME": str(tokenizer),
+        "LORA_LOG_DIR": str(tmp_path / "run"), f"LORA_{fmt.upper()}_ADAPTER_DIR": str(tmp_path / f"adapter_{fmt}"),
+        "LORA_BATCH_SIZE": 4, "LORA_NUM_EPOCHS": 2, "LORA_LEARNING_RATE": 5e-3, "LORA_WARMUP_STEPS": 0,
+        "LORA_R": 4, "NUM_WORKERS": 0, "TEXT_CACHE_DIR": str(tmp_path / "text_cache"), "LORA_PATIENCE": 0,
+        # The CPU in float32, whatever the machine has: "auto" would train on a GPU in bf16, where
+        # the bitwise comparisons (resume, ranks, workers) cannot hold, and 2-rank jobs would ask
+        # for cuda:1. The GPU runs are tests/test_gpu.py's.
+        "TRAIN_DEVICE": "cpu",
+        **overrides}
+    args = ["--format", fmt, "--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--quiet"]
+    return args + [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]
+
+
+def history(tmp_path: Path, fmt: str = "abc") -> list[dict]:
+    """The run's per-epoch history (``<run>/ABC_history.json``)."""
+    import json
+
+    return json.loads((tmp_path / "run" / f"{fmt.upper()}_history.json").read_text())
+
+
+def adapter_weights(folder: Path) -> dict:
+    """The tensors of a saved adapter, by name."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def train_job(nproc: int, args: list[str], timeout: float = 240, launcher: str = "torch.distributed.run",
+              ) -> subprocess.CompletedProcess:
+    """The trainer under ``torchrun`` with ``nproc`` CPU processes."""
+    return torchrun(TRAINER_SCRIPT, nproc, args, timeout=timeout, launcher=launcher)
+
+
+def lora_core(dropout: float) -> tuple:
+    """``(PEFT model, its CLaMP3Model)``: the tiny base with a gaussian-initialised LoRA adapter of
+    LoRA dropout ``dropout``, the same initialisation every time."""
+    import lora
+    import runconfig
+    import torch
+    from modeling import ModelConfig, load_clamp3
+
+    torch.manual_seed(0)
+    model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS,
+                                         attn_implementation="sdpa"),
+                             runconfig.build_config(overrides={"LORA_INIT_WEIGHTS": "gaussian",
+                                                               "LORA_DROPOUT": dropout}), "abc")
+    return model, model.get_base_model()
+
+
+def music_batch(lengths: list[int], seed: int = 0) -> dict:
+    """Random patches of the given lengths, padded to the longest, with their mask."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return {"patches": torch.randint(0, 128, (len(lengths), longest, 64), generator=generator),
+            "patch_mask": mask}
+
+
+def saved_bytes(fn, model) -> tuple:
+    """``fn()`` and the bytes of the distinct storages autograd keeps for its backward, the
+    model's parameters (kept anyway) left out."""
+    import torch
+
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def trainer_and_plain_path(batch: dict, dropout: float, symbolic_dropout: bool,
+                           check_patched=None, after=None) -> list[tuple]:
+    """``(features, LoRA gradients, bytes kept for backward, RNG state)`` of the trainer's music encoder
+    and then of the model's own forward, each on a fresh LoRA model from the same seed.
+    ``check_patched(core)`` runs before the trainer's pass, ``after(core)`` after each pass."""
+    import functools
+
+    import torch
+    from training.model_setup import music_encoder, set_train_mode
+
+    results = []
+    for patched in (True, False):
+        model, core = lora_core(dropout=dropout)
+        set_train_mode(core, text_frozen=True, symbolic_dropout=symbolic_dropout)
+        if patched:
+            if check_patched is not None:
+                check_patched(core)
+            encode = functools.partial(music_encoder(core, torch.device("cpu"), "fp32"), batch)
+        else:
+            encode = functools.partial(core.features, "symbolic", batch["patches"], batch["patch_mask"])
+        torch.manual_seed(7)
+        features, kept = saved_bytes(encode, model)
+        features.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((features.detach(), grads, kept, torch.get_rng_state()))
+        if after is not None:
+            after(core)
+    return results

@@ -14,9 +14,7 @@ import pytest
 import torch
 import train_clamp3_lora
 from features import FeatureExtractor
-from helpers import OFFICIAL
-from test_train import history, make_records, options
-from test_train_memory import lora_core, music_batch
+from helpers import OFFICIAL, history, lora_core, make_records, music_batch, options
 
 pytestmark = pytest.mark.gpu
 
@@ -107,7 +105,7 @@ def test_extraction_on_cuda_matches_the_cpu(tiny_model, word_tokenizer):
 def test_frozen_kernels_on_cuda_equal_plain_autograd():
     """The trainer's float32 music encoder (frozen feed-forward blocks, fused LoRA projections) on
     the GPU: the features and LoRA gradients of the model's own forward."""
-    from training.loop import music_encoder, set_train_mode
+    from training.model_setup import music_encoder, set_train_mode
 
     batch = on_cuda(music_batch([9, 5, 7]))
     results = []
@@ -132,7 +130,7 @@ def test_autocast_steps_keep_clear_of_the_frozen_kernels(precision):
     bf16/fp16 runs the model's own forward instead: finite features and gradients close to
     float32's (cosine >= 0.99)."""
     from training.frozen_ops import frozen_base_kernels
-    from training.loop import music_encoder, set_train_mode
+    from training.model_setup import music_encoder, set_train_mode
 
     model, core = cuda_lora_core(dropout=0.0)
     set_train_mode(core, text_frozen=True, symbolic_dropout=False)
@@ -163,8 +161,8 @@ def test_grad_cache_rerun_on_cuda_draws_the_same_dropout():
     """Dropout drawn on the GPU (symbolic encoder and LoRA): GradCache's gradient equals plain
     autograd over the same micro-batches in the same order, so each re-run drew the masks of its
     first pass; other seeds give another gradient, so the comparison depends on the masks."""
-    from training.loop import music_encoder, set_train_mode
     from training.loss import ContrastiveLoss, contrastive_step, split_batch
+    from training.model_setup import music_encoder, set_train_mode
 
     batch = on_cuda(music_batch([9, 5, 7, 6, 8, 4], seed=1))
     text = torch.randn(6, 32, generator=torch.Generator().manual_seed(2)).to(CUDA)

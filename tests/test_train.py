@@ -3,80 +3,28 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import train_clamp3_lora
-from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, torchrun
+from helpers import (
+    TINY_MODEL_CONFIG,
+    TINY_WEIGHTS,
+    TRAINER_SCRIPT,
+    adapter_weights,
+    history,
+    make_records,
+    no_dropout_model_config,
+    options,
+    train_job,
+)
 from modeling import ModelConfig, load_clamp3
 from peft import PeftModel
-from safetensors.torch import load_file
 from training.checkpoint import list_checkpoints
-
-SCRIPT = REPO_ROOT / "code" / "train_clamp3_lora.py"
-
-
-def make_records(root: Path, fmt: str, valid: int = 8) -> Path:
-    """Training and validation records over the real fixture files of ``fmt`` (32 ABC, 30 MTF),
-    each with its own words as text (the test tokenizer knows w0 ... w199)."""
-    folders = ["int_abc", "int_abc_from_abc_inputs"] if fmt == "abc" else ["mtf"]
-    files = sorted(p for folder in folders for p in (OFFICIAL / "outputs" / folder).glob(f"*.{fmt}"))
-    music = root / "music"
-    music.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, path in enumerate(files):
-        shutil.copy(path, music / path.name)
-        rows.append({"id": f"{fmt}{i}", "filepaths": [f"music/{path.name}"],
-                     "title": f"w{i} w{(i * 7) % 50 + 50}", "genres": [f"w{100 + i % 5}"],
-                     "description": " ".join(f"w{(i * 13 + j) % 200}" for j in range(6))})
-    (root / f"valid_{fmt}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:valid]), encoding="utf-8")
-    jsonl = root / f"train_{fmt}.jsonl"
-    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[valid:]), encoding="utf-8")
-    return jsonl
-
-
-def no_dropout_model_config(path: Path) -> Path:
-    data = json.loads(TINY_MODEL_CONFIG.read_text())
-    for tower in ("symbolic", "text", "audio"):
-        data[tower].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    path.write_text(json.dumps(data))
-    return path
-
-
-def options(tmp_path: Path, tokenizer: Path, fmt: str = "abc", **overrides) -> list[str]:
-    settings = {
-        f"LORA_{fmt.upper()}_TRAIN_JSONL": str(tmp_path / f"train_{fmt}.jsonl"),
-        f"LORA_{fmt.upper()}_VALID_JSONL": str(tmp_path / f"valid_{fmt}.jsonl"), "TEXT_MODEL_NAME": str(tokenizer),
-        "LORA_LOG_DIR": str(tmp_path / "run"), f"LORA_{fmt.upper()}_ADAPTER_DIR": str(tmp_path / f"adapter_{fmt}"),
-        "LORA_BATCH_SIZE": 4, "LORA_NUM_EPOCHS": 2, "LORA_LEARNING_RATE": 5e-3, "LORA_WARMUP_STEPS": 0,
-        "LORA_R": 4, "NUM_WORKERS": 0, "TEXT_CACHE_DIR": str(tmp_path / "text_cache"), "LORA_PATIENCE": 0,
-        # The CPU in float32, whatever the machine has: "auto" would train on a GPU in bf16, where
-        # the bitwise comparisons (resume, ranks, workers) cannot hold, and 2-rank jobs would ask
-        # for cuda:1. The GPU runs are tests/test_gpu.py's.
-        "TRAIN_DEVICE": "cpu",
-        **overrides}
-    args = ["--format", fmt, "--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--quiet"]
-    return args + [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]
-
-
-def history(tmp_path: Path, fmt: str = "abc") -> list[dict]:
-    return json.loads((tmp_path / "run" / f"{fmt.upper()}_history.json").read_text())
-
-
-def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def train_job(nproc: int, args: list[str], timeout: float = 240, launcher: str = "torch.distributed.run",
-              ) -> subprocess.CompletedProcess:
-    """The trainer under ``torchrun`` with ``nproc`` CPU processes."""
-    return torchrun(SCRIPT, nproc, args, timeout=timeout, launcher=launcher)
 
 
 @pytest.fixture
@@ -151,7 +99,7 @@ def test_checkpoints_rotate_and_a_killed_run_resumes_bitwise(tmp_path, word_toke
     assert len(list_checkpoints(tmp_path / "a" / "run")) == 3  # rotation keeps the newest 3
 
     killed_args = options(tmp_path / "b", word_tokenizer, **common)
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *killed_args], stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, str(TRAINER_SCRIPT), *killed_args], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and not list_checkpoints(tmp_path / "b" / "run") and process.poll() is None:
@@ -285,12 +233,13 @@ def test_padding_to_the_longest_piece_changes_no_feature(tmp_path, tiny_model, w
     from fileio import DropLog
     from patchilizer import M3Patchilizer
     from training import data
+    from training.text import LiveText
     from transformers import AutoTokenizer
 
     patchilizer = M3Patchilizer(64, 512)
     records = data.load_records(abc_records, "abc", patchilizer, DropLog("test"), progress=False)
     plan = data.plan_validation(records, 6, seed=0, bucketing=True)
-    live = data.LiveText(AutoTokenizer.from_pretrained(word_tokenizer), 128)
+    live = LiveText(AutoTokenizer.from_pretrained(word_tokenizer), 128)
     features = {}
     for pad_to_longest in (True, False):
         dataset = data.BatchDataset(records, plan, patchilizer, text=live, seed=0, epoch=0, train=False,
@@ -312,16 +261,17 @@ def test_grad_cache_micro_batches_cut_to_their_own_length_keep_the_gradient(tmp_
     from fileio import DropLog
     from patchilizer import M3Patchilizer
     from training import data
-    from training.loop import music_encoder, set_train_mode
     from training.loss import ContrastiveLoss, contrastive_step
+    from training.model_setup import music_encoder, set_train_mode
+    from training.text import LiveText, seeded_rng
 
     model_config = ModelConfig.from_json(no_dropout_model_config(tmp_path / "model.json"))
     patchilizer = M3Patchilizer(64, 512)
     records = data.load_records(abc_records, "abc", patchilizer, DropLog("test"), progress=False)
     plan = data.plan_epoch(records, 6, epoch=0, seed=0, bucketing=False)
     text_rows = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
-    dataset = data.BatchDataset(records, plan, patchilizer, text=data.LiveText(None, 128), seed=0, epoch=0)
-    batch = dataset._collate_patches([data.music_patches(records[p], patchilizer, data.seeded_rng(p), None)[0]
+    dataset = data.BatchDataset(records, plan, patchilizer, text=LiveText(None, 128), seed=0, epoch=0)
+    batch = dataset._collate_patches([data.music_patches(records[p], patchilizer, seeded_rng(p), None)[0]
                                       for p in plan.batches[0]])
     lengths = batch["patch_mask"].sum(dim=1)
     assert lengths.min() < lengths.max()  # the micro-batches really are cut
@@ -344,7 +294,7 @@ def test_grad_cache_micro_batches_cut_to_their_own_length_keep_the_gradient(tmp_
 def test_without_symbolic_dropout_only_lora_dropout_stays_on(tmp_path):
     import lora
     import runconfig
-    from training.loop import set_train_mode
+    from training.model_setup import set_train_mode
 
     model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS),
                              runconfig.build_config(), "abc")
@@ -416,8 +366,8 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_plain_one() -> None:
     and moves the parameters as the per-tensor implementation does (within float rounding)."""
     import lora
     import runconfig
-    from training.loop import _parameter_groups, build_optimizer
     from training.loss import ContrastiveLoss
+    from training.optimizer import build_optimizer, parameter_groups
 
     cfg = runconfig.build_config(overrides={"LORA_R": 4, "LORA_WEIGHT_DECAY": 0.1, "LORA_LEARNING_RATE": 1e-2})
     models = []
@@ -429,7 +379,7 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_plain_one() -> None:
     assert all(group["fused"] for group in fused.param_groups)
     assert [group["weight_decay"] for group in fused.param_groups] == [0.1, 0.0]
     assert all(p.ndim >= 2 for p in fused.param_groups[0]["params"])
-    plain = torch.optim.AdamW(_parameter_groups(models[1], loss_fns[1], 0.1), lr=1e-2, fused=False, foreach=False)
+    plain = torch.optim.AdamW(parameter_groups(models[1], loss_fns[1], 0.1), lr=1e-2, fused=False, foreach=False)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         for model, loss_fn in zip(models, loss_fns, strict=True):
@@ -451,21 +401,68 @@ def test_the_optimizer_is_fused_adamw_and_steps_as_the_plain_one() -> None:
 
 
 @pytest.mark.parametrize("micro_batch", [0, 2])
-def test_the_music_encoder_gets_the_longest_pass_as_its_patch_budget(tmp_path, word_tokenizer, abc_records,
-                                                                       monkeypatch, micro_batch):
-    """Pre-activations are kept only within the memory of the longest batch one pass can bring:
-    the rows encoded at once with gradient (the batch, or GradCache's micro-batch) × patch length."""
-    import training.loop
+def test_training_steps_run_the_frozen_kernels_in_passes_of_the_micro_batch_within_the_patch_budget(
+        tmp_path, word_tokenizer, abc_records, monkeypatch, micro_batch):
+    """A default run's steps go through the frozen feed-forward kernels, in passes of the rows
+    encoded at once (the batch of 4, or GradCache's micro-batches of 2), and each pass with gradient
+    keeps pre-activations in as many layers as the memory of the longest such pass allows (budget:
+    rows x 512 patches); passes without gradient keep none. Validation runs the model's own forward."""
+    from helpers import lora_core
+    from training.frozen_ops import FrozenFeedForward, pre_activation_layers
 
-    budgets = []
-    original = training.loop.music_encoder
+    calls = []
+    original = FrozenFeedForward.apply
 
-    def spy(*args, **kwargs):
-        budgets.append(kwargs.get("patch_budget"))
-        return original(*args, **kwargs)
+    def spy(x, *weights_and_keep):
+        calls.append((tuple(x.shape[:2]), weights_and_keep[-1], torch.is_grad_enabled()))
+        return original(x, *weights_and_keep)
 
-    monkeypatch.setattr(training.loop, "music_encoder", spy)
+    monkeypatch.setattr(FrozenFeedForward, "apply", spy)
     args = options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1, LORA_MAX_STEPS=1, LORA_CHECKPOINT_STEPS=0,
                    GRAD_CACHE_MICRO_BATCH=micro_batch)
     assert train_clamp3_lora.main(args) == 0
-    assert budgets == [(micro_batch or 4) * 512]
+    rows = micro_batch or 4
+    layers = 2  # the tiny model's, each called once per pass
+    passes = [calls[i : i + layers] for i in range(0, len(calls), layers)]
+    assert passes and all(len({shape for shape, *_ in p}) == 1 for p in passes)
+    assert {p[0][0][0] for p in passes} == {rows}  # the batch really was encoded in passes of that many rows
+    with_grad = [p for p in passes if p[0][2]]
+    # One step: 4 / rows passes with gradient (GradCache's first pass runs without, and its last
+    # micro-batch is encoded once, with gradient).
+    assert len(with_grad) == 4 // rows
+    _, core = lora_core(dropout=0.0)
+    for p in passes:
+        (_, length), grad = p[0][0], p[0][2]
+        expected = pre_activation_layers(core.symbolic_model, rows * length, rows * 512) if grad else 0
+        assert [keep for _, keep, _ in p] == [False] * (layers - expected) + [True] * expected
+    assert any(keep for _, keep, _ in calls)  # the budget left room: short pieces kept their pre-activations
+
+
+def test_every_step_writes_a_log_line_with_loss_lr_throughput_and_data_time(tmp_path, word_tokenizer, abc_records):
+    """With TRAIN_LOG_EVERY_STEPS=1 the run's log gets one line per optimizer step, as open_clip
+    writes: epoch, step/steps, the step's loss (finite; the epoch's mean is their mean), the learning
+    rate the schedule gave that step, samples/s and the time spent waiting for the data loader."""
+    import math
+    import re
+
+    from training.optimizer import lr_factor
+
+    args = options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=2, LORA_WARMUP_STEPS=2, LORA_MIN_LR_RATIO=0.1,
+                   TRAIN_LOG_EVERY_STEPS=1, LORA_CHECKPOINT_STEPS=0)
+    assert train_clamp3_lora.main(args) == 0
+    line = re.compile(r"\[abc\] epoch (\d+) step (\d+)/(\d+): loss (\S+), lr (\S+), (\S+) samples/s, data (\S+) s$")
+    steps = [m for text in (tmp_path / "run" / "ABC_training.log").read_text().splitlines()
+             if (m := line.search(text))]
+    per_epoch = (32 - 8) // 4
+    total = 2 * per_epoch
+    assert [int(m[2]) for m in steps] == list(range(1, total + 1))
+    assert [int(m[1]) for m in steps] == [1] * per_epoch + [2] * per_epoch
+    assert {int(m[3]) for m in steps} == {total}
+    for m in steps:
+        step, loss, lr, rate, waited = int(m[2]), float(m[4]), float(m[5]), float(m[6]), float(m[7])
+        assert math.isfinite(loss) and loss > 0
+        assert lr == pytest.approx(5e-3 * lr_factor(step - 1, 2, total, 0.1), rel=1e-4)
+        assert rate > 0 and waited >= 0
+    for epoch, entry in enumerate(history(tmp_path), start=1):
+        losses = [float(m[4]) for m in steps if int(m[1]) == epoch]
+        assert entry["train_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)

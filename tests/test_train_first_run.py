@@ -11,8 +11,15 @@ import shutil
 import pytest
 import torch
 import train_clamp3_lora
-from helpers import TINY_MODEL_CONFIG
-from test_train import adapter_weights, history, make_records, no_dropout_model_config, options, train_job
+from helpers import (
+    TINY_MODEL_CONFIG,
+    adapter_weights,
+    history,
+    make_records,
+    no_dropout_model_config,
+    options,
+    train_job,
+)
 from training import checkpoint as ckpt
 from training import frozen_ops
 from training.checkpoint import list_checkpoints

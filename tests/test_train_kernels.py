@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import TINY_MODEL_CONFIG, TINY_WEIGHTS, lora_core, music_batch, trainer_and_plain_path
 from modeling import ModelConfig, load_clamp3
-from test_train_memory import lora_core, music_batch, trainer_and_plain_path
 from training import frozen_ops
 from training.frozen_ops import FrozenLoRAProjections, frozen_base_kernels, fused_projection_attentions
-from training.loop import enable_checkpointing
+from training.model_setup import enable_checkpointing
 
 
 def projection_inputs(dtype: torch.dtype, ranks=(3, 2, 4), seed: int = 0):
@@ -134,7 +133,7 @@ def test_fused_projections_only_inside_the_trainers_encoder(monkeypatch: pytest.
     """The trainer's music encoder fuses the projections with gradient and in GradCache's first
     pass (no gradient) alike; the model's own forward (extraction, validation) never, and nothing
     stays patched after a call."""
-    from training.loop import music_encoder, set_train_mode
+    from training.model_setup import music_encoder, set_train_mode
 
     calls = CountCalls(monkeypatch)
     _, core = lora_core(dropout=0.0)
@@ -156,7 +155,7 @@ def test_lora_dropout_keeps_peft_path() -> None:
     """With LoRA dropout on, PEFT draws one mask per target: the projections are not fused (the
     equality of that path is tests/test_train_memory.py's); in eval mode the dropout is inactive."""
     _, core = lora_core(dropout=0.1)
-    from training.loop import set_train_mode
+    from training.model_setup import set_train_mode
 
     set_train_mode(core, text_frozen=True, symbolic_dropout=False)
     assert fused_projection_attentions(core.symbolic_model) == []
@@ -203,7 +202,7 @@ def test_a_projection_called_on_its_own_runs_its_own_forward() -> None:
 def test_kept_embedding_table_follows_the_weight() -> None:
     """The trainer's music encoder keeps the frozen patch embedding's transposed table from call
     to call; an in-place change of the weight makes a new one (same features as the plain path)."""
-    from training.loop import music_encoder, set_train_mode
+    from training.model_setup import music_encoder, set_train_mode
 
     _, core = lora_core(dropout=0.0)
     set_train_mode(core, text_frozen=True, symbolic_dropout=False)

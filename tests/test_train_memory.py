@@ -8,7 +8,14 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import (
+    TINY_MODEL_CONFIG,
+    TINY_WEIGHTS,
+    lora_core,
+    music_batch,
+    saved_bytes,
+    trainer_and_plain_path,
+)
 from modeling import ModelConfig, load_clamp3
 from training.frozen_ops import FrozenFeedForward, frozen_base_kernels, frozen_feed_forward_layers
 
@@ -52,69 +59,6 @@ def test_frozen_feed_forward_refuses_trainable_weights() -> None:
         FrozenFeedForward.apply(x, w1.requires_grad_(True), b1, w2, b2)
 
 
-def lora_core(dropout: float):
-    import lora
-    import runconfig
-
-    torch.manual_seed(0)  # the same gaussian LoRA initialisation every time
-    model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS,
-                                         attn_implementation="sdpa"),
-                             runconfig.build_config(overrides={"LORA_INIT_WEIGHTS": "gaussian",
-                                                               "LORA_DROPOUT": dropout}), "abc")
-    return model, model.get_base_model()
-
-
-def music_batch(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    longest = max(lengths)
-    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long()
-    return {"patches": torch.randint(0, 128, (len(lengths), longest, 64), generator=generator),
-            "patch_mask": mask}
-
-
-def saved_bytes(fn, model: torch.nn.Module) -> tuple[torch.Tensor, int]:
-    """``fn()`` and the bytes of the distinct storages autograd keeps for its backward, the
-    model's parameters (kept anyway) left out."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = fn()
-    return out, sum(storages.values())
-
-def trainer_and_plain_path(batch: dict, dropout: float, symbolic_dropout: bool,
-                           check_patched=None, after=None) -> list[tuple]:
-    """``(features, LoRA gradients, bytes kept for backward, RNG state)`` of the trainer's music encoder
-    and then of the model's own forward, each on a fresh LoRA model from the same seed.
-    ``check_patched(core)`` runs before the trainer's pass, ``after(core)`` after each pass."""
-    from training.loop import music_encoder, set_train_mode
-
-    results = []
-    for patched in (True, False):
-        model, core = lora_core(dropout=dropout)
-        set_train_mode(core, text_frozen=True, symbolic_dropout=symbolic_dropout)
-        if patched:
-            if check_patched is not None:
-                check_patched(core)
-            encode = functools.partial(music_encoder(core, torch.device("cpu"), "fp32"), batch)
-        else:
-            encode = functools.partial(core.features, "symbolic", batch["patches"], batch["patch_mask"])
-        torch.manual_seed(7)
-        features, kept = saved_bytes(encode, model)
-        features.pow(2).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((features.detach(), grads, kept, torch.get_rng_state()))
-        if after is not None:
-            after(core)
-    return results
-
-
 @pytest.mark.parametrize("symbolic_dropout", [False, True])
 def test_trainer_gradient_equals_the_plain_path_and_keeps_less(symbolic_dropout: bool) -> None:
     """The trainer's music encoder (frozen feed-forward blocks patched) against the model's own
@@ -142,7 +86,7 @@ def test_short_batches_keep_pre_activations_within_the_longest_batchs_memory() -
     backward than the recomputing path keeps at the budget, none at the budget, both layers when
     short; the same features and LoRA gradients as the recomputing path."""
     from training.frozen_ops import pre_activation_layers
-    from training.loop import music_encoder, set_train_mode
+    from training.model_setup import music_encoder, set_train_mode
 
     rows, longest = 2, 12
     budget = rows * longest
@@ -179,7 +123,7 @@ def test_the_patch_is_training_only(monkeypatch: pytest.MonkeyPatch) -> None:
     without, where the same arithmetic costs less than extraction's kernels); the model's own
     forward (validation, extraction) and full fine-tuning (trainable feed-forward weights) run
     unpatched; after a call every layer has its class's forward again."""
-    from training.loop import music_encoder, set_train_mode
+    from training.model_setup import music_encoder, set_train_mode
 
     model, core = lora_core(dropout=0.0)
     set_train_mode(core, text_frozen=True, symbolic_dropout=False)
@@ -208,7 +152,7 @@ def test_the_patch_is_training_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_gradient_checkpointed_layers_keep_their_forward() -> None:
-    from training.loop import enable_checkpointing, set_train_mode
+    from training.model_setup import enable_checkpointing, set_train_mode
 
     _, core = lora_core(dropout=0.0)
     enable_checkpointing(core.symbolic_model.base)
@@ -221,7 +165,7 @@ def test_gradient_checkpointing_applies_with_the_encoder_dropout_off() -> None:
     each layer is still recomputed in backward (transformers checkpoints only layers in training mode)."""
     import lora
     import runconfig
-    from training.loop import enable_checkpointing, set_train_mode
+    from training.model_setup import enable_checkpointing, set_train_mode
 
     model = lora.add_adapter(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS),
                              runconfig.build_config(overrides={"LORA_R": 4, "LORA_DROPOUT": 0.0}), "abc")

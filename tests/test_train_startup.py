@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import train_clamp3_lora
-from test_train import history, make_records, options, train_job
+from helpers import history, make_records, options, train_job
 
 
 def drops(tmp_path: Path, fmt: str = "abc") -> list[dict]:

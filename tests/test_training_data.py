@@ -22,18 +22,13 @@ from training.data import (
     Augmentation,
     BatchDataset,
     FileCheckCache,
-    LiveText,
     held_out_split,
     load_records,
     plan_epoch,
     plan_validation,
-    rank_rows,
-    text_dropout,
-    text_token_ids,
-    token_key,
-    truncate_ids,
-    validation_text,
+    rows_of_rank,
 )
+from training.text import LiveText, text_dropout, text_token_ids, token_key, truncate_ids, validation_text
 from training.text_cache import TextFeatureCache, fingerprint, variant_token_ids
 
 ABC_DIR = OFFICIAL / "outputs" / "int_abc"
@@ -451,8 +446,8 @@ def test_validation_plan_keeps_every_record_and_splits_the_last_batch(abc_corpus
     plan = plan_validation(records, 8, seed=SEED)
     assert sorted(p for b in plan.batches for p in b) == list(range(22)) and len(plan) == 3
     assert plan_validation(records, 8, seed=SEED).batches == plan.batches
-    assert [len(rank_rows(plan.batches[-1], r, 4)) for r in range(4)] == [1, 2, 1, 2]
-    assert rank_rows(list(range(8)), 1, 2) == [4, 5, 6, 7]
+    assert [len(rows_of_rank(plan.batches[-1], r, 4)) for r in range(4)] == [1, 2, 1, 2]
+    assert rows_of_rank(list(range(8)), 1, 2) == [4, 5, 6, 7]
     ranks = [dataset(records, plan, tokenizer, train=False, rank=r, world_size=4) for r in range(4)]
     seen = sorted(int(i) for ds in ranks for b in ds for i in b["record_index"])
     assert seen == sorted(r.index for r in records)

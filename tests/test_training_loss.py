@@ -90,8 +90,8 @@ def test_rows_sharing_a_key_are_not_negatives() -> None:
 
 def test_loss_runs_in_float32_under_autocast() -> None:
     text, music = features(rows=6, dim=16)
-    for kind in ("clamp3", "normalized"):
-        loss_fn = ContrastiveLoss(kind)
+    for variant in ("clamp3", "normalized"):
+        loss_fn = ContrastiveLoss(variant)
         reference = loss_fn(text, music)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             autocast = loss_fn(text, music)

@@ -15,10 +15,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import config
 import numpy as np
 import torch
 from fileio import atomic_write_bytes
 from formats import FORMATS
+from torch import nn
 
 CHECKPOINT_DIR = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^(?P<fmt>[a-z]+)_step(?P<step>\d{8})\.pt$")
@@ -53,6 +55,47 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
                                   f"cuda:{index}; resume on the same GPU layout")
             cuda = cuda[index]
         torch.cuda.set_rng_state(cuda, device)
+
+
+def trainable_state(model: nn.Module, loss_fn: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that train (the model's, ``model.``; the loss's, ``loss.``)."""
+    state = {f"model.{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({f"loss.{n}": p.detach().cpu().clone() for n, p in loss_fn.named_parameters()})
+    return state
+
+
+def restore_trainable_state(model: nn.Module, loss_fn: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``trainable_state``'s result back; a ``ResumeError`` when it names other parameters."""
+    params = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    params.update({f"loss.{n}": p for n, p in loss_fn.named_parameters()})
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ResumeError(f"checkpoint parameters do not fit this model (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, parameter in params.items():
+            parameter.copy_(state[name])
+
+
+def check_resumable(state: dict[str, Any], cfg: dict[str, Any], base_fingerprint: str | None, world_size: int,
+                    formats: list[str]) -> None:
+    """A ``ResumeError`` unless the checkpoint ``state`` continues this run: the same configuration
+    (keys in ``config.run_control_keys`` may differ), base checkpoint and number of processes, and
+    one of its ``formats``."""
+    saved = state["config"]
+    changed = sorted(k for k in set(saved) | set(cfg)
+                     if k not in config.run_control_keys and saved.get(k) != cfg.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {cfg.get(k)!r}" for k in changed[:8])
+        raise ResumeError(f"the checkpoint was trained with another configuration ({detail}); resume "
+                          "with the run's config.json, or start a new run")
+    if state["base_fingerprint"] != base_fingerprint:
+        raise ResumeError("the checkpoint was trained on another base checkpoint (fingerprint differs)")
+    if state["world_size"] != world_size:
+        raise ResumeError(f"the checkpoint was written by {state['world_size']} processes; resume with "
+                          f"the same number (got {world_size}) so batches stay the same")
+    if state["format"] not in formats:
+        raise ResumeError(f"the checkpoint is for format {state['format']!r}, not in {formats}")
 
 
 def checkpoint_name(fmt: str, step: int) -> str:

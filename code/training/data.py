@@ -1,5 +1,6 @@
-"""The trainer's data: training records of one format, the official text dropout and music
-augmentation (reference sections 5 and 6), and per-epoch batch plans.
+"""The trainer's data: training records of one format, the official music augmentation
+(reference section 6; the text half, section 5, is ``training.text``), per-epoch batch plans and
+the batches themselves.
 
 Determinism: every random choice for an example comes from a ``random.Random`` seeded from
 ``(seed, epoch, record index, stream)``, never from global state, and a plan of *global* batches
@@ -16,15 +17,14 @@ process would; verdicts are kept by path, size and mtime (``FileCheckCache``) fo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,128 +32,28 @@ from fileio import DropLog, atomic_write_text, scan_jsonl
 from formats import FORMATS
 from patchilizer import M3Patchilizer, remove_instrument_info
 from pools import process_context
-from records import same_text_key
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from training.text_cache import TextFeatureCache
+from training.text import (
+    TextSource,
+    bytes_hash,
+    normalised_text_key,
+    seeded_rng,
+    stable_hash,
+    validation_text,
+)
 
-TEXT_SEPARATOR = "</s>"  # the literal the official code joins text lines with (XLM-R id 2)
-NON_TEXT_KEYS = frozenset({"id", "filepaths", "language", "translations"})
-TRANSLATION_P = 0.5  # official: translated fields are the candidates half of the time
-KEEP_LINE_P = 0.5
 REMOVE_INSTRUMENTS_P = 0.9
-TRUNCATIONS = ("head", "tail", "middle")
 
 
-# ----------------------------------------------------------------------------- hashing
-
-
-def stable_hash(*parts: object) -> int:
-    """A signed 64-bit hash of the parts' text, the same in every process (unlike ``hash``)."""
-    text = "\x1f".join(str(part) for part in parts)
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def bytes_hash(data: bytes) -> int:
-    """A signed 64-bit content hash (fits an int64 tensor)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
-def seeded_rng(*parts: object) -> random.Random:
-    """A generator of its own, seeded from the parts (e.g. seed, epoch, record index, stream)."""
-    return random.Random(stable_hash(*parts) & 0xFFFF_FFFF_FFFF_FFFF)
+# ----------------------------------------------------------------------------- seeds
 
 
 def example_rng(seed: int, epoch: int, index: int, stream: str) -> random.Random:
     """The generator of one example's ``stream`` (``"text"`` or ``"music"``): separate streams, so
     switching one augmentation off leaves the other draws of the example unchanged."""
     return seeded_rng("example", seed, epoch, index, stream)
-
-
-# ----------------------------------------------------------------------------- text
-
-
-def _strings(mapping: dict[str, Any], skip: Iterable[str]) -> list[str]:
-    skip = set(skip)
-    found: list[str] = []
-    for key, value in mapping.items():
-        if key in skip:
-            continue
-        for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, str):
-                found.append(item)
-    return found
-
-
-def text_lines(fields: dict[str, Any], translations: bool = False) -> list[str]:
-    """The distinct non-blank lines of a record's text fields (or of its ``translations``), in
-    record order. Official: the same candidates, deduplicated through a ``set`` (process-dependent
-    order); here the first occurrence wins and lines are stripped."""
-    if translations:
-        translated = fields.get("translations")
-        values = _strings(translated, {"language"}) if isinstance(translated, dict) else []
-    else:
-        values = _strings(fields, NON_TEXT_KEYS)
-    lines: dict[str, None] = {}
-    for value in values:
-        for line in value.split("\n"):
-            line = line.strip()
-            if line:
-                lines.setdefault(line, None)
-    return list(lines)
-
-
-def validation_text(fields: dict[str, Any]) -> str:
-    """Every text line in record order, joined with ``</s>`` (translations only when a record has
-    nothing else); empty when the record has no usable text."""
-    lines = text_lines(fields) or text_lines(fields, translations=True)
-    return TEXT_SEPARATOR.join(lines)
-
-
-def text_dropout(fields: dict[str, Any], rng: random.Random) -> str:
-    """Official text dropout, deterministic given ``rng``: translations with p 0.5, each line kept
-    with p 0.5 (all of them if none is kept), shuffled, joined with ``</s>``.
-
-    Unlike the official code, a record whose chosen source (translations or not) is empty falls
-    back to the other, so the result is never empty for a record that ``validation_text`` accepts.
-    """
-    use_translations = rng.random() < TRANSLATION_P
-    lines = text_lines(fields, use_translations) or text_lines(fields, not use_translations)
-    kept = [line for line in lines if rng.random() < KEEP_LINE_P] or list(lines)
-    rng.shuffle(kept)
-    return TEXT_SEPARATOR.join(kept)
-
-
-def normalised_text_key(text: str) -> int:
-    """Hash of the casefolded, whitespace-collapsed text: records that read the same share it."""
-    return stable_hash(same_text_key(text))
-
-
-def truncate_ids(ids: list[int], max_length: int, rng: random.Random | None) -> list[int]:
-    """Official ``random_truncate`` of token ids longer than ``max_length``: head, tail or a middle
-    window starting at ``randint(1, n - max_length)``; the head when ``rng`` is None (validation)."""
-    if len(ids) <= max_length:
-        return ids
-    choice = "head" if rng is None else rng.choice(TRUNCATIONS)
-    if choice == "head":
-        return ids[:max_length]
-    if choice == "tail":
-        return ids[-max_length:]
-    start = rng.randint(1, len(ids) - max_length)
-    return ids[start : start + max_length]
-
-
-def text_token_ids(tokenizer: Any, text: str, max_length: int, rng: random.Random | None) -> list[int]:
-    """``tokenizer(text)`` with special tokens and without truncation, then ``truncate_ids``."""
-    return truncate_ids(list(tokenizer(text)["input_ids"]), max_length, rng)
-
-
-def token_key(ids: Sequence[int]) -> int:
-    """Signed 64-bit hash of token ids: equal ids (equal inputs to the text tower) share it."""
-    return bytes_hash(np.asarray(ids, dtype="<i8").tobytes())
 
 
 # ----------------------------------------------------------------------------- records
@@ -566,7 +466,7 @@ def plan_validation(records: Sequence[TrainingRecord], global_batch: int, seed: 
     return EpochPlan([order[start : start + global_batch] for start in range(0, len(order), global_batch)])
 
 
-def rank_rows(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
+def rows_of_rank(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Rank ``rank``'s rows of a global batch: ``[r*G//W, (r+1)*G//W)``, i.e. rows
     ``[r*B, (r+1)*B)`` of a full batch of ``B*W``; a smaller last batch splits as evenly as it can
     (sizes differ by at most one; a rank gets no row when fewer rows than ranks are left)."""
@@ -577,15 +477,6 @@ def rank_rows(batch: Sequence[int], rank: int, world_size: int) -> list[int]:
 # ----------------------------------------------------------------------------- dataset
 
 
-@dataclass(frozen=True)
-class LiveText:
-    """Text tokenized every step (the text tower runs): a Hugging Face tokenizer and the length
-    token ids are truncated to."""
-
-    tokenizer: Any
-    max_length: int
-
-
 class BatchDataset(Dataset):
     """One rank's batches of an epoch plan, collated: ``DataLoader(ds, batch_size=None, ...)``.
 
@@ -593,8 +484,9 @@ class BatchDataset(Dataset):
     ``patches`` [b, L, patch_size] and ``patch_mask`` [b, L] (L = the longest in the batch with
     ``pad_to_longest``, else the patch length, as officially); ``record_index``, ``music_keys``
     (content hash of the file used) and ``text_keys`` (hash of the text's token ids: equal inputs
-    to the text tower share it), all [b] int64; and ``text_ids``/``text_mask`` [b, T] (``LiveText``)
-    or ``text_rows`` [b] (rows of a ``TextFeatureCache``).
+    to the text tower share it), all [b] int64; and the text source's tensors
+    (``training.text.TextSource``: ``text_ids``/``text_mask`` [b, T] of ``LiveText``, ``text_rows``
+    [b] of a ``TextFeatureCache``).
 
     ``train=False`` is validation: the full text (``validation_text``, head truncation), the first
     file, no augmentation (``augmentation`` is ignored); a cache must then be a validation cache.
@@ -602,21 +494,16 @@ class BatchDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[TrainingRecord], plan: EpochPlan, patchilizer: M3Patchilizer, *,
-                 text: LiveText | TextFeatureCache, seed: int, epoch: int, train: bool = True,
+                 text: TextSource, seed: int, epoch: int, train: bool = True,
                  augmentation: Augmentation | None = None, rank: int = 0, world_size: int = 1,
                  start_batch: int = 0, pad_to_longest: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         if not 0 <= start_batch <= len(plan):
             raise ValueError(f"start batch {start_batch} outside the plan's {len(plan)} batches")
-        if not isinstance(text, LiveText) and text.train != train:
-            raise ValueError(f"a {'training' if text.train else 'validation'} text cache cannot serve "
-                             f"{'training' if train else 'validation'} batches")
         self.augmentation = (augmentation or Augmentation()) if train else None
-        if (self.augmentation is not None and not isinstance(text, LiveText)
-                and text.text_dropout != self.augmentation.text_dropout):
-            raise ValueError(f"the text cache was built with text_dropout={text.text_dropout}, the "
-                             f"augmentation has text_dropout={self.augmentation.text_dropout}")
+        self.text_dropout = self.augmentation is not None and self.augmentation.text_dropout
+        text.check(train, self.text_dropout)
         self.records = records
         self.plan = plan
         self.patchilizer = patchilizer
@@ -634,7 +521,7 @@ class BatchDataset(Dataset):
 
     def positions(self, k: int) -> list[int]:
         """Positions (into ``records``) of this rank's rows of item ``k``."""
-        return rank_rows(self.plan.batches[self.start_batch + k], self.rank, self.world_size)
+        return rows_of_rank(self.plan.batches[self.start_batch + k], self.rank, self.world_size)
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         if not 0 <= k < len(self):
@@ -647,26 +534,15 @@ class BatchDataset(Dataset):
                                             self.augmentation)
             patch_lists.append(patches)
             music_keys.append(record.music_keys[number])
-            text_rng = example_rng(self.seed, self.epoch, record.index, "text")
-            if isinstance(self.text, LiveText):
-                dropout = self.augmentation is not None and self.augmentation.text_dropout
-                text = text_dropout(record.fields, text_rng) if dropout else validation_text(record.fields)
-                ids = text_token_ids(self.text.tokenizer, text, self.text.max_length,
-                                     text_rng if self.train else None)
-                texts.append(ids)
-                text_keys.append(token_key(ids))
-            else:
-                variant = text_rng.randrange(self.text.variants) if self.train else 0
-                texts.append(self.text.rows_for(record, variant))
-                text_keys.append(self.text.key_for(record, variant))
+            text, key = self.text.item(record, example_rng(self.seed, self.epoch, record.index, "text"),
+                                       self.train, self.text_dropout)
+            texts.append(text)
+            text_keys.append(key)
         batch = self._collate_patches(patch_lists)
         batch["record_index"] = torch.tensor([r.index for r in records], dtype=torch.long)
         batch["music_keys"] = torch.tensor(music_keys, dtype=torch.long)
         batch["text_keys"] = torch.tensor(text_keys, dtype=torch.long)
-        if isinstance(self.text, LiveText):
-            batch.update(self._collate_text(texts))
-        else:
-            batch["text_rows"] = torch.tensor(texts, dtype=torch.long)
+        batch.update(self.text.collate(texts, self.pad_to_longest))
         return batch
 
     def _collate_patches(self, patch_lists: list[list[list[int]]]) -> dict[str, torch.Tensor]:
@@ -681,16 +557,3 @@ class BatchDataset(Dataset):
                 patches[row, : len(example)] = example
                 mask[row, : len(example)] = 1
         return {"patches": torch.from_numpy(patches), "patch_mask": torch.from_numpy(mask)}
-
-    def _collate_text(self, id_lists: list[list[int]]) -> dict[str, torch.Tensor]:
-        assert isinstance(self.text, LiveText)
-        pad_id = self.text.tokenizer.pad_token_id
-        length = self.text.max_length
-        if self.pad_to_longest:
-            length = max((len(ids) for ids in id_lists), default=0)
-        ids = np.full((len(id_lists), length), pad_id, dtype=np.int64)
-        mask = np.zeros((len(id_lists), length), dtype=np.int64)
-        for row, example in enumerate(id_lists):
-            ids[row, : len(example)] = example
-            mask[row, : len(example)] = 1
-        return {"text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)}

@@ -58,7 +58,7 @@ def _fused_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def _refuse_autocast(x: torch.Tensor) -> None:
     """These kernels save and return tensors in the input's dtype and call matmuls directly:
     under autocast, forward would mix dtypes and backward fail on them. The trainer enters them
-    only in float32 (``training.loop.music_encoder``); anyone else is stopped here."""
+    only in float32 (``training.model_setup.music_encoder``); anyone else is stopped here."""
     if torch.is_autocast_enabled(x.device.type):
         raise RuntimeError("the frozen-base training kernels compute in float32 only and cannot run under "
                            f"autocast ({x.device.type}); run the layer's own forward under autocast instead")

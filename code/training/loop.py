@@ -4,15 +4,15 @@ For each format: load the base strictly, wrap it (LoRA) or unfreeze the symbolic
 and check the records, cache the text features when the text tower is frozen, then epochs of
 contrastive steps with gradients averaged over ranks, validation (loss and text->music MRR) after
 every epoch, the best model saved, a resumable checkpoint at every epoch end (and every
-``LORA_CHECKPOINT_STEPS`` steps), early stopping.
+``LORA_CHECKPOINT_STEPS`` steps), early stopping. The pieces it calls: ``training.model_setup``
+(the model and its music encoder), ``training.text_side`` (text features), ``training.optimizer``,
+``training.data`` (records, plans, batches), ``training.loss`` (the step), ``training.checkpoint``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
-import math
 import shutil
 import sys
 import time
@@ -24,10 +24,9 @@ import lora
 import metrics
 import runconfig
 import torch
-from fast_linears import onednn_linear_available, onednn_linears
 from features import load_text_tokenizer
 from fileio import DropLog, file_sha256, repo_path, swap_in_folder
-from modeling import CLaMP3Model, ModelConfig, load_clamp3, masked_mean
+from modeling import CLaMP3Model, ModelConfig, load_clamp3
 from patchilizer import M3Patchilizer
 from peft import PeftModel
 from torch import nn
@@ -35,18 +34,20 @@ from tqdm import tqdm
 
 from training import checkpoint as ckpt
 from training import data, distributed
-from training.frozen_ops import frozen_base_kernels, pre_activation_layers
-from training.loss import ContrastiveLoss, contrastive_step
+from training.loss import LOSS_VARIANTS, ContrastiveLoss, contrastive_step
+from training.model_setup import build_model, music_encoder, set_train_mode
+from training.optimizer import build_optimizer, build_scheduler, optimizer_step
 from training.precision import Precision, PrecisionError, device_description, resolve_precision
-from training.run_folder import RunLogger, environment, git_commit, prepare_run_folder, run_file, write_json
-from training.text_cache import TextFeatureCache, fingerprint
-
-# Keys that only steer the run, not its results: they may differ on --resume.
-RUN_CONTROL_KEYS = {"NUM_WORKERS", "LORA_LOG_DIR", "LORA_ABC_ADAPTER_DIR", "LORA_MTF_ADAPTER_DIR",
-                    "FULL_WEIGHTS_PATH", "WANDB_ENABLED", "WANDB_PROJECT", "WANDB_MODE", "TEXT_CACHE_DIR",
-                    "DIST_TIMEOUT_MINUTES", "LORA_KEEP_CHECKPOINTS", "LORA_CHECKPOINT_STEPS",
-                    "EXTRACT_DEVICE", "EXTRACT_DTYPE", "EXTRACT_TOKENS_PER_BATCH", "EXTRACT_MAX_PADDING",
-                    "EXTRACT_FILES_PER_CHUNK"}
+from training.run_folder import (
+    RunLogger,
+    StepLog,
+    environment,
+    git_commit,
+    prepare_run_folder,
+    run_file,
+    write_json,
+)
+from training.text_side import TextSide
 
 
 @dataclass
@@ -100,7 +101,7 @@ def train(cfg: dict[str, Any], args: argparse.Namespace) -> int:
 def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistContext) -> int:
     if cfg["TRAIN_MODE"] not in ("lora", "full"):
         raise TrainingSetupError(f"TRAIN_MODE must be 'lora' or 'full', not {cfg['TRAIN_MODE']!r}")
-    if cfg["LOSS"] not in ("clamp3", "normalized"):
+    if cfg["LOSS"] not in LOSS_VARIANTS:
         raise TrainingSetupError(f"LOSS must be 'clamp3' or 'normalized', not {cfg['LOSS']!r}")
     try:
         # Once, here: every later choice (kernels, autocast, scaler, text cache) reads the result.
@@ -134,7 +135,7 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
                      f"{precision.requested})" + (f": {precision.note}" if precision.note else ""))
     resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
     if resume_state is not None:
-        _check_resumable(resume_state, ctx)
+        ckpt.check_resumable(resume_state, cfg, base_fingerprint, dist.world_size, formats)
     if dist.is_main:
         write_json(run_dir / "config.json", {
             "config": cfg, "argv": list(sys.argv), "commit": git_commit(), "environment": environment(),
@@ -151,183 +152,7 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
     return 0
 
 
-def _check_resumable(state: dict[str, Any], ctx: RunContext) -> None:
-    saved, current = state["config"], ctx.cfg
-    changed = sorted(k for k in set(saved) | set(current)
-                     if k not in RUN_CONTROL_KEYS and saved.get(k) != current.get(k))
-    if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:8])
-        raise ckpt.ResumeError(f"the checkpoint was trained with another configuration ({detail}); resume "
-                               "with the run's config.json, or start a new run")
-    if state["base_fingerprint"] != ctx.base_fingerprint:
-        raise ckpt.ResumeError("the checkpoint was trained on another base checkpoint (fingerprint differs)")
-    if state["world_size"] != ctx.dist.world_size:
-        raise ckpt.ResumeError(f"the checkpoint was written by {state['world_size']} processes; resume with "
-                               f"the same number (got {ctx.dist.world_size}) so batches stay the same")
-    if state["format"] not in ctx.formats:
-        raise ckpt.ResumeError(f"the checkpoint is for format {state['format']!r}, not in {ctx.formats}")
-
-
 # ------------------------------------------------------------------------------------ one format
-
-
-def _build_model(ctx: RunContext, fmt: str) -> tuple[nn.Module, CLaMP3Model, bool]:
-    """(the module whose parameters train, the CLaMP3Model that computes features, text frozen)."""
-    cfg = ctx.cfg
-    base = load_clamp3(ctx.model_config, ctx.weights, device="cpu", attn_implementation=cfg["ATTN_IMPLEMENTATION"])
-    if cfg["TRAIN_MODE"] == "lora":
-        model: nn.Module = lora.add_adapter(base, cfg, fmt)
-        core = model.get_base_model()
-        text_frozen = True
-    else:
-        text_frozen = bool(cfg["FREEZE_TEXT"])
-        trained = ("symbolic_model", "symbolic_proj") + (
-            ("text_proj",) if cfg["TRAIN_TEXT_PROJ"] else () if text_frozen else ("text_model", "text_proj"))
-        for name, parameter in base.named_parameters():
-            # The poolers are unused by CLaMP 3 (masked mean instead): training them only decays them.
-            parameter.requires_grad_(name.startswith(trained) and ".pooler." not in name)
-        model = core = base
-    core.to(ctx.dist.device)
-    if cfg["GRADIENT_CHECKPOINTING"]:
-        enable_checkpointing(core.symbolic_model.base)
-        if not text_frozen:
-            enable_checkpointing(core.text_model)
-    return model, core, text_frozen
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Activation (gradient) checkpointing of every layer of a transformers model, non-reentrant:
-    ``activation_checkpointing_enable`` where transformers has it (``gradient_checkpointing_enable``
-    is deprecated from 5.x and goes in v6), the older name before."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def set_train_mode(core: CLaMP3Model, text_frozen: bool, symbolic_dropout: bool) -> None:
-    """Dropout on where parameters train; frozen towers in eval mode, as the official code does.
-    Without ``symbolic_dropout`` the symbolic encoder's own dropout (hidden and attention) is off
-    while LoRA's dropout stays on; attention then runs in the fused kernel on CPU too."""
-    core.train()
-    core.audio_model.eval()
-    if text_frozen:
-        core.text_model.eval()
-    if not symbolic_dropout:
-        core.symbolic_model.eval()
-        for name, module in core.symbolic_model.named_modules():
-            if "lora_dropout" in name.split("."):
-                module.train()
-            elif getattr(module, "gradient_checkpointing", False):
-                # transformers checkpoints a layer only in training mode; the layer itself draws no
-                # random numbers (its dropouts and attention, below it, stay in eval mode).
-                module.training = True
-
-
-def music_encoder(core: CLaMP3Model, device: torch.device, precision: str, frozen_feed_forward: bool = True,
-                  patch_budget: int = 0):
-    """``(micro-)batch -> features`` with gradient, as the loss steps call it. A micro-batch of
-    GradCache is cut to its own longest piece first: slices of a batch padded to the batch's
-    longest would otherwise carry its padding (the features do not change; tests check it).
-    ``frozen_feed_forward=False`` keeps plain autograd through frozen feed-forward blocks (the
-    benchmark's naive loop) instead of ``training.frozen_ops``. ``patch_budget``: the most
-    patches (rows × length) one encoding can bring, the run's (micro-)batch × patch length; a
-    shorter one keeps feed-forward pre-activations instead of recomputing them, as far as that
-    keeps no more memory than the longest would (``frozen_ops.pre_activation_layers``)."""
-
-    # Frozen feed-forward blocks keep 1 × hidden for backward instead of 4 × hidden, LoRA q/k/v are
-    # computed together (training.frozen_ops). Only in float32: autocast would change the dtypes.
-    # GradCache's first pass (no gradient) runs them too: they draw no random numbers, so dropout
-    # masks still match the re-run, and here they beat the oneDNN linears of extraction (PEFT's
-    # per-target LoRA ops around oneDNN's base products: 5% slower, measured on the bench's pieces).
-    frozen_path = frozen_feed_forward and precision == "fp32"
-    # Without them (the benchmark's naive loop), the first pass takes extraction's oneDNN kernels.
-    fast_first_pass = device.type == "cpu" and precision == "fp32" and onednn_linear_available()
-    # The frozen patch embedding's transposed table, kept from step to step (training.frozen_ops).
-    embedding_cache: dict = {}
-
-    def encode(batch: dict[str, Any]) -> torch.Tensor:
-        patches, mask = batch["patches"], batch["patch_mask"]
-        longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
-        if 0 < longest < mask.shape[1]:
-            patches, mask = patches[:, :longest], mask[:, :longest]
-        if frozen_path:
-            keep = 0
-            if patch_budget and torch.is_grad_enabled():
-                keep = pre_activation_layers(core.symbolic_model, patches.shape[0] * patches.shape[1], patch_budget)
-            kernels = frozen_base_kernels(core.symbolic_model, embedding_cache, keep_pre_activations=keep)
-        elif fast_first_pass and not torch.is_grad_enabled():
-            kernels = onednn_linears(core)
-        else:
-            kernels = contextlib.nullcontext()
-        with _autocast(device, precision), kernels:
-            return core.features("symbolic", patches, mask)
-
-    return encode
-
-
-def _parameter_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only; biases, LayerNorm weights and the temperature undecayed."""
-    decay, no_decay = [], []
-    for _, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    no_decay += [p for p in loss_fn.parameters() if p.requires_grad]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, loss_fn: nn.Module, cfg: dict[str, Any],
-                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (``_parameter_groups``), from ``LORA_LEARNING_RATE`` and
-    ``LORA_WEIGHT_DECAY``; PyTorch's fused kernel where it runs (CPU and CUDA, floating
-    parameters): one kernel for every tensor instead of several ops per tensor (a LoRA step has
-    dozens of small ones; about 1 ms less per step on CPU here)."""
-    groups = _parameter_groups(model, loss_fn, float(cfg["LORA_WEIGHT_DECAY"]))
-    fused = device.type in ("cpu", "cuda") and all(
-        p.is_floating_point() and p.device.type == device.type for group in groups for p in group["params"])
-    return torch.optim.AdamW(groups, lr=float(cfg["LORA_LEARNING_RATE"]), fused=fused)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _autocast(device: torch.device, precision: str):
-    """Autocast for an effective precision (``precision.resolve_precision``), on CPU as on CUDA."""
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"not an effective precision: {precision!r} (expected bf16, fp16 or fp32)")
-    return Precision(precision, device.type, precision).autocast()
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _trainable_state(model: nn.Module, loss_fn: nn.Module) -> dict[str, torch.Tensor]:
-    state = {f"model.{n}": p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({f"loss.{n}": p.detach().cpu().clone() for n, p in loss_fn.named_parameters()})
-    return state
-
-
-def _restore_trainable_state(model: nn.Module, loss_fn: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
-    params.update({f"loss.{n}": p for n, p in loss_fn.named_parameters()})
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ckpt.ResumeError(f"checkpoint parameters do not fit this model (missing {missing[:3]}, "
-                               f"unexpected {extra[:3]})")
-    with torch.no_grad():
-        for name, parameter in params.items():
-            parameter.copy_(state[name])
 
 
 def _load_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drops: DropLog, log: RunLogger):
@@ -351,8 +176,8 @@ def _load_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drops: Dro
             cache.save()
         return loaded
 
-    def no_usable_record(kind: str, path: Path) -> TrainingSetupError:
-        return TrainingSetupError(f"[{fmt}] no usable {kind} record in {path}: {drops.summary_line()}"
+    def no_usable_record(split: str, path: Path) -> TrainingSetupError:
+        return TrainingSetupError(f"[{fmt}] no usable {split} record in {path}: {drops.summary_line()}"
                                   + (f" (details: {drops.path})" if drops.path else ""))
 
     records = load(train_path)
@@ -397,7 +222,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
     # The adapter's initialisation draws from the RNG: the same seed on every rank (and for any
     # number of ranks) gives every rank the same starting model. Dropout then draws per rank.
     distributed.seed_everything(int(cfg["SEED"]))
-    model, core, text_frozen = _build_model(ctx, fmt)
+    model, core, text_frozen = build_model(cfg, fmt, ctx.model_config, ctx.weights, dist.device)
     seed = distributed.seed_everything(int(cfg["SEED"]), dist.rank)
     log(f"[{fmt}] {cfg['TRAIN_MODE']} training on {dist.world_size} process(es), device {dist.device}, "
         f"seed {int(cfg['SEED'])} (+ rank for dropout: {seed} here)")
@@ -424,14 +249,14 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
     total_steps = int(cfg["LORA_NUM_EPOCHS"]) * batches_per_epoch
     if int(cfg["LORA_MAX_STEPS"]) > 0:
         total_steps = min(total_steps, int(cfg["LORA_MAX_STEPS"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, int(cfg["LORA_WARMUP_STEPS"]), total_steps, float(cfg["LORA_MIN_LR_RATIO"])))
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
     scaler = ctx.precision.grad_scaler()
 
-    text_source = TextSide(ctx, core, text_frozen, records, valid, log)
+    text_source = TextSide(cfg, core, text_frozen, records, valid, log, tokenizer=ctx.tokenizer,
+                           precision=ctx.precision, dist=dist, progress=ctx.progress)
     state = FormatState()
     if resume_state is not None:
-        _restore_trainable_state(model, loss_fn, resume_state["trainable"])
+        ckpt.restore_trainable_state(model, loss_fn, resume_state["trainable"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and resume_state.get("scaler"):
@@ -448,7 +273,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
         payload = {
             "format": fmt, "completed_formats": ctx.formats[: ctx.formats.index(fmt)],
             "config": cfg, "base_fingerprint": ctx.base_fingerprint, "world_size": dist.world_size,
-            "trainable": _trainable_state(model, loss_fn), "optimizer": optimizer.state_dict(),
+            "trainable": ckpt.trainable_state(model, loss_fn), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_states, "state": vars(state).copy()}
         ckpt.save_checkpoint(ctx.run_dir, fmt, state.step, payload, keep=int(cfg["LORA_KEEP_CHECKPOINTS"]))
@@ -462,6 +287,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
                                  patch_budget=rows_per_pass * patchilizer.patch_length)
     max_steps = int(cfg["LORA_MAX_STEPS"])
     checkpoint_every = int(cfg["LORA_CHECKPOINT_STEPS"])
+    step_log = StepLog(log, fmt, int(cfg["TRAIN_LOG_EVERY_STEPS"]), total_steps)
     while not state.done and state.epoch < int(cfg["LORA_NUM_EPOCHS"]):
         epoch_start = time.time()
         if dist.device.type == "cuda":
@@ -487,30 +313,21 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
         bar = tqdm(total=len(plan), initial=state.position, desc=f"{fmt} epoch {state.epoch + 1}", unit="step",
                    disable=not (ctx.progress and dist.is_main), dynamic_ncols=True)
         samples_done = 0
-        for batch in _data_loader(ctx, dataset, state.epoch):
+        for batch in step_log.timed(_data_loader(ctx, dataset, state.epoch)):
             batch = _to_device(batch, dist.device)
             keys = ({"text_keys": batch["text_keys"], "music_keys": batch["music_keys"]}
                     if cfg["NO_DUPLICATE_NEGATIVES"] else {})
             loss_value = contrastive_step(batch, encode_music, text_source.batch_side(core, batch, train=True),
                                           loss_fn, micro_batch=int(cfg["GRAD_CACHE_MICRO_BATCH"]), scaler=scaler,
                                           **keys)
-            distributed.all_reduce_gradients(trainable + list(loss_fn.parameters()))
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if float(cfg["LORA_MAX_GRAD_NORM"]) > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, float(cfg["LORA_MAX_GRAD_NORM"]))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer_step(trainable + list(loss_fn.parameters()), optimizer, scheduler, scaler,
+                                float(cfg["LORA_MAX_GRAD_NORM"]), clipped=trainable)
             state.step += 1
             state.position += 1
             state.epoch_loss_sum += float(loss_value) * global_batch
             state.epoch_samples += global_batch
             samples_done += global_batch
+            step_log.step_done(state.epoch + 1, state.step, float(loss_value), lr, global_batch)
             elapsed = max(1e-9, time.time() - epoch_start)
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss_value):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -567,95 +384,16 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
 # ------------------------------------------------------------------------------------ pieces
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-class TextSide:
-    """Where a batch's text features come from: the memory-mapped cache (text tower frozen and
-    ``TEXT_VARIANTS`` > 0), the frozen tower run every step, or the tower training with the rest.
-    With ``TRAIN_TEXT_PROJ`` (full mode, frozen tower) the cache holds the tower's pooled outputs
-    and the projection, which trains, is applied every step."""
-
-    def __init__(self, ctx: RunContext, core: CLaMP3Model, text_frozen: bool, records, valid,
-                 log: RunLogger):
-        cfg, dist = ctx.cfg, ctx.dist
-        self.ctx = ctx
-        self.core = core
-        self.frozen = text_frozen
-        self.project_each_step = cfg["TRAIN_MODE"] == "full" and text_frozen and bool(cfg["TRAIN_TEXT_PROJ"])
-        self.live = data.LiveText(ctx.tokenizer, int(cfg["MAX_TEXT_LENGTH"]))
-        self.train_cache: TextFeatureCache | None = None
-        self.valid_cache: TextFeatureCache | None = None
-        if not (text_frozen and int(cfg["TEXT_VARIANTS"]) > 0):
-            log("text features: the text tower runs every step" + ("" if text_frozen else " (and trains)"))
-            return
-        core.text_model.eval()
-        # The features depend on the weights, on how they are computed (autocast dtype) and on
-        # whether they are projected.
-        precision = ctx.precision.name
-        towers = (core.text_model,) if self.project_each_step else (core.text_model, core.text_proj)
-        kind = "pooled" if self.project_each_step else "projected"
-        text_fingerprint = hashlib.blake2b(f"{fingerprint(*towers)}-{precision}-{kind}".encode(),
-                                           digest_size=16).hexdigest()
-
-        @torch.no_grad()
-        def encode(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            with ctx.precision.autocast():
-                return self._frozen_features(ids.to(dist.device), mask.to(dist.device)).float().cpu()
-
-        common = dict(tokenizer=ctx.tokenizer, encode=encode, text_fingerprint=text_fingerprint,
-                      max_text_length=int(cfg["MAX_TEXT_LENGTH"]), seed=int(cfg["SEED"]), rank=dist.rank,
-                      world_size=dist.world_size, barrier=distributed.barrier if dist.enabled else None,
-                      progress=ctx.progress and dist.is_main)
-        root = repo_path(cfg["TEXT_CACHE_DIR"])
-        self.train_cache = TextFeatureCache.build(root, records, variants=int(cfg["TEXT_VARIANTS"]), train=True,
-                                                  text_dropout=bool(cfg["TEXT_DROPOUT"]), **common)
-        self.valid_cache = TextFeatureCache.build(root, valid, variants=1, train=False, **common)
-        log(f"text features: cached ({kind}) in {self.train_cache.folder} ({cfg['TEXT_VARIANTS']} variants per "
-            f"record; {self.train_cache.computed + self.valid_cache.computed} computed on rank 0's share now)")
-
-    def _frozen_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """What the frozen part of the text side computes: the pooled tower output when the
-        projection trains, the projected feature otherwise."""
-        if self.project_each_step:
-            return masked_mean(self.core.hidden_states("text", ids, mask).float(), mask)
-        return self.core.features("text", ids, mask)
-
-    def for_dataset(self, train: bool) -> data.LiveText | TextFeatureCache:
-        cache = self.train_cache if train else self.valid_cache
-        return cache if cache is not None else self.live
-
-    def batch_side(self, core: CLaMP3Model, batch: dict[str, Any], train: bool):
-        """Text features of the batch (a tensor, no gradient) or, when part of the text side trains,
-        the closure that computes them with gradient (GradCache calls it per micro-batch)."""
-        device = self.ctx.dist.device
-        cache = self.train_cache if train else self.valid_cache
-        if self.project_each_step:
-            if cache is not None:
-                batch["text_pooled"] = cache.features(batch["text_rows"]).to(device)
-            else:
-                with torch.no_grad(), self.ctx.precision.autocast():
-                    batch["text_pooled"] = self._frozen_features(batch["text_ids"], batch["text_mask"]).float()
-
-            def project(micro: dict[str, Any]) -> torch.Tensor:
-                return core.text_proj(micro["text_pooled"])
-
-            if not train:
-                with torch.no_grad():
-                    return project(batch)
-            return project
-        if cache is not None:
-            return cache.features(batch["text_rows"]).to(device)
-
-        def encode_text(micro: dict[str, Any]) -> torch.Tensor:
-            with self.ctx.precision.autocast():
-                return core.features("text", micro["text_ids"], micro["text_mask"])
-
-        if self.frozen or not train:
-            with torch.no_grad():
-                return encode_text(batch).float()
-        return encode_text
 
 
 def _augmentation(cfg: dict[str, Any]) -> data.Augmentation:

@@ -26,7 +26,7 @@ from training.distributed import all_gather_tensor, gather_with_grad
 Batch = Mapping[str, Any]
 Encoder = Callable[[Batch], torch.Tensor]
 
-LOSS_KINDS = ("clamp3", "normalized")
+LOSS_VARIANTS = ("clamp3", "normalized")  # the values of config.LOSS
 OPEN_CLIP_INIT_TEMPERATURE = 0.07
 OPEN_CLIP_MAX_LOGIT_SCALE = 100.0
 
@@ -34,22 +34,22 @@ OPEN_CLIP_MAX_LOGIT_SCALE = 100.0
 class ContrastiveLoss(nn.Module):
     """Symmetric cross-entropy over the text × music logits of the global batch.
 
-    ``kind="clamp3"``: CLaMP 3's loss, on unnormalised features with the fixed scale ``logit_scale``.
-    ``kind="normalized"``: L2-normalised features and a learnable temperature (the log of the scale,
+    ``variant="clamp3"``: CLaMP 3's loss, on unnormalised features with the fixed scale ``logit_scale``.
+    ``variant="normalized"``: L2-normalised features and a learnable temperature (the log of the scale,
     ``log_logit_scale``, open_clip's initialisation; the scale is capped at ``max_logit_scale``).
 
     In a multi-process job the features (and keys) of every rank are gathered, so each rank
     computes the same global loss; ``gather=False`` keeps the loss local to the rank.
     """
 
-    def __init__(self, kind: str = "clamp3", logit_scale: float = config.LOGIT_SCALE,
+    def __init__(self, variant: str = "clamp3", logit_scale: float = config.LOGIT_SCALE,
                  init_temperature: float = OPEN_CLIP_INIT_TEMPERATURE,
                  max_logit_scale: float = OPEN_CLIP_MAX_LOGIT_SCALE, gather: bool = True):
         super().__init__()
-        if kind not in LOSS_KINDS:
-            raise ValueError(f"unknown loss {kind!r}; expected one of {LOSS_KINDS}")
-        self.kind = kind
-        self.normalized = kind == "normalized"
+        if variant not in LOSS_VARIANTS:
+            raise ValueError(f"unknown loss {variant!r}; expected one of {LOSS_VARIANTS}")
+        self.variant = variant
+        self.normalized = variant == "normalized"
         self.fixed_logit_scale = float(logit_scale)
         self.max_log_logit_scale = math.log(max_logit_scale)
         self.gather = gather
@@ -76,7 +76,7 @@ class ContrastiveLoss(nn.Module):
                 text_keys: torch.Tensor | None = None, music_keys: torch.Tensor | None = None) -> torch.Tensor:
         """Loss of this rank's rows ``[B_local, D]`` against the global batch. Off-diagonal pairs
         sharing a text key or a music key (``[B_local]`` integers) are not negatives: their logits
-        are masked out. In a multi-process job every rank passes the same kinds of keys."""
+        are masked out. In a multi-process job every rank passes the same keys (text, music or both)."""
         if text_features.shape != music_features.shape or text_features.dim() != 2:
             raise ValueError(f"text and music features must be [B, D] alike, got {tuple(text_features.shape)} "
                              f"and {tuple(music_features.shape)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,8 @@ from fileio import atomic_save_npy, atomic_write
 from torch import nn
 from tqdm import tqdm
 
-from training.data import (
-    TrainingRecord,
-    seeded_rng,
-    text_dropout,
-    token_key,
-    truncate_ids,
-    validation_text,
-)
+from training.data import TrainingRecord
+from training.text import seeded_rng, text_dropout, token_key, truncate_ids, validation_text
 
 Encoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 DEFAULT_TOKENS_PER_BATCH = 16384  # padded tokens per encode call
@@ -107,7 +102,9 @@ class _ShardIndex:
 class TextFeatureCache:
     """Text features of a set of records, ``variants`` per record, one row per distinct token-id
     sequence. Build with ``TextFeatureCache.build``; ``rows_for``/``key_for`` give an example's row
-    and text key (picklable, cheap: DataLoader workers use them), ``features(rows)`` the vectors."""
+    and text key (picklable, cheap: DataLoader workers use them), ``features(rows)`` the vectors.
+    A ``training.text.TextSource``: batches get ``text_rows`` [b], a random variant per example in
+    training, the one variant in validation."""
 
     def __init__(self, folder: Path, rows: np.ndarray, keys: np.ndarray, offsets: np.ndarray,
                  shard_names: list[str], train: bool, text_dropout: bool, computed: int):
@@ -201,9 +198,26 @@ class TextFeatureCache:
         return row
 
     def key_for(self, record: TrainingRecord, variant: int) -> int:
-        """The token-id key of a record's variant (``training.data.token_key`` of its ids)."""
+        """The token-id key of a record's variant (``training.text.token_key`` of its ids)."""
         self.rows_for(record, variant)
         return int(self._keys[record.index, variant])
+
+    def check(self, train: bool, dropout: bool) -> None:
+        """A training cache serves training batches with the text dropout it was built with; a
+        validation cache serves validation batches."""
+        if self.train != train:
+            raise ValueError(f"a {'training' if self.train else 'validation'} text cache cannot serve "
+                             f"{'training' if train else 'validation'} batches")
+        if train and self.text_dropout != dropout:
+            raise ValueError(f"the text cache was built with text_dropout={self.text_dropout}, the "
+                             f"augmentation has text_dropout={dropout}")
+
+    def item(self, record: TrainingRecord, rng: random.Random, train: bool, dropout: bool) -> tuple[int, int]:
+        variant = rng.randrange(self.variants) if train else 0
+        return self.rows_for(record, variant), self.key_for(record, variant)
+
+    def collate(self, payloads: list[int], pad_to_longest: bool) -> dict[str, torch.Tensor]:
+        return {"text_rows": torch.tensor(payloads, dtype=torch.long)}
 
     def features(self, rows: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
         """float32 [len(rows), D] features of cache rows (e.g. a batch's ``text_rows``)."""
