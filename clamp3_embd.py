@@ -31,6 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import rawfile_tools
 import rawfiles
 import runconfig
 from extraction import merge_rank_logs, rank_log_path
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("input_dir", help="folder of raw files, searched recursively")
     parser.add_argument("output_dir", help="where the .npy features go (mirrored folder structure)")
     parser.add_argument("--get_global", action="store_true", help="one pooled, projected vector per file")
-    rawfiles.add_model_arguments(parser, "clamp3_embd")
+    rawfile_tools.add_model_arguments(parser, "clamp3_embd")
     return parser
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, cfg: dict, rank: int = 0, world_size: int = 1, device: str | None = None) -> int:
     """Every process runs it; rank 0 prints the models and the summary and merges the failure logs."""
     main_rank = rank == 0
-    embedder = rawfiles.open_embedder(args, cfg, show=not args.quiet and main_rank, device=device)
+    embedder = rawfile_tools.open_embedder(args, cfg, show=not args.quiet and main_rank, device=device)
     files = rawfiles.discover(args.input_dir)
     error = None if embedder is not None else "no models"  # open_embedder printed why
     if embedder is not None and any(rel.suffix.lower() == ".txt" for rel in files):
@@ -98,14 +99,16 @@ def run(args: argparse.Namespace, cfg: dict, rank: int = 0, world_size: int = 1,
             bar.refresh()
 
         try:
-            summary = rawfiles.embed_folder(embedder, args.input_dir, args.output_dir, args.get_global,
-                                            drops=drops, progress=bar.update, planned=planned)
+            summary = rawfile_tools.embed_folder(embedder, args.input_dir, args.output_dir, args.get_global,
+                                                 drops=drops, progress=bar.update, planned=planned)
         except (FileNotFoundError, RuntimeError) as exc:
             if world_size > 1:
                 raise  # the session ends this process and torchrun the others; a return would leave them waiting
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    features = rawfiles.EmbedSummary()
+    from embedder import EmbedSummary
+
+    features = EmbedSummary()
     for part in all_gather_object(embedder.summary):
         features.embedded += part.embedded
         features.cached += part.cached

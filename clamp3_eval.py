@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import rawfiles
+import rawfile_tools
 import runconfig
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE", help="also write a JSON report (both directions, intervals)")
     parser.add_argument("--n_resamples", type=int, default=1000, help="bootstrap resamples for --json")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed for --json")
-    rawfiles.add_model_arguments(parser, "clamp3_eval")
+    rawfile_tools.add_model_arguments(parser, "clamp3_eval")
     return parser
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = runconfig.parse_args(build_parser(), argv)
     extra = ["--output_dir", args.output_dir, "--n_resamples", str(args.n_resamples), "--seed", str(args.seed)]
     extra += ["--json", args.json] if args.json else []
-    return rawfiles.run_on_two_folders("clamp3_eval", args, cfg, extra)
+    return rawfile_tools.run_on_two_folders("clamp3_eval", args, cfg, extra)
 
 if __name__ == "__main__":
     sys.exit(main())

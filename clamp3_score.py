@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import rawfiles
+import rawfile_tools
 import runconfig
 
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pairwise: list unmatched keys and leave them out instead of stopping")
     parser.add_argument("--output_dir", default=".", help="where the JSONL outputs go (default: here)")
     parser.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
-    rawfiles.add_model_arguments(parser, "clamp3_score")
+    rawfile_tools.add_model_arguments(parser, "clamp3_score")
     return parser
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     extra += ["--group"] if args.group else []
     extra += ["--skip_unmatched"] if args.skip_unmatched else []
     extra += ["--json", args.json] if args.json else []
-    return rawfiles.run_on_two_folders("clamp3_score", args, cfg, extra)
+    return rawfile_tools.run_on_two_folders("clamp3_score", args, cfg, extra)
 
 if __name__ == "__main__":
     sys.exit(main())

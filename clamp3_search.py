@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import music_search
-import rawfiles
+import rawfile_tools
 import runconfig
 from fileio import DropLog
 from search_index import SearchIndex, SearchIndexError, read_manifest
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption", help="the caption of an image query (or a text query by another name)")
     parser.add_argument("--index", help="the index folder (default: one under SEARCH_INDEX_DIR per FOLDER)")
     parser.add_argument("--no_update", action="store_true", help="search the index as it is, without checking FOLDER")
-    rawfiles.add_model_arguments(parser, "clamp3_search")
+    rawfile_tools.add_model_arguments(parser, "clamp3_search")
     return parser
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quiet and not args.json:
             print(message, flush=True)
 
-    embedder = rawfiles.open_embedder(args, cfg, show=not args.quiet and not args.json)
+    embedder = rawfile_tools.open_embedder(args, cfg, show=not args.quiet and not args.json)
     if embedder is None:
         return 2
     try:

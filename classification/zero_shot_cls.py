@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import classify
+import rawfile_tools
 import rawfiles
 import runconfig
 from fileio import DropLog, atomic_write_text
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label_from", choices=classify.LABEL_RULES,
                         help="true labels from file names (<label>_...) or first sub-folders, for a report")
     parser.add_argument("--report", help="report JSON when true labels are known (default: <stem>.report.json)")
-    rawfiles.add_model_arguments(parser, "zero_shot_cls")
+    rawfile_tools.add_model_arguments(parser, "zero_shot_cls")
     return parser
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    embedder = rawfiles.open_embedder(args, cfg)
+    embedder = rawfile_tools.open_embedder(args, cfg)
     if embedder is None:
         return 2
     try:  # the label prompts first: the weights and the tokenizer are checked before any file is embedded
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     with DropLog("zero_shot_cls", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
         results = embedder.embed_files(files, drops=drops)
     embedded = [(path, result) for path, result in zip(files, results, strict=True)
-                if result is not None and result.modality != "text"]
+                if not isinstance(result, rawfiles.RawFileError) and result.modality != "text"]
     if not embedded:
         print(f"error: no music file of {args.input_dir} could be embedded", file=sys.stderr)
         return 2

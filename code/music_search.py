@@ -1,5 +1,5 @@
 """Search a folder of music by text, by a piece of music, or by an image's caption: the folder's
-persistent index (``search_index``) kept up to date through the raw-file embedder (``rawfiles``), and
+persistent index (``search_index``) kept up to date through the raw-file embedder (``embedder``), and
 the query turned into one vector.
 
 The index of a folder lives under ``SEARCH_INDEX_DIR`` (one sub-folder per searched folder) unless
@@ -24,18 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import formats
 import numpy as np
 import rawfiles
+from embedder import Embedder
 from fileio import DropLog, repo_path
 from search_index import FileFacts, SearchIndex, UpdateSummary, file_facts
 
 # What an index holds: music (symbolic kinds) and MERT features; text files in a folder of scores
 # are notes about them, not pieces.
-INDEXED_KINDS = rawfiles.MUSIC_KINDS | {"mert"}
-INDEXED_EXTENSIONS = tuple(sorted(ext for ext, kind in rawfiles.KIND_OF_EXTENSION.items() if kind in INDEXED_KINDS))
+INDEXED_KINDS = formats.MUSIC_KINDS | {"mert"}
+INDEXED_EXTENSIONS = tuple(sorted(ext for ext, kind in formats.KIND_OF_EXTENSION.items() if kind in INDEXED_KINDS))
 
 
-def index_model_key(embedder: rawfiles.Embedder) -> str:
+def index_model_key(embedder: Embedder) -> str:
     """One key for every model an indexed file or a query can go through."""
     parts = [f"{slot}={embedder.model_key(slot)}" for slot in ("abc", "mtf", None)]
     return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:20]
@@ -57,7 +59,7 @@ def folder_facts(folder: Path) -> tuple[dict[str, FileFacts], list[str]]:
     return file_facts(folder, indexable), skipped
 
 
-def update_index(embedder: rawfiles.Embedder, folder: str | os.PathLike, index_dir: str | os.PathLike,
+def update_index(embedder: Embedder, folder: str | os.PathLike, index_dir: str | os.PathLike,
                  rebuild: bool = False, drops: DropLog | None = None,
                  progress: Callable[[int, int], None] | None = None) -> tuple[SearchIndex, UpdateSummary, list[str]]:
     """The folder's index, brought up to date: new and changed files embedded, removed ones dropped.
@@ -73,17 +75,10 @@ def update_index(embedder: rawfiles.Embedder, folder: str | os.PathLike, index_d
     log = drops if drops is not None else DropLog("search")
 
     def embed(paths: list[str]) -> dict[str, Any]:
-        first = len(log.rows)
         results = embedder.embed_files([folder / p for p in paths], drops=log)
-        reasons = {row["file"]: (row.get("stage", "embed"), row["reason"]) for row in log.rows[first:]}
-        answer: dict[str, Any] = {}
-        for path, result in zip(paths, results, strict=True):
-            if result is None:
-                stage, reason = reasons.get(str(folder / path), ("embed", "could not be embedded"))
-                answer[path] = rawfiles.RawFileError(folder / path, stage, reason)
-            else:
-                answer[path] = (result.sha256, result.feature[0], result.kind)
-        return answer
+        return {path: result if isinstance(result, rawfiles.RawFileError)
+                else (result.sha256, result.feature[0], result.kind)
+                for path, result in zip(paths, results, strict=True)}
 
     summary = index.update(facts, embed, batch_size=int(embedder.cfg["EXTRACT_FILES_PER_CHUNK"]), progress=progress)
     return index, summary, skipped
@@ -172,13 +167,11 @@ def resolve_query(query: str, caption: str | None, caption_model: str) -> Query:
     return Query(f"music file {path}", path=path)
 
 
-def query_vector(embedder: rawfiles.Embedder, query: Query) -> tuple[np.ndarray, str | None]:
+def query_vector(embedder: Embedder, query: Query) -> tuple[np.ndarray, str | None]:
     """The query's global feature ``(D,)`` and, for a music file, its content hash (left out of the results)."""
     if query.text is not None:
         return embedder.embed_texts([query.text])[0], None
-    drops = DropLog("query")
-    result = embedder.embed_files([query.path], drops=drops)[0]
-    if result is None:
-        row = drops.rows[0]
-        raise rawfiles.RawFileError(query.path, row.get("stage", "embed"), row["reason"])
+    result = embedder.embed_files([query.path], drops=DropLog("query"))[0]
+    if isinstance(result, rawfiles.RawFileError):
+        raise result
     return result.feature[0], result.sha256

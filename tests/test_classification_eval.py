@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import rawfiles
 import runconfig
+from embedder import Embedder, choose_models
 from evaluation import classification
 from fileio import write_jsonl
 from helpers import OFFICIAL, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
@@ -84,7 +84,7 @@ def test_zero_shot_cls_labels_every_file_by_the_nearest_prompt(tmp_path, word_to
     cfg = runconfig.build_config(overrides={"MODEL_CONFIG": str(TINY_MODEL_CONFIG), "TEXT_MODEL_NAME":
                                             str(word_tokenizer), "LORA_ABC_ADAPTER_DIR": str(adapters["abc"]),
                                             "LORA_MTF_ADAPTER_DIR": str(adapters["mtf"]), "EXTRACT_DEVICE": "cpu"})
-    embedder = rawfiles.Embedder(rawfiles.choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "cache")
+    embedder = Embedder(choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "cache")
     prompts = embedder.embed_texts(["w1 w3", "w2 w3"])
     prompts /= np.linalg.norm(prompts, axis=1, keepdims=True)
     for name, label in predicted.items():

@@ -16,6 +16,7 @@ import pytest
 import rawfiles
 import runconfig
 import search_index
+from embedder import Embedder, choose_models
 from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
 
 
@@ -51,11 +52,11 @@ def run_json(main, capsys, argv: list[str]) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def embedder_for(tokenizer: Path, adapter_dirs: dict[str, Path], tmp_path: Path) -> rawfiles.Embedder:
+def embedder_for(tokenizer: Path, adapter_dirs: dict[str, Path], tmp_path: Path) -> Embedder:
     cfg = runconfig.build_config(overrides={
         "MODEL_CONFIG": str(TINY_MODEL_CONFIG), "TEXT_MODEL_NAME": str(tokenizer), "EXTRACT_DEVICE": "cpu",
         "LORA_ABC_ADAPTER_DIR": str(adapter_dirs["abc"]), "LORA_MTF_ADAPTER_DIR": str(adapter_dirs["mtf"])})
-    return rawfiles.Embedder(rawfiles.choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "cache")
+    return Embedder(choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "cache")
 
 
 def test_text_query_ranks_every_piece_by_cosine(tmp_path, scores, word_tokenizer, adapters, search_main,
@@ -107,7 +108,7 @@ def test_the_index_follows_the_folder_without_embedding_twice(tmp_path, scores, 
     assert changed.removed == ["bach_bwv67.4.xml"] and changed.updated == ["midi/m21test_test01.mid"]
     assert len(index.entries) == 8
     # Another model (the base, no adapters) never reuses these vectors: the index is rebuilt.
-    base = rawfiles.Embedder(rawfiles.choose_models(embedder.cfg, weights=TINY_WEIGHTS, no_adapter=True),
+    base = Embedder(choose_models(embedder.cfg, weights=TINY_WEIGHTS, no_adapter=True),
                              cache_dir=tmp_path / "cache")
     assert music_search.index_model_key(base) != music_search.index_model_key(embedder)
     with pytest.raises(search_index.ModelKeyMismatchError):

@@ -11,8 +11,10 @@ from pathlib import Path
 import lora
 import numpy as np
 import pytest
+import rawfile_tools
 import rawfiles
 import runconfig
+from embedder import Embedder, ModelsNotFoundError, choose_models
 from fileio import DropLog
 from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
 from modeling import ModelConfig, load_clamp3
@@ -76,10 +78,10 @@ def official_cases() -> list[tuple[Path, Path]]:
 def test_raw_musicxml_and_midi_give_the_official_features(tmp_path):
     cases = official_cases()
     assert len(cases) >= 40
-    choice = rawfiles.choose_models(tiny_cfg(), weights=TINY_WEIGHTS, no_adapter=True)
-    embedder = rawfiles.Embedder(choice, cache_dir=tmp_path / "cache")
+    choice = choose_models(tiny_cfg(), weights=TINY_WEIGHTS, no_adapter=True)
+    embedder = Embedder(choice, cache_dir=tmp_path / "cache")
     results = embedder.embed_files([path for path, _ in cases], drops=DropLog("test"))
-    assert all(result is not None for result in results)
+    assert not any(isinstance(result, rawfiles.RawFileError) for result in results)
     for (path, feature), result in zip(cases, results, strict=True):
         official = np.load(feature)
         assert result.feature.shape == official.shape == (1, 32), path.name
@@ -102,8 +104,8 @@ def test_plain_abc_modes(tmp_path):
 def test_each_format_goes_through_its_own_adapter(tmp_path, adapters, word_tokenizer, mixed_folder):
     cfg = tiny_cfg(word_tokenizer, LORA_ABC_ADAPTER_DIR=str(adapters["abc"]), LORA_MTF_ADAPTER_DIR=str(adapters["mtf"]))
     files = [mixed_folder / "bach_bwv67.4.xml", mixed_folder / "edge_multitrack_8.mid", mixed_folder / "caption.txt"]
-    with_adapters = rawfiles.Embedder(rawfiles.choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "c")
-    base = rawfiles.Embedder(rawfiles.choose_models(cfg, weights=TINY_WEIGHTS, no_adapter=True),
+    with_adapters = Embedder(choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=tmp_path / "c")
+    base = Embedder(choose_models(cfg, weights=TINY_WEIGHTS, no_adapter=True),
                              cache_dir=tmp_path / "c")
     adapted, plain = with_adapters.embed_files(files), base.embed_files(files)
     from features import FeatureExtractor
@@ -130,12 +132,12 @@ def test_cache_reused_and_invalidated_when_a_file_changes(tmp_path):
     source.mkdir()
     shutil.copy(OFFICIAL / "inputs" / "xml" / "bach_bwv67.4.xml", source / "a.xml")
     shutil.copy(OFFICIAL / "inputs" / "mid" / "edge_multitrack_8.mid", source / "b.mid")
-    choice = rawfiles.choose_models(tiny_cfg(), weights=TINY_WEIGHTS, no_adapter=True)
-    first = rawfiles.Embedder(choice, cache_dir=tmp_path / "cache")
+    choice = choose_models(tiny_cfg(), weights=TINY_WEIGHTS, no_adapter=True)
+    first = Embedder(choice, cache_dir=tmp_path / "cache")
     before = first.embed_files([source / "a.xml", source / "b.mid"])
     assert first.summary.embedded == 2 and first.summary.cached == 0
     assert list((tmp_path / "cache" / "conversions").rglob("*.musicxml-v*.txt"))
-    second = rawfiles.Embedder(choice, cache_dir=tmp_path / "cache")  # a new run: nothing is embedded again
+    second = Embedder(choice, cache_dir=tmp_path / "cache")  # a new run: nothing is embedded again
     again = second.embed_files([source / "a.xml", source / "b.mid"])
     assert second.summary.cached == 2 and second.summary.embedded == 0
     assert all(np.array_equal(x.feature, y.feature) for x, y in zip(before, again, strict=True))
@@ -150,12 +152,14 @@ def test_cache_reused_and_invalidated_when_a_file_changes(tmp_path):
 
 
 def test_a_failed_conversion_is_named_remembered_and_the_rest_go_on(tmp_path, mixed_folder, word_tokenizer):
-    choice = rawfiles.choose_models(tiny_cfg(word_tokenizer), weights=TINY_WEIGHTS, no_adapter=True)
-    embedder = rawfiles.Embedder(choice, cache_dir=tmp_path / "cache")
+    choice = choose_models(tiny_cfg(word_tokenizer), weights=TINY_WEIGHTS, no_adapter=True)
+    embedder = Embedder(choice, cache_dir=tmp_path / "cache")
     files = [mixed_folder / name for name in ("broken.mid", "edge_multitrack_8.mid", "empty.txt", "song.wav")]
     drops = DropLog("test")
     results = embedder.embed_files(files, drops=drops)
-    assert results[0] is None and results[1] is not None and results[2] is None and results[3] is None
+    failed = [isinstance(result, rawfiles.RawFileError) for result in results]
+    assert failed == [True, False, True, True]
+    assert results[0].path == str(files[0]) and results[0].reason
     reasons = {Path(row["file"]).name: row["reason"] for row in drops.rows}
     assert "MIDI" in reasons["broken.mid"] and "empty" in reasons["empty.txt"] and "MERT" in reasons["song.wav"]
     again = DropLog("again")
@@ -164,10 +168,10 @@ def test_a_failed_conversion_is_named_remembered_and_the_rest_go_on(tmp_path, mi
 
 
 def test_embed_folder_mirrors_updates_and_drops(tmp_path, mixed_folder, word_tokenizer):
-    choice = rawfiles.choose_models(tiny_cfg(word_tokenizer), weights=TINY_WEIGHTS, no_adapter=True)
+    choice = choose_models(tiny_cfg(word_tokenizer), weights=TINY_WEIGHTS, no_adapter=True)
     out = tmp_path / "features"
     drops = DropLog("test")
-    summary = rawfiles.embed_folder(rawfiles.Embedder(choice, cache_dir=tmp_path / "cache"), mixed_folder, out,
+    summary = rawfile_tools.embed_folder(Embedder(choice, cache_dir=tmp_path / "cache"), mixed_folder, out,
                                     get_global=True, drops=drops)
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npy"))
     assert written == ["airdsAirs_book6_X1003_n2.npy", "bach_bwv67.4.npy", "caption.npy", "edge_multitrack_8.npy",
@@ -175,12 +179,12 @@ def test_embed_folder_mirrors_updates_and_drops(tmp_path, mixed_folder, word_tok
     assert summary.written == 7 and summary.failed == 3
     assert {Path(row["file"]).name for row in drops.rows} == {"broken.mid", "empty.txt", "song.wav"}
     assert all(np.load(out / rel).shape == (1, 32) for rel in written)
-    manifest = json.loads(rawfiles.manifest_path(out).read_text(encoding="utf-8"))
+    manifest = json.loads(rawfile_tools.manifest_path(out).read_text(encoding="utf-8"))
     assert manifest["outputs"]["sub/bach_bwv1.6.npy"]["input"] == "sub/bach_bwv1.6.mxl"
     # Nothing changed: nothing rewritten. One input removed: its output goes; one changed: rewritten.
     (mixed_folder / "bach_bwv67.4.xml").unlink()
     shutil.copy(OFFICIAL / "inputs" / "mid" / "edge_exact_513_patches.mid", mixed_folder / "edge_multitrack_8.mid")
-    again = rawfiles.embed_folder(rawfiles.Embedder(choice, cache_dir=tmp_path / "cache"), mixed_folder, out,
+    again = rawfile_tools.embed_folder(Embedder(choice, cache_dir=tmp_path / "cache"), mixed_folder, out,
                                   get_global=True)
     assert (again.written, again.unchanged, again.removed) == (1, 5, 1)
     assert not (out / "bach_bwv67.4.npy").exists()
@@ -191,26 +195,26 @@ def test_two_inputs_with_one_output_name_are_reported(tmp_path):
     source.mkdir()
     shutil.copy(OFFICIAL / "inputs" / "xml" / "bach_bwv67.4.xml", source / "piece.xml")
     shutil.copy(OFFICIAL / "inputs" / "mid" / "edge_multitrack_8.mid", source / "piece.mid")
-    choice = rawfiles.choose_models(tiny_cfg(), weights=TINY_WEIGHTS, no_adapter=True)
+    choice = choose_models(tiny_cfg(), weights=TINY_WEIGHTS, no_adapter=True)
     drops = DropLog("test")
-    summary = rawfiles.embed_folder(rawfiles.Embedder(choice), source, tmp_path / "out", True, drops=drops)
+    summary = rawfile_tools.embed_folder(Embedder(choice), source, tmp_path / "out", True, drops=drops)
     assert summary.written == 1 and summary.failed == 1
     assert "already made from piece.mid" in drops.rows[0]["reason"]
 
 
 def test_models_not_found_and_the_demo_fallback(tmp_path, adapters):
     cfg = runconfig.build_config(overrides={"CLAMP3_WEIGHTS_PATH": str(tmp_path / "missing.pth")})
-    with pytest.raises(rawfiles.ModelsNotFoundError, match="make demo"):
-        rawfiles.choose_models(cfg, demo_roots=[tmp_path / "no-demo"])
-    with pytest.raises(rawfiles.ModelsNotFoundError, match="--weights"):
-        rawfiles.choose_models(cfg, weights=tmp_path / "typo.pth", demo_roots=[tmp_path / "no-demo"])
+    with pytest.raises(ModelsNotFoundError, match="make demo"):
+        choose_models(cfg, demo_roots=[tmp_path / "no-demo"])
+    with pytest.raises(ModelsNotFoundError, match="--weights"):
+        choose_models(cfg, weights=tmp_path / "typo.pth", demo_roots=[tmp_path / "no-demo"])
     demo = tmp_path / "demo"
     (demo / "adapters").mkdir(parents=True)
     shutil.copy(TINY_WEIGHTS, demo / "base_abc.pth")
     shutil.copy(TINY_MODEL_CONFIG, demo / "model_config.json")
     shutil.copytree(adapters["abc"], demo / "adapters" / "lora_abc_adapter")
     default_cfg = runconfig.build_config()
-    choice = rawfiles.choose_models(default_cfg, demo_roots=[tmp_path / "no-demo", demo])
+    choice = choose_models(default_cfg, demo_roots=[tmp_path / "no-demo", demo])
     assert choice.source == "demo" and choice.weights == demo / "base_abc.pth"
     assert choice.adapters == {"abc": demo / "adapters" / "lora_abc_adapter", "mtf": None}
     assert choice.cfg["TEXT_MODEL_NAME"] == str(demo / "text_tower")
@@ -218,8 +222,8 @@ def test_models_not_found_and_the_demo_fallback(tmp_path, adapters):
     assert "embedded default" in text and "MTF (MIDI): base model" in text
     # A key the user set wins over the demo's value.
     mine = runconfig.build_config(overrides={"MAX_TEXT_LENGTH": 32})
-    assert rawfiles.choose_models(mine, demo_roots=[demo]).cfg["MAX_TEXT_LENGTH"] == 32
-    assert not rawfiles.choose_models(default_cfg, demo_roots=[demo], no_adapter=True).adapters["abc"]
+    assert choose_models(mine, demo_roots=[demo]).cfg["MAX_TEXT_LENGTH"] == 32
+    assert not choose_models(default_cfg, demo_roots=[demo], no_adapter=True).adapters["abc"]
 
 
 def script_arguments(tmp_path: Path, tokenizer: Path, adapters: dict[str, Path]) -> list[str]:
@@ -280,8 +284,8 @@ def test_mert_features_go_through_the_audio_tower(tmp_path):
     width = ModelConfig.from_json(TINY_MODEL_CONFIG).audio["hidden_size"]
     mert = np.random.default_rng(0).standard_normal((1, 7, width)).astype(np.float32)
     np.save(tmp_path / "clip.npy", mert)
-    choice = rawfiles.choose_models(tiny_cfg(), weights=TINY_WEIGHTS)
-    result = rawfiles.Embedder(choice, cache_dir=tmp_path / "cache").embed_files([tmp_path / "clip.npy"])[0]
+    choice = choose_models(tiny_cfg(), weights=TINY_WEIGHTS)
+    result = Embedder(choice, cache_dir=tmp_path / "cache").embed_files([tmp_path / "clip.npy"])[0]
     assert result.modality == "audio" and result.format is None
     extractor = FeatureExtractor(load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS), device="cpu")
     expected = extractor.extract("audio", [extractor.audio_input(mert)])[0]

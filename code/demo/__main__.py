@@ -31,7 +31,9 @@ from fileio import REPO_ROOT, atomic_write_text
 from lora import save_official_checkpoint
 from modeling import CLaMP3Model, ModelConfig
 
-CONFIGS = REPO_ROOT / "configs"
+from demo import layout
+
+CONFIGS = layout.CONFIGS
 # A CLaMP 3-architecture model small enough to train here: M3 with 4 layers of 256 (2 of 128
 # with --quick), pieces capped at 128 patches; the text tower is e5-small's.
 SYMBOLIC = {"full": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024},
@@ -49,9 +51,7 @@ class Demo:
         self.seed = seed
         self.rebuild = rebuild
         self.size = "quick" if quick else "full"
-        # Another seed is another demo: its own folder, so stages of one seed are never reused for another.
-        name = ("demo-quick" if quick else "demo") + ("" if seed == 42 else f"-seed{seed}")
-        self.root = REPO_ROOT / "data" / name
+        self.root = layout.demo_root(quick, seed)
         self.started = time.time()
         self.timings: dict[str, float] = {}
 
@@ -68,15 +68,7 @@ class Demo:
 
     def paths(self) -> list[str]:
         """Overrides that move every path of the committed config files under this demo's root."""
-        rel = self.root.relative_to(REPO_ROOT).as_posix()
-        keys = {"MODEL_CONFIG": "model_config.json", "TEXT_MODEL_NAME": "text_tower",
-                "FULL_WEIGHTS_PATH": "base_{format}.pth", "TEXT_CACHE_DIR": "cache/text_features/",
-                "LORA_ABC_ADAPTER_DIR": "adapters/lora_abc_adapter/",
-                "LORA_MTF_ADAPTER_DIR": "adapters/lora_mtf_adapter/", "TEST_DATA_DIR": "test/",
-                "RESULTS_DIR": "results/"}
-        corpus = {f"LORA_{f.upper()}_{s.upper()}_JSONL": f"corpus/{stage}_{s}_{f}.jsonl"
-                  for stage, formats in (("adapt", ("abc", "mtf")),) for f in formats for s in ("train", "valid")}
-        return [f"--{k}={rel}/{v}" for k, v in {**keys, **corpus}.items()] + [f"--SEED={self.seed}"]
+        return [*layout.path_overrides(self.root), f"--SEED={self.seed}"]
 
     def script(self, path: str, config: str, *args: str, overrides: list[str] | None = None) -> None:
         command = [sys.executable, str(REPO_ROOT / path), "--config", str(CONFIGS / config), *args, *self.paths(),
@@ -158,7 +150,7 @@ class Demo:
                       "adapt_valid_mtf"):
             need(corpus / f"{split}.jsonl", "training records", lambda p: len(read_jsonl(p)) > 0)
         config = ModelConfig.from_json(self.root / "model_config.json")
-        need(self.root / "base_abc.pth", "an official-format checkpoint", lambda p: load_clamp3(config, p))
+        need(self.root / layout.BASE_WEIGHTS, "an official-format checkpoint", lambda p: load_clamp3(config, p))
         for fmt in ("abc", "mtf"):
             adapter = self.root / "adapters" / f"lora_{fmt}_adapter"
             for name in ("adapter_config.json", "adapter_model.safetensors", "selection.json"):
@@ -193,7 +185,7 @@ class Demo:
         self.stage("corpus (music21 -> interleaved ABC / MTF, captions, splits)",
                    self.root / "corpus" / "corpus_summary.json", self.corpus)
         self.stage("initial weights", self.root / "init_weights.pth", self.initial_weights)
-        self.stage("base model (full training on the base split)", self.root / "base_abc.pth", lambda: self.script(
+        self.stage("base model (full training on the base split)", self.root / layout.BASE_WEIGHTS, lambda: self.script(
             "code/train_clamp3_lora.py", "demo_base.py", "--format", "abc", "--overwrite", "--quiet",
             overrides=[f"--CLAMP3_WEIGHTS_PATH={rel}/init_weights.pth", f"--LORA_LOG_DIR={rel}/runs/base/",
                        f"--LORA_ABC_TRAIN_JSONL={rel}/corpus/base_train_abc.jsonl",
@@ -201,9 +193,9 @@ class Demo:
         self.stage("adapters (LoRA: ABC on unseen tunes, MTF on MIDI renderings)",
                    self.root / "adapters" / "lora_mtf_adapter" / "adapter_config.json", lambda: self.script(
                        "code/train_clamp3_lora.py", "demo_adapters.py", "--format", "both", "--overwrite", "--quiet",
-                       overrides=[f"--CLAMP3_WEIGHTS_PATH={rel}/base_abc.pth", f"--LORA_LOG_DIR={rel}/runs/adapters/",
+                       overrides=[f"--CLAMP3_WEIGHTS_PATH={rel}/{layout.BASE_WEIGHTS}", f"--LORA_LOG_DIR={rel}/runs/adapters/",
                                   *quick.get("adapters", [])]))
-        evaluation = [f"--CLAMP3_WEIGHTS_PATH={rel}/base_abc.pth", f"--LORA_LOG_DIR={rel}/runs/adapters/",
+        evaluation = [f"--CLAMP3_WEIGHTS_PATH={rel}/{layout.BASE_WEIGHTS}", f"--LORA_LOG_DIR={rel}/runs/adapters/",
                       *quick.get("eval", [])]
         base_jsonls = ["--training_jsonl", f"{rel}/corpus/base_train_abc.jsonl",
                        "--training_jsonl", f"{rel}/corpus/base_valid_abc.jsonl"]
@@ -235,7 +227,8 @@ class Demo:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller corpus and model, a few steps (CI)")
-    parser.add_argument("--seed", type=int, default=42, help="seed of every stage (default: 42)")
+    parser.add_argument("--seed", type=int, default=layout.DEFAULT_SEED,
+                        help=f"seed of every stage (default: {layout.DEFAULT_SEED})")
     parser.add_argument("--rebuild", action="store_true", help="redo stages whose outputs exist")
     args = parser.parse_args(argv)
     return Demo(args.quick, args.seed, args.rebuild).run()

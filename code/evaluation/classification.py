@@ -22,8 +22,9 @@ from typing import Any
 import classify
 import metrics
 import numpy as np
-import rawfiles
+import rawfile_tools
 import runconfig
+from embedder import Embedded, Embedder, choose_models
 from fileio import DropLog, atomic_write_text, file_sha256, iter_jsonl, repo_path
 
 SYSTEMS = ("base", "adapters")
@@ -69,17 +70,17 @@ def read_labelled_set(jsonl: str | Path, label_field: str = "label", labels: lis
     return result
 
 
-def features_of(embedder: rawfiles.Embedder, items: LabelledSet, drops: DropLog) -> tuple[LabelledSet, np.ndarray]:
+def features_of(embedder: Embedder, items: LabelledSet, drops: DropLog) -> tuple[LabelledSet, np.ndarray]:
     """Global features of the set's files (a file that fails is named in ``drops`` and left out)."""
     results = embedder.embed_files(items.paths, drops=drops)
-    keep = [i for i, result in enumerate(results) if result is not None]
+    keep = [i for i, result in enumerate(results) if isinstance(result, Embedded)]
     if not keep:
         raise ClassificationSetupError(f"no file of {items.jsonl} could be embedded (see {drops.path})")
     matrix = np.concatenate([results[i].feature for i in keep]).astype(np.float32)
     return items.subset(keep), matrix
 
 
-def evaluate_system(embedder: rawfiles.Embedder, train: LabelledSet, test: LabelledSet, labels: list[str],
+def evaluate_system(embedder: Embedder, train: LabelledSet, test: LabelledSet, labels: list[str],
                     template: str, probe_config: classify.ProbeConfig, n_resamples: int, seed: int,
                     drops: DropLog, log: Callable[[str], None]) -> dict[str, Any]:
     """Zero-shot and linear-probe predictions of one system on ``test`` (with per-piece correctness)."""
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="zero-shot prompt (default: %(default)r)")
     parser.add_argument("--systems", default="base,adapters", help="base, adapters or both (default: both)")
     parser.add_argument("--output", help="report JSON (default: RESULTS_DIR/classification_<test stem>.json)")
-    rawfiles.add_model_arguments(parser, "classification")
+    rawfile_tools.add_model_arguments(parser, "classification")
     return parser
 
 
@@ -196,13 +197,13 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], systems: list[str], log:
     described: dict[str, list[str]] = {}
     with DropLog("classification", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
         for system in systems:
-            choice = rawfiles.choose_models(cfg, weights=args.weights, model_config=args.model_config,
+            choice = choose_models(cfg, weights=args.weights, model_config=args.model_config,
                                             no_adapter=system == "base")
             if system == "adapters" and not any(choice.adapters.values()):
                 log("adapters: no adapter found (LORA_ABC_ADAPTER_DIR / LORA_MTF_ADAPTER_DIR): left out")
                 continue
             cache_dir = Path(args.cache_dir) if args.cache_dir else repo_path(choice.cfg["RAWFILE_CACHE_DIR"])
-            embedder = rawfiles.Embedder(choice, cache_dir=cache_dir, abc_mode=args.abc_mode)
+            embedder = Embedder(choice, cache_dir=cache_dir, abc_mode=args.abc_mode)
             described[system] = choice.describe()
             log(f"[{system}] " + described[system][0])
             results[system] = evaluate_system(embedder, train, test, wanted, args.template, probe_config,

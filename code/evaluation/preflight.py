@@ -7,7 +7,6 @@ needs the weights) fail with "not run" when it failed, so every line of a run ca
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 from collections.abc import Callable, Sequence
@@ -242,15 +241,14 @@ class Preflight:
             return False, missing
         if (problem := self._fingerprint_problem(folder)) is not None:
             return False, f"{folder}: {problem}"
-        # Loading injects layers into the model it is given: each adapter gets its own copy of the base.
-        peft_model = None
+        adapted = None
         try:
-            peft_model = lora.load_adapter(copy.deepcopy(self.model), folder).eval()
-            feature, what = self._symbolic_feature(peft_model.get_base_model(), fmt)
+            adapted = lora.with_adapter(self.model, folder)
+            feature, what = self._symbolic_feature(adapted, fmt)
         except Exception as exc:  # noqa: BLE001 - PEFT raises many kinds; the fix is the same
             return False, f"{folder} does not load onto the base: {type(exc).__name__}: {exc}. Fix: {fix}"
         finally:
-            del peft_model
+            del adapted
             gc.collect()
         if (problem := self._feature_problem(feature)) is not None:
             return False, f"{what}: {problem}"

@@ -354,22 +354,17 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
         raise EvaluationError(f"weights not found: {weights} (download the C2 checkpoint, see README, "
                               "or pass --weights)")
 
-    def load_base() -> CLaMP3Model:
-        try:
-            return load_clamp3(model_config, weights, device=device, attn_implementation=cfg["ATTN_IMPLEMENTATION"])
-        except (ValueError, RuntimeError) as exc:
-            raise EvaluationError(str(exc)) from exc
-
-    base = load_base() if system == "baseline" else None
+    try:
+        base = load_clamp3(model_config, weights, device=device, attn_implementation=cfg["ATTN_IMPLEMENTATION"])
+    except (ValueError, RuntimeError) as exc:
+        raise EvaluationError(str(exc)) from exc
 
     def model_for(fmt: str) -> CLaMP3Model:
-        if base is not None:
+        if system == "baseline":
             return base
         import lora
 
-        # A fresh base per format: PEFT injects the adapter into the model it is given.
-        peft_model = lora.load_adapter(load_base(), adapters[fmt]["dir"])
-        return peft_model.get_base_model().eval()
+        return lora.with_adapter(base, adapters[fmt]["dir"])
 
     features = []
     for test_set in test_sets:
