@@ -27,12 +27,14 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from features import FeatureExtractor, segment_bounds, segment_weights
 from fileio import REPO_ROOT
-from modeling import CLaMP3Model, ModelConfig, load_clamp3
+
+if TYPE_CHECKING:  # --help answers before torch is imported; the functions import it
+    import torch
+    from modeling import CLaMP3Model
 
 OFFICIAL = REPO_ROOT.parent / "shared" / "fixtures" / "official"
 TINY_TEXT = {"vocab_size": 1000, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -50,6 +52,9 @@ def bert(hidden: int, layers: int, heads: int, positions: int) -> dict:
 
 def model_for(size: str) -> CLaMP3Model:
     """Same weights for both approaches; the text and audio towers stay small (unused here)."""
+    import torch
+    from modeling import CLaMP3Model, ModelConfig, load_clamp3
+
     if size == "tiny":
         return load_clamp3(ModelConfig.from_json(OFFICIAL / "model" / "tiny_model_config.json"),
                            OFFICIAL / "model" / "tiny_clamp3.pth")
@@ -101,6 +106,8 @@ def useful_flops(model: CLaMP3Model, lengths: list[int]) -> float:
 def matmul_gflops(seconds: float = 3.0) -> float:
     """This machine's dense float32 matmul rate: the faster of torch.mm and oneDNN's linear kernel
     (which the batched path uses), on 2048^3 products."""
+    import torch
+
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     kernels = [lambda: a @ b]
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
@@ -120,6 +127,9 @@ def matmul_gflops(seconds: float = 3.0) -> float:
 
 def official_loop(model: CLaMP3Model, inputs: list[torch.Tensor]) -> list[np.ndarray]:
     """The official extraction arithmetic: segment by segment, padded to 512, one-hot embedding."""
+    import torch
+    from features import segment_bounds, segment_weights
+
     encoder = model.symbolic_model
     encoder.use_one_hot = True
     outputs = []
@@ -157,6 +167,8 @@ def best_time(run, repeats: int):
 
 def bench_size(size: str, pieces: list[str], matmul_rate: float, bf16: bool, tokens_per_batch: int,
                repeats: int) -> dict:
+    from features import FeatureExtractor, segment_bounds
+
     eager = model_for(size)
     fast = model_for(size)
     fast.load_state_dict(eager.state_dict())
@@ -203,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="best of R runs for every timing")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help need not wait for it
+
     global MAX_PADDING
     MAX_PADDING = args.max_padding
 

@@ -46,9 +46,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from fileio import REPO_ROOT, DropLog, write_jsonl
+
+if TYPE_CHECKING:  # --help answers before torch is imported; the functions import it
+    import torch
 
 BENCH_DIR = REPO_ROOT / "data" / "bench" / "train"
 WORDS = [f"tok{i}" for i in range(996)]
@@ -58,6 +61,7 @@ TEXT_TOWER = {"vocab_size": 1000, "hidden_size": 256, "num_hidden_layers": 4, "n
 
 
 def medium_model():
+    import torch
     from bench_extract import bert
     from modeling import CLaMP3Model, ModelConfig
 
@@ -172,6 +176,7 @@ def run_row(row: str, steps: int, batch: int, records_count: int, symbolic_dropo
     afterwards under ``torch.profiler`` (not timed), its op table written to that file."""
     import lora
     import runconfig
+    import torch
     from bench_extract import matmul_gflops
     from patchilizer import M3Patchilizer
     from training import data
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="pieces per step (per micro-batch for d)")
     parser.add_argument("--records", type=int, default=400, help="corpus scores to train on (converted once)")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes over the steps; each step's fastest time counts")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no_symbolic_dropout", action="store_true",
                         help="every row with SYMBOLIC_DROPOUT=False (fused attention on CPU)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -323,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                         "write its op tables to PROFILE.<row>.txt")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # the child process of one row
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help need not wait for it
+
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     if args.row:
         print(json.dumps(run_row(args.row, args.steps, args.batch, args.records, not args.no_symbolic_dropout,

@@ -50,10 +50,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from fileio import REPO_ROOT, repo_path
+
+if TYPE_CHECKING:  # --help answers before torch is imported; the functions import it
+    import torch
 
 # hidden size, layers (heads: hidden / 64, at least 2)
 SIZES = {"official": (768, 12), "medium": (384, 6), "small": (128, 2), "tiny": (32, 2)}
@@ -77,6 +79,8 @@ TESTS_TIMEOUT_S = 300
 
 # ---------------------------------------------------------------------------------------- set-up
 def sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -93,6 +97,8 @@ def effective_precision(requested: str, device: torch.device) -> str:
 
 
 def grad_scaler(precision: str, device: torch.device, **kwargs) -> torch.amp.GradScaler | None:
+    import torch
+
     return torch.amp.GradScaler(device.type, **kwargs) if precision == "fp16" else None
 
 
@@ -106,6 +112,7 @@ def model_config(size: str):
 
 
 def base_model(size: str):
+    import torch
     from modeling import CLaMP3Model
 
     torch.manual_seed(0)
@@ -116,6 +123,7 @@ def lora_model(size: str, dropout: float, device: torch.device):
     """(PEFT model, its core) on ``device``: the trainer's LoRA with LoRA dropout ``dropout``."""
     import lora
     import runconfig
+    import torch
 
     trained = lora.add_adapter(base_model(size), runconfig.build_config(overrides={"LORA_DROPOUT": dropout}), "abc")
     generator = torch.Generator().manual_seed(1)
@@ -131,6 +139,8 @@ def synthetic_batch(count: int, patch_size: int, projection: int, seed: int, dev
                     longest: int = PATCH_LENGTH) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A collated music batch (random patch ids, lengths uniform in 16..``longest``, padded to its
     longest) and fixed text features ``[count, projection]``."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min(16, longest), longest + 1, (count,), generator=generator)
     width = int(lengths.max())
@@ -145,6 +155,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in state:
@@ -153,11 +165,15 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def flat_grad(model: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
+    import torch
+
     return torch.cat([p.grad.detach().float().flatten().cpu() / scale
                       for _, p in model.named_parameters() if p.grad is not None])
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    import torch
+
     return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
 
 
@@ -171,6 +187,8 @@ class Memory:
         self._cpu = None
 
     def __enter__(self) -> Memory:
+        import torch
+
         if self.device.type == "cuda":
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -185,6 +203,8 @@ class Memory:
         return self
 
     def __exit__(self, *exc) -> None:
+        import torch
+
         if self.device.type == "cuda":
             sync(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
@@ -214,6 +234,7 @@ class Steps:
         self.skipped = 0
 
     def __call__(self, batch, text, micro_batch: int = 0) -> float:
+        import torch
         from training.loss import contrastive_step
 
         loss = contrastive_step(batch, self.encode, text, self.loss_fn, micro_batch=micro_batch, scaler=self.scaler)
@@ -251,6 +272,7 @@ def timed_steps(step: Steps, batches, micro_batch: int = 0) -> dict[str, Any]:
 def first_batch_numbers(trained, core, device: torch.device, precision: str, batch, text) -> dict[str, Any]:
     """Features (no gradient) and the LoRA gradient of the first batch, from the initial weights.
     fp16 scales the loss by 1024 (a fixed GradScaler) and divides the gradient back."""
+    import torch
     from training.loss import ContrastiveLoss, contrastive_step
     from training.model_setup import music_encoder
 
@@ -267,6 +289,8 @@ def first_batch_numbers(trained, core, device: torch.device, precision: str, bat
 
 def precision_part(args, device: torch.device, rows: list[dict]) -> dict[str, dict]:
     """Part 2 (and the batch-32 bench rows): returns the per-precision results."""
+    import torch
+
     trained, core = lora_model(args.size, 0.0, device)
     from training.model_setup import set_train_mode
 
@@ -325,6 +349,7 @@ def _finite(value: float) -> bool:
 
 def grad_cache_part(args, device: torch.device, rows: list[dict]) -> None:
     """Part 3: GradCache's re-run with dropout drawn on ``device``."""
+    import torch
     from training.loss import ContrastiveLoss, contrastive_step, split_batch
     from training.model_setup import music_encoder, set_train_mode
 
@@ -390,6 +415,7 @@ def extraction_part(args, device: torch.device, rows: list[dict]) -> None:
     import copy
 
     import numpy as np
+    import torch
     from features import FeatureExtractor
 
     model = base_model(args.size)
@@ -433,6 +459,7 @@ def extraction_part(args, device: torch.device, rows: list[dict]) -> None:
 def grad_cache_bench_part(args, device: torch.device, rows: list[dict], batch_rows: dict[str, dict]) -> None:
     """Part 5's GradCache row: a global batch of ``global_batch`` in micro-batches, the default
     precision, against the batch-``batch`` row of the same precision if there is one."""
+    import torch
     from training.model_setup import set_train_mode
 
     requested = "auto"
@@ -494,6 +521,8 @@ def table(rows: list[dict]) -> str:
 
 def choose_mode(cpu: bool, cuda_available: bool) -> tuple[str, str]:
     """("gpu" | "cpu", the line saying why)."""
+    import torch
+
     if cpu:
         return "cpu", "CPU mode (--cpu): the parts a CPU can run"
     if not cuda_available:
@@ -502,6 +531,8 @@ def choose_mode(cpu: bool, cuda_available: bool) -> tuple[str, str]:
 
 
 def machine(device: torch.device) -> dict[str, Any]:
+    import torch
+
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
@@ -528,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated parts to run")
     parser.add_argument("--out", help="JSON report (default: results/gpu_check.json under the repository root)")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help need not wait for it
+
     mode, reason = choose_mode(args.cpu, torch.cuda.is_available())
     for key, value in MODE_DEFAULTS[mode].items():
         if getattr(args, key) is None:

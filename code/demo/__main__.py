@@ -26,10 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from fileio import REPO_ROOT, atomic_write_text
-from lora import save_official_checkpoint
-from modeling import CLaMP3Model, ModelConfig
 
 from demo import layout
 
@@ -91,6 +88,9 @@ class Demo:
 
     def initial_weights(self) -> None:
         """The base's starting point: a random symbolic side and the e5 text tower."""
+        import torch
+        from lora import save_official_checkpoint
+        from modeling import CLaMP3Model, ModelConfig
         from transformers import XLMRobertaModel
 
         text_config = json.loads((self.root / "text_tower" / "config.json").read_text())
@@ -130,7 +130,7 @@ class Demo:
         """Every output of every stage exists and can be read as what it claims to be; raises
         SystemExit naming the first one that is not (``make demo-quick`` in CI relies on this)."""
         from fileio import read_jsonl
-        from modeling import load_clamp3
+        from modeling import ModelConfig, load_clamp3
 
         problems: list[str] = []
         checked = 0
