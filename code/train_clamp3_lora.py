@@ -15,6 +15,7 @@ import argparse
 import sys
 
 import runconfig
+from formats import FORMATS
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Multi-node: torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d "
                "--rdzv_endpoint=HOST:29500 code/train_clamp3_lora.py --format abc")
-    parser.add_argument("--format", choices=["abc", "mtf", "both"], default="both",
+    parser.add_argument("--format", choices=[*FORMATS, "both"], default="both",
                         help="which adapter to train; 'both' trains ABC, then MTF, each from the base (default)")
     parser.add_argument("--weights", metavar="PATH",
                         help="base CLaMP 3 checkpoint (default: CLAMP3_WEIGHTS_PATH from config)")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from fileio import REPO_ROOT, atomic_write_text
+from formats import FORMATS, SYSTEMS
 
 from demo import layout
 
@@ -119,7 +120,7 @@ class Demo:
         from demo.labels import LABEL_FIELD, TUNE_TYPES, label_set_paths, write_label_sets
 
         write_label_sets(self.root)
-        for fmt in ("abc", "mtf"):
+        for fmt in FORMATS:
             sets = label_set_paths(self.root, fmt)
             self.script("classification/evaluate_cls.py", "demo_eval.py", "--train", str(sets["train"]),
                         "--test", str(sets["test"]), "--label_field", LABEL_FIELD, "--labels", TUNE_TYPES, "--quiet",
@@ -151,14 +152,14 @@ class Demo:
             need(corpus / f"{split}.jsonl", "training records", lambda p: len(read_jsonl(p)) > 0)
         config = ModelConfig.from_json(self.root / "model_config.json")
         need(self.root / layout.BASE_WEIGHTS, "an official-format checkpoint", lambda p: load_clamp3(config, p))
-        for fmt in ("abc", "mtf"):
+        for fmt in FORMATS:
             adapter = self.root / "adapters" / f"lora_{fmt}_adapter"
             for name in ("adapter_config.json", "adapter_model.safetensors", "selection.json"):
                 need(adapter / name, "part of a PEFT adapter")
             need(self.root / "test" / f"test_{fmt}.jsonl", "a test set", lambda p: len(read_jsonl(p)) > 0)
             need(self.root / "runs" / "adapters" / f"{fmt.upper()}_history.json", "a training history",
                  lambda p: len(json.loads(p.read_text())) > 0)
-        for system in ("baseline", "lora"):
+        for system in SYSTEMS:
             need(results / f"evaluation_{system}_report.json", "an evaluation report",
                  lambda p: {"abc", "mtf"} <= set(json.loads(p.read_text())["sets"]))
             need(results / f"evaluation_{system}_ranks.jsonl", "per-query ranks")
@@ -166,7 +167,7 @@ class Demo:
         need(results / "evaluation_summary.txt", "the summary", lambda p: "LoRA" in p.read_text())
         for folder in ("captions", "sheet", "midi"):
             need(self.root / "examples" / folder, "raw-file examples", lambda p: any(p.iterdir()))
-        for fmt in ("abc", "mtf"):
+        for fmt in FORMATS:
             need(results / f"classification_tune_type_{fmt}.json", "a classification report",
                  lambda p: {"base", "adapters"} <= set(json.loads(p.read_text())["systems"]))
         plots = sorted((results / "plots").glob("*.png"))
@@ -203,7 +204,7 @@ class Demo:
             "prepare_test_data.py", "demo_eval.py", "--demo_dir", f"{rel}/corpus/test", "--num_abc", "1000",
             "--num_mtf", "1000", *base_jsonls, overrides=evaluation))
         self.stage("pre-flight", None, lambda: self.script("test_pipeline.py", "demo_eval.py", overrides=evaluation))
-        for system in ("baseline", "lora"):
+        for system in SYSTEMS:
             self.stage(f"evaluation ({system})", None, lambda s=system: self.script(
                 f"evaluate_{s}.py", "demo_eval.py", "--quiet", overrides=evaluation))
         self.stage("comparison", None, lambda: self.script("compare_results.py", "demo_eval.py", overrides=evaluation))

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from fileio import DropLog, atomic_write_bytes, atomic_write_text, file_sha256, with_extension
+from formats import FORMATS
 from preprocess.abc_normalise import abc_to_musicxml, normalise_abc
 from preprocess.batch import run_batch
 from preprocess.errors import ConversionError, describe_exception
@@ -367,7 +368,7 @@ def _select(candidates: dict[str, list[Tune]], size: CorpusSize, work: Path) -> 
     seen: dict[str, set[str]] = {"abc": set(), "mtf": set()}
     chosen: dict[str, list[Tune]] = {}
     for split in SPLITS:
-        formats = ("abc", "mtf") if split == "test" else ("mtf",) if split.endswith("_mtf") else ("abc",)
+        formats = FORMATS if split == "test" else ("mtf",) if split.endswith("_mtf") else ("abc",)
         picked: list[Tune] = []
         for tune in candidates[split]:
             if len(picked) == getattr(size, split):
@@ -439,7 +440,7 @@ def build_corpus(root: str | Path, size: str | CorpusSize = "quick", seed: int =
                     for t in chosen[s]}
     _publish(training_abc, root / "abc", ".abc")
     _publish(training_mtf, root / "mtf", ".mtf")
-    for fmt in ("abc", "mtf"):
+    for fmt in FORMATS:
         _publish({t.id: work / fmt / f"{t.id}.{fmt}" for t in chosen["test"]}, root / "test" / fmt, f".{fmt}")
         _write_if_changed(root / "test" / f"test_{fmt}.jsonl",
                           _jsonl_bytes([_test_record(t, fmt, seed) for t in chosen["test"]]))

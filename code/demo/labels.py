@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fileio import DropLog, atomic_write_bytes, atomic_write_text, read_jsonl, write_jsonl
+from formats import FORMATS
 
 from demo.captions import tune_metadata
 from demo.corpus import music21_corpus_dir, read_collections
@@ -41,7 +42,7 @@ def write_label_sets(root: Path) -> dict[str, int]:
     corpus = root / "corpus"
     sources = {"train": (corpus, "adapt_train_{fmt}.jsonl"), "test": (corpus / "test", "test_{fmt}.jsonl")}
     counts: dict[str, int] = {}
-    for fmt in ("abc", "mtf"):
+    for fmt in FORMATS:
         for split, path in label_set_paths(root, fmt).items():
             folder, name = sources[split]
             rows = []
@@ -69,7 +70,7 @@ def write_examples(root: Path) -> dict[str, int]:
     test = root / "corpus" / "test"
     folder = root / "examples"
     counts = {"captions": 0, "sheet": 0, "midi": 0}
-    for fmt in ("abc", "mtf"):
+    for fmt in FORMATS:
         for record in read_jsonl(test / f"test_{fmt}.jsonl"):
             source = test / record["filepaths"][0]
             if fmt == "abc":

@@ -26,6 +26,7 @@ import runconfig
 import torch
 from features import load_text_tokenizer
 from fileio import DropLog, file_sha256, repo_path, swap_in_folder
+from formats import FORMATS
 from modeling import CLaMP3Model, ModelConfig, load_clamp3
 from patchilizer import M3Patchilizer
 from peft import PeftModel
@@ -125,7 +126,7 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
                                 "weights (see README) or pass --weights PATH.")
     base_fingerprint = file_sha256(weights) if dist.is_main else None
     base_fingerprint = distributed.broadcast_object(base_fingerprint)
-    formats = ["abc", "mtf"] if args.format == "both" else [args.format]
+    formats = list(FORMATS) if args.format == "both" else [args.format]
     ctx = RunContext(cfg=cfg, args=args, dist=dist, run_dir=run_dir, model_config=model_config, weights=weights,
                      base_fingerprint=base_fingerprint, tokenizer=load_text_tokenizer(cfg["TEXT_MODEL_NAME"]),
                      progress=not args.quiet, formats=formats, precision=precision)
