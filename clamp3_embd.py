@@ -34,11 +34,8 @@ from pathlib import Path
 import rawfile_tools
 import rawfiles
 import runconfig
-from extraction import merge_rank_logs, rank_log_path
 from fileio import DropLog
-from modeling import resolve_device
 from tqdm import tqdm
-from training.distributed import all_gather_object, barrier, distributed_session, launch_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = runconfig.parse_args(parser, argv)
     if not Path(args.input_dir).is_dir():
         parser.error(f"input directory not found: {args.input_dir}")
+    # torch after the arguments: --help and a usage error need not wait for it.
+    from modeling import resolve_device
+    from training.distributed import distributed_session, launch_environment
+
     try:
         _, world_size, _ = launch_environment()
     except ValueError as exc:
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, cfg: dict, rank: int = 0, world_size: int = 1, device: str | None = None) -> int:
     """Every process runs it; rank 0 prints the models and the summary and merges the failure logs."""
+    from embedder import EmbedSummary
+    from extraction import merge_rank_logs, rank_log_path
+    from training.distributed import all_gather_object, barrier
+
     main_rank = rank == 0
     embedder = rawfile_tools.open_embedder(args, cfg, show=not args.quiet and main_rank, device=device)
     files = rawfiles.discover(args.input_dir)
@@ -106,8 +111,6 @@ def run(args: argparse.Namespace, cfg: dict, rank: int = 0, world_size: int = 1,
                 raise  # the session ends this process and torchrun the others; a return would leave them waiting
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    from embedder import EmbedSummary
-
     features = EmbedSummary()
     for part in all_gather_object(embedder.summary):
         features.embedded += part.embedded

@@ -15,8 +15,9 @@ FOLDER's music files are embedded once into a persistent index (SEARCH_INDEX_DIR
 or --index DIR): each later search embeds only new and changed files and drops removed ones (the
 conversions and features are cached by content as well). Sheet music goes through the ABC adapter,
 MIDI through the MTF adapter (--no_adapter for the base); without the C2 checkpoint, the embedded
-default's models (make demo). Prints the K best: rank, cosine, format and file (copies with
-identical content are one result, their other paths listed); --json prints one JSON object.
+default's models (make demo). Prints the K best: rank, cosine, kind (abc, musicxml, midi, mtf,
+mert) and file (copies with identical content are one result, their other paths listed); --json
+prints one JSON object.
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-import music_search
+import formats
 import rawfile_tools
 import runconfig
 from fileio import DropLog
-from search_index import SearchIndex, SearchIndexError, read_manifest
-
-FORMAT_KINDS = {"abc": ("abc", "musicxml"), "mtf": ("midi", "mtf")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("folder", help="folder of music to search (searched recursively)")
     parser.add_argument("--top_k", type=int, default=10, help="how many results (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    parser.add_argument("--format", choices=sorted(FORMAT_KINDS), help="only sheet music (abc) or only MIDI (mtf)")
+    parser.add_argument("--format", choices=formats.FORMATS, help="only sheet music (abc) or only MIDI (mtf)")
     parser.add_argument("--caption", help="the caption of an image query (or a text query by another name)")
     parser.add_argument("--index", help="the index folder (default: one under SEARCH_INDEX_DIR per FOLDER)")
     parser.add_argument("--no_update", action="store_true", help="search the index as it is, without checking FOLDER")
@@ -64,34 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     embedder = rawfile_tools.open_embedder(args, cfg, show=not args.quiet and not args.json)
     if embedder is None:
         return 2
+    import folder_search  # the index and the query embedding need torch: after the arguments
+
     try:
-        query = music_search.resolve_query(args.query, args.caption, embedder.cfg["CAPTION_MODEL"])
+        query = folder_search.resolve_query(args.query, args.caption, embedder.cfg["CAPTION_MODEL"])
         if not args.no_update and not Path(args.folder).is_dir():
             raise FileNotFoundError(f"folder to search not found: {args.folder}")
         # The query before the folder: a text query loads the weights and the tokenizer, a music file
         # is converted and embedded, so a missing model or a bad query fails in seconds, not after the folder.
-        vector, exclude = music_search.query_vector(embedder, query)
-        index_dir = args.index or music_search.default_index_dir(embedder.cfg, args.folder)
+        vector, exclude = folder_search.query_vector(embedder, query)
+        index_dir = args.index or folder_search.default_index_dir(embedder.cfg, args.folder)
         with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
-            if args.no_update:
-                index = SearchIndex.open(index_dir, music_search.index_model_key(embedder), create=False)
-                say(f"index: {index_dir} ({index.n_vectors} pieces; not updated)")
-            else:
-                previous = read_manifest(index_dir)
-                if previous and previous.get("model_key") != music_search.index_model_key(embedder):
-                    say(f"index: {index_dir} was built with other models or adapters: rebuilt (features come "
-                        "from the cache where these models embedded the files before)")
-                started = time.perf_counter()
-                index, summary, skipped = music_search.update_index(embedder, args.folder, index_dir, rebuild=True,
-                                                                    drops=drops)
-                say(f"index: {index_dir}: {summary.line()} ({time.perf_counter() - started:.1f} s)"
-                    + (f"; not music, left out: {len(skipped)} file(s)" if skipped else ""))
-    except (FileNotFoundError, ValueError, RuntimeError, SearchIndexError) as exc:
+            index = folder_search.open_folder_index(embedder, args.folder, index_dir, update=not args.no_update,
+                                                    drops=drops, say=say)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: search_index's errors too
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    formats = FORMAT_KINDS[args.format] if args.format else None
-    hits = index.search(vector, args.top_k, exclude_sha256=exclude, formats=formats)[0]
+    kinds = formats.KINDS_OF_FORMAT[args.format] if args.format else None
+    hits = index.search(vector, args.top_k, exclude_sha256=exclude, kinds=kinds)[0]
     seconds = time.perf_counter() - started
     root = index.root or args.folder
     if args.json:
@@ -104,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(hits)} best of {len(index.entries)} pieces ({seconds * 1000:.1f} ms):")
     for hit in hits:
         copies = f"  (+{len(hit.duplicates)} identical: {', '.join(hit.duplicates)})" if hit.duplicates else ""
-        print(f"{hit.rank:>4}  {hit.score:.4f}  {hit.format:<8}  {hit.path}{copies}")
+        print(f"{hit.rank:>4}  {hit.score:.4f}  {hit.kind:<8}  {hit.path}{copies}")
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from evaluation.compare import run
+from evaluation.cli import run_comparison
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_comparison())

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
-from evaluation.reports import run
+from evaluation.cli import run_evaluation
+from formats import BASELINE
 
 if __name__ == "__main__":
-    sys.exit(run("baseline", None, __doc__))
+    sys.exit(run_evaluation(BASELINE, None, __doc__))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from evaluation.reports import run
+from evaluation.cli import run_evaluation
+from formats import LORA
 
 if __name__ == "__main__":
-    sys.exit(run("lora", None, __doc__))
+    sys.exit(run_evaluation(LORA, None, __doc__))

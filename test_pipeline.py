@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import runconfig
-from evaluation.preflight import Preflight, PreflightSettings, run_checks
 from fileio import repo_path
 from formats import FORMATS
 
@@ -37,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, cfg = runconfig.parse_args(parser, argv)
+    # After parsing: the checks load torch, transformers and peft, which --help need not wait for.
+    from evaluation.preflight import Preflight, PreflightSettings, run_checks
+
     settings = PreflightSettings(
         cfg=cfg,
         weights=Path(args.weights).absolute() if args.weights else repo_path(cfg["CLAMP3_WEIGHTS_PATH"]),

@@ -37,15 +37,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import metrics
 import numpy as np
-import torch
 from bench_train import PeakMemory
 from fileio import REPO_ROOT, read_jsonl
 
 
 def paired_features(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Row-paired float32 features with a moderate signal (MRR well between random and perfect)."""
+    import torch  # here, not at the top: --help need not wait for it
+
     generator = torch.Generator().manual_seed(seed)
     text = torch.randn(n, dim, generator=generator)
     music = 0.06 * text + torch.randn(n, dim, generator=generator)
@@ -53,6 +53,8 @@ def paired_features(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 
 def bench_metrics(n: int, dim: int, n_resamples: int) -> dict:
+    import metrics  # loads torch
+
     text, music = paired_features(n, dim, seed=n)
     with PeakMemory() as memory:
         start = time.perf_counter()
@@ -88,6 +90,8 @@ def official_loop(query_folder: str, reference_folder: str,
     each query file). References keep the first file per key in sorted order, like clamp3_eval.py.
     ``restack_per_query``: build the reference tensor again for every query, as the official
     script does, rather than once."""
+    import torch
+
     def features_by_key(folder: str) -> dict[str, list[tuple[str, np.ndarray]]]:
         found: dict[str, list[tuple[str, np.ndarray]]] = {}
         depth = len(Path(folder).parts)
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_resamples", type=int, default=1000)
     parser.add_argument("--skip_official", action="store_true", help="time clamp3_eval.py only")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help need not wait for it
+
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 

@@ -39,10 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import search_index
-import torch
-from search_index import FileFacts, SearchIndex
 
+# search_index (and torch) are imported by the steps and main, after the arguments: --help answers at once.
 TOLERANCE = 1e-5
 
 
@@ -72,6 +70,8 @@ def vm_hwm_bytes() -> int:
 
 
 def step_build(folder: Path, n: int, dim: int, seed: int, api_max: int) -> dict:
+    from search_index import FileFacts, SearchIndex
+
     vectors = random_units(n, dim, seed)
     start = time.perf_counter()
     if n <= api_max:
@@ -82,7 +82,7 @@ def step_build(folder: Path, n: int, dim: int, seed: int, api_max: int) -> dict:
         assert len(summary.added) == n and summary.written
         how = "update()"
     else:
-        files = [{"path": path_of(i), "sha256": fake_sha(i), "size": 1000 + i % 7, "mtime_ns": 1, "format": "abc"}
+        files = [{"path": path_of(i), "sha256": fake_sha(i), "size": 1000 + i % 7, "mtime_ns": 1, "kind": "abc"}
                  for i in range(n)]
         SearchIndex.build(folder, "bench-model", "/synthetic", files, vectors)
         how = "build()"
@@ -91,6 +91,8 @@ def step_build(folder: Path, n: int, dim: int, seed: int, api_max: int) -> dict:
 
 def step_update(folder: Path, n: int, dim: int, seed: int) -> dict:
     """1% changed (new content), 0.1% removed, 0.1% added; everything else unchanged by size+mtime."""
+    from search_index import FileFacts, SearchIndex
+
     rng = np.random.default_rng(seed + 1)
     changed = set(rng.choice(n, size=max(1, n // 100), replace=False).tolist())
     removed = set(rng.choice(n, size=max(1, n // 1000), replace=False).tolist()) - changed
@@ -130,6 +132,8 @@ def timed(function, repeats: int) -> tuple[float, float]:
 
 def step_search(folder: Path, n: int, dim: int, seed: int, repeats: int, batch: int, k: int,
                 n_check: int, chunk_rows: int) -> dict:
+    from search_index import SearchIndex
+
     start = time.perf_counter()
     index = SearchIndex.open(folder, "bench-model")
     open_s = time.perf_counter() - start
@@ -206,13 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=int, default=4, help="queries checked against float64 brute force")
     parser.add_argument("--api_max", type=int, default=100_000,
                         help="largest size built through update(); above it, SearchIndex.build")
-    parser.add_argument("--chunk_rows", type=int, default=search_index.DEFAULT_CHUNK_ROWS)
+    parser.add_argument("--chunk_rows", type=int)  # default: search_index.DEFAULT_CHUNK_ROWS
     parser.add_argument("--workdir", type=Path, default=None, help="where indexes are written (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
     parser.add_argument("--_step", help=argparse.SUPPRESS)
     parser.add_argument("--_size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import search_index
+    import torch
+
+    if args.chunk_rows is None:
+        args.chunk_rows = search_index.DEFAULT_CHUNK_ROWS
     torch.set_num_threads(args.threads)
 
     if args._step:

@@ -1,7 +1,7 @@
 """Zero-shot and linear-probe classification of held-out pieces, the base model against the base with its adapters.
 
     python classification/evaluate_cls.py --train TRAIN.jsonl --test TEST.jsonl [--label_field label]
-        [--labels a,b,c] [--min_count 10] [--template "a {label}"] [--systems base,adapters]
+        [--labels a,b,c] [--min_count 10] [--template "a {label}"] [--systems baseline,lora]
         [--output REPORT.json] [--weights PATH] [--model_config FILE] [--cache_dir DIR] [--quiet]
         [--config FILE] [--KEY=value ...]
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from evaluation.classification import run
+from evaluation.cli import run_classification
 
 if __name__ == "__main__":
-    sys.exit(run())
+    sys.exit(run_classification())

@@ -26,8 +26,8 @@ import json
 import sys
 from pathlib import Path
 
-import classify
-from classify import CheckpointError, LabelError, LinearProbe
+import feature_labels
+from feature_labels import LabelError
 from fileio import atomic_write_text, write_jsonl
 
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write <output stem>.probabilities.json with every label's probability")
     truth = parser.add_mutually_exclusive_group()
     truth.add_argument("--labels", metavar="FILE", help="true labels (CSV key,label or JSONL) for a report")
-    truth.add_argument("--label_from", choices=classify.LABEL_RULES,
+    truth.add_argument("--label_from", choices=feature_labels.LABEL_RULES,
                        help="true labels by rule (name: basename up to the first underscore; folder: first "
                             "sub-folder) for a report")
     parser.add_argument("--report", metavar="FILE", help="where the report goes (default: <output stem>.report.json)")
@@ -52,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import classify  # torch, after the arguments
+    from classify import CheckpointError, LinearProbe
+
     output = Path(args.output_file)
     try:
         probe = LinearProbe.load(args.weights)
-        label_map = classify.read_label_file(args.labels) if args.labels else None
-        features, skipped = classify.load_features_tolerant(args.feature_folder, probe.input_size)
+        label_map = feature_labels.read_label_file(args.labels) if args.labels else None
+        features, skipped = feature_labels.load_features_tolerant(args.feature_folder, probe.input_size)
     except (FileNotFoundError, CheckpointError, LabelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(skipped)} files skipped, listed in {skipped_path}", file=sys.stderr)
 
     if label_map is not None or args.label_from:
-        truth = classify.labels_for(features.files, args.label_from or "name", label_map)
+        truth = feature_labels.labels_for(features.files, args.label_from or "name", label_map)
         known = [i for i, label in enumerate(truth) if label is not None]
         if not known:
             print("note: no file has a true label; no report", file=sys.stderr)

@@ -30,10 +30,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import classify
-from classify import LabelError, LinearProbe, ProbeConfig
+import feature_labels
+from feature_labels import LabelError, UnusableDataError
 from fileio import atomic_write_text
-from retrieval import FeatureFileError, FeatureSet, load_feature_folder
+from retrieval import FeatureFileError
 
 MAX_LISTED_LABELS = 30
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight the loss by inverse label frequency")
     parser.add_argument("--labels", metavar="FILE",
                         help="labels from a CSV (key,label) or JSONL file, instead of --label_from")
-    parser.add_argument("--label_from", choices=classify.LABEL_RULES, default="name",
+    parser.add_argument("--label_from", choices=feature_labels.LABEL_RULES, default="name",
                         help="name: basename up to the first underscore (official); folder: first sub-folder "
                              "(default: %(default)s)")
     parser.add_argument("--output", metavar="DIR_OR_FILE",
@@ -68,10 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bootstrap resamples of the report's intervals (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     return parser
-
-
-class InputError(Exception):
-    """Input that cannot be trained on; the message says which file or folder and why."""
 
 
 def folder_name(folder: str) -> str:
@@ -95,21 +91,6 @@ def log_path(weights: Path) -> Path:
     return weights.with_name(f"logs-{weights.stem.removeprefix('weights-')}.txt")
 
 
-def labelled(features: FeatureSet, rule: str, label_map: dict[str, str] | None,
-             source: str) -> tuple[list[int], list[str]]:
-    """Rows that have a label and their labels; unlabelled files are named in a note."""
-    labels = classify.labels_for(features.files, rule, label_map)
-    rows = [i for i, label in enumerate(labels) if label is not None]
-    missing = [features.path(i) for i, label in enumerate(labels) if label is None]
-    if missing:
-        print(f"note: {len(missing)} of {len(features)} files under {features.root} have no label ({source}) "
-              f"and are left out, e.g. {missing[0]}", file=sys.stderr)
-    if not rows:
-        hint = "; keys are paths relative to the feature folder, name up to the first dot" if label_map else ""
-        raise InputError(f"no file under {features.root} has a label ({source}{hint})")
-    return rows, [labels[i] for i in rows]
-
-
 def count_line(labels: list[str]) -> str:
     counts = Counter(labels)
     listed = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
@@ -125,41 +106,12 @@ def epoch_line(row: dict, num_epochs: int) -> str:
     return line
 
 
-def load_data(args: argparse.Namespace):
-    """Training and validation arrays, labels and file paths, by the chosen label rule."""
-    label_map = classify.read_label_file(args.labels) if args.labels else None
-    source = f"from {args.labels}" if args.labels else f"label rule {args.label_from!r}"
-    train_set = load_feature_folder(args.train_folder)
-    rows, labels = labelled(train_set, args.label_from, label_map, source)
-    x, paths = train_set.vectors[rows], [train_set.path(i) for i in rows]
-    distinct = sorted(set(labels))
-    if len(distinct) < 2:
-        raise InputError(f"all {len(labels)} labelled files under {args.train_folder} have the label "
-                         f"{distinct[0]!r} ({source}; e.g. {paths[0]}); a classifier needs at least two labels")
-    if args.eval_folder:
-        eval_set = load_feature_folder(args.eval_folder)
-        if eval_set.dimension != train_set.dimension:
-            raise InputError(f"{eval_set.path(0)}: dimension {eval_set.dimension}, but the training features "
-                             f"(e.g. {train_set.path(0)}) have {train_set.dimension}")
-        eval_rows, eval_labels = labelled(eval_set, args.label_from, label_map, source)
-        unseen = sorted(set(eval_labels) - set(distinct))
-        if unseen:
-            example = eval_set.path(eval_rows[eval_labels.index(unseen[0])])
-            raise InputError(f"{len(unseen)} validation labels never occur in training: {unseen[:10]} "
-                             f"(e.g. {example})")
-        return (x, labels, paths), (eval_set.vectors[eval_rows], eval_labels,
-                                    [eval_set.path(i) for i in eval_rows]), distinct
-    train_idx, val_idx = classify.split_train_validation(labels, args.eval_split, args.seed)
-
-    def pick(idx):
-        return x[idx], [labels[i] for i in idx], [paths[i] for i in idx]
-
-    return pick(train_idx), pick(val_idx), distinct
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import classify  # torch, after the arguments
+    from classify import LinearProbe, ProbeConfig
+
     if not 0.0 <= args.eval_split < 1.0:
         parser.error(f"--eval_split must be in [0, 1), got {args.eval_split}")
     config = ProbeConfig(num_epochs=args.num_epochs, learning_rate=args.learning_rate,
@@ -170,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        (train_x, train_labels, _), (val_x, val_labels, val_paths), label_order = load_data(args)
-    except (FileNotFoundError, FeatureFileError, LabelError, InputError) as exc:
+        data = feature_labels.load_training_data(args.train_folder, args.eval_folder, args.eval_split, args.seed,
+                                                 args.label_from, args.labels)
+    except (FileNotFoundError, FeatureFileError, LabelError, UnusableDataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    (train_x, train_labels, _), (val_x, val_labels, val_paths) = data.train, data.validation
+    label_order = data.label_order
 
     where = f"from {args.eval_folder}" if args.eval_folder else (
         f"{args.eval_split:.0%} of each label held out, seed {args.seed}" if args.eval_split else "none")

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-import classify
+import feature_labels
 import rawfile_tools
 import rawfiles
 import runconfig
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("output_file", help="JSON {file: label}")
     parser.add_argument("--labels", required=True, help="comma-separated label names")
     parser.add_argument("--template", default="a {label}", help="the prompt of a label (default: %(default)r)")
-    parser.add_argument("--label_from", choices=classify.LABEL_RULES,
+    parser.add_argument("--label_from", choices=feature_labels.LABEL_RULES,
                         help="true labels from file names (<label>_...) or first sub-folders, for a report")
     parser.add_argument("--report", help="report JSON when true labels are known (default: <stem>.report.json)")
     rawfile_tools.add_model_arguments(parser, "zero_shot_cls")
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     labels = list(dict.fromkeys(label.strip() for label in args.labels.split(",") if label.strip()))
     if len(labels) < 2:
         parser.error("--labels needs at least two labels")
+    import classify  # torch, after the arguments
+
     try:
         prompts = classify.prompt_texts(labels, args.template)
         files = [Path(args.input_dir) / rel for rel in rawfiles.discover(args.input_dir)]
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"zero_shot_cls: {len(names)} files labelled ({drops.summary_line()}); predictions: {output}")
     if args.label_from:
         relative = [path.relative_to(args.input_dir) for path, _ in embedded]
-        truth = classify.labels_for(relative, args.label_from)
+        truth = feature_labels.labels_for(relative, args.label_from)
         known = [i for i, label in enumerate(truth) if label in labels]
         if not known:
             print(f"note: no file has a true label among {labels} by the {args.label_from!r} rule; no report")

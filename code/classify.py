@@ -1,14 +1,7 @@
-"""Classification on global CLaMP 3 features: labels of feature files, a linear probe in the official
-checkpoint layout, zero-shot labels by cosine similarity, and a classification report. Arrays only;
-no CLaMP 3 model is loaded here (``classification/`` scripts and the raw-file tools feed it features).
-
-**Labels.** The official rule takes a file's basename up to the first underscore
-(``pop_12.npy`` -> ``pop``; a name without an underscore keeps its whole basename, extension
-included, exactly as the official scripts do). ``folder`` takes the first sub-folder of the file's
-path relative to the feature root (``pop/x.npy`` -> ``pop``). A label file (CSV with a header holding
-``key`` or ``path`` and ``label``, or JSONL objects with the same fields) maps keys to labels; every key
-or path is reduced with ``retrieval.feature_key`` (folder relative to the feature root + name up to the
-first dot), so ``pop/x.abc``, ``pop/x.npy`` and ``pop/x`` name the same file.
+"""Classification on global CLaMP 3 features: a linear probe in the official checkpoint layout,
+zero-shot labels by cosine similarity, and a classification report. Arrays only; no CLaMP 3 model is
+loaded here (``classification/`` scripts and the raw-file tools feed it features). Which label a file
+has, and the labelled arrays a probe trains on, are ``feature_labels``' (no torch there).
 
 **Checkpoint** (what the official ``train_cls.py`` saves and ``inference_cls.py`` loads):
 ``{"model": {"fc.weight": (L, D), "fc.bias": (L,)}, "labels": {label: index}, "input_size": D,
@@ -18,7 +11,6 @@ first dot), so ``pop/x.abc``, ``pop/x.npy`` and ``pop/x`` name the same file.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -30,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fileio import atomic_write_bytes, atomic_write_text, find_files, iter_jsonl
+from fileio import atomic_write_bytes, atomic_write_text
 from metrics import bootstrap_interval
-from retrieval import FEATURE_EXTENSION, FeatureFileError, FeatureSet, feature_key, load_feature
 from torch import nn
 
-LABEL_RULES = ("name", "folder")
 CHECKPOINT_KEYS = ("model", "labels", "input_size")
 # On equal validation accuracy, a later epoch is better only if its validation loss is lower by more
 # than this: on separable data the loss keeps shrinking by tiny amounts, which must not defeat
@@ -43,149 +33,8 @@ CHECKPOINT_KEYS = ("model", "labels", "input_size")
 LOSS_TOLERANCE = 1e-3
 
 
-class LabelError(ValueError):
-    """A label file or label assignment that cannot be used (the message names the file and line)."""
-
-
 class CheckpointError(ValueError):
     """A classifier checkpoint that is not in the official layout (the message names the file)."""
-
-
-# --------------------------------------------------------------------------------------------- labels
-
-def label_from_name(path: str | os.PathLike) -> str:
-    """The official label of a feature file: its basename up to the first underscore."""
-    return os.path.basename(os.fspath(path)).split("_")[0]
-
-
-def label_from_folder(relative: str | os.PathLike) -> str | None:
-    """The first sub-folder of a path relative to the feature root; ``None`` for a file at the top."""
-    parts = Path(relative).parts
-    return parts[0] if len(parts) > 1 else None
-
-
-def _key_of(text: str) -> str:
-    text = text.strip().replace("\\", "/")
-    while text.startswith("./"):
-        text = text[2:]
-    return feature_key(text)
-
-
-def read_label_file(path: str | os.PathLike) -> dict[str, str]:
-    """Key -> label from a CSV (header with ``key`` or ``path``, and ``label``) or a JSONL file of
-    ``{"key" or "path": ..., "label": ...}``; the format is told by the extension (``.csv``,
-    ``.jsonl``/``.json``), else by the first character. A key given twice with different labels,
-    a missing field or an empty label is an error naming the line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LabelError(f"{path}: cannot be read ({exc})") from exc
-    suffix = path.suffix.lower()
-    is_jsonl = suffix in (".jsonl", ".json") or (suffix != ".csv" and text.lstrip().startswith("{"))
-    rows = _jsonl_label_rows(path) if is_jsonl else _csv_label_rows(path, text)
-    labels: dict[str, str] = {}
-    for where, raw_key, raw_label in rows:
-        if raw_key is None or raw_label is None:
-            raise LabelError(f"{where}: needs a key (or path) and a label")
-        label = str(raw_label).strip()
-        key = _key_of(str(raw_key))
-        if not label or not key:
-            raise LabelError(f"{where}: empty key or label")
-        if labels.get(key, label) != label:
-            raise LabelError(f"{where}: key {key!r} has label {label!r}, but an earlier line gave {labels[key]!r}")
-        labels[key] = label
-    if not labels:
-        raise LabelError(f"{path}: holds no labels")
-    return labels
-
-
-def _jsonl_label_rows(path: Path) -> list[tuple[str, object, object]]:
-    try:
-        return [(f"{path}:{number}", obj.get("key", obj.get("path")), obj.get("label"))
-                for number, obj in iter_jsonl(path)]
-    except ValueError as exc:
-        raise LabelError(str(exc)) from exc
-
-
-def _csv_label_rows(path: Path, text: str) -> list[tuple[str, object, object]]:
-    reader = csv.DictReader(io.StringIO(text))
-    fields = [name.strip() for name in reader.fieldnames or []]
-    key_field = "key" if "key" in fields else "path" if "path" in fields else None
-    if key_field is None or "label" not in fields:
-        raise LabelError(f"{path}: a label CSV needs a header with columns key (or path) and label, got {fields}")
-    reader.fieldnames = fields
-    # Line numbers count the header as line 1, as an editor shows them.
-    return [(f"{path}:{number}", row.get(key_field), row.get("label")) for number, row in enumerate(reader, 2)]
-
-
-def labels_for(files: Sequence[str | os.PathLike], rule: str = "name",
-               label_map: Mapping[str, str] | None = None) -> list[str | None]:
-    """The label of each file (paths relative to the feature root): from ``label_map`` (keys as
-    ``read_label_file`` gives) when one is given, else by ``rule`` (``name`` or ``folder``);
-    ``None`` where a file has none."""
-    if label_map is not None:
-        return [label_map.get(_key_of(Path(f).as_posix())) for f in files]
-    if rule == "name":
-        return [label_from_name(f) for f in files]
-    if rule == "folder":
-        return [label_from_folder(f) for f in files]
-    raise ValueError(f"unknown label rule {rule!r}; expected one of {LABEL_RULES}")
-
-
-def load_features_tolerant(root: str | os.PathLike, dimension: int | None = None
-                           ) -> tuple[FeatureSet, list[tuple[str, str]]]:
-    """Every ``.npy`` feature under ``root``, leaving out (not raising on) files that cannot be read or
-    whose dimension differs from ``dimension`` (default: the first good file's): ``(features,
-    [(path, reason), ...])``. No ``.npy`` file at all raises ``FileNotFoundError``."""
-    relatives = find_files(root, [FEATURE_EXTENSION])
-    if not relatives:
-        raise FileNotFoundError(f"no {FEATURE_EXTENSION} files under {root}")
-    files: list[Path] = []
-    vectors: list[np.ndarray] = []
-    skipped: list[tuple[str, str]] = []
-    for relative in relatives:
-        path = os.path.join(root, *relative.parts)
-        try:
-            vector = load_feature(path)
-        except FeatureFileError as exc:
-            skipped.append((path, str(exc).removeprefix(f"{path}: ")))
-            continue
-        if dimension is None:
-            dimension = int(vector.shape[0])
-        if vector.shape[0] != dimension:
-            skipped.append((path, f"dimension {vector.shape[0]}, expected {dimension}"))
-            continue
-        files.append(relative)
-        vectors.append(vector)
-    matrix = np.stack(vectors) if vectors else np.empty((0, dimension or 0), dtype=np.float32)
-    return FeatureSet(str(root), files, [feature_key(f.as_posix()) for f in files], matrix), skipped
-
-
-# ------------------------------------------------------------------------------------------- splits
-
-def split_train_validation(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded ``(train indices, validation indices)``, stratified: each label with at least two items
-    gives ``round(fraction × n)`` of them (at least one, never all) to validation; a label seen once
-    stays in training. Indices come back sorted."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"the validation fraction must be in [0, 1), got {fraction}")
-    rng = np.random.default_rng(seed)
-    by_label: dict[str, list[int]] = {}
-    for i, label in enumerate(labels):
-        by_label.setdefault(label, []).append(i)
-    validation: list[int] = []
-    if fraction > 0:
-        # Sorted labels: the split must not depend on the order in which labels first appear.
-        for label in sorted(by_label):
-            members = np.array(by_label[label])
-            if len(members) < 2:
-                continue
-            count = min(max(1, round(fraction * len(members))), len(members) - 1)
-            validation.extend(rng.permutation(members)[:count].tolist())
-    held = np.zeros(len(labels), dtype=bool)
-    held[validation] = True
-    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 # --------------------------------------------------------------------------------------- the probe

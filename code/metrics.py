@@ -1,9 +1,11 @@
 """Retrieval metrics: the one place that turns features into ranks, and ranks into reported numbers.
 
-Similarity is cosine in float32 (rows normalised, then one matmul per chunk of queries), as in the
-official ``inference/clamp3_eval.py``. The full query × reference matrix is never built: each chunk of
-queries only counts, per query, the references more similar than its best correct one and those
-exactly as similar, so memory is O(chunk × pool).
+Similarity is cosine in float32 (rows normalised, then one matmul per chunk, ``_cosine_chunks``), as
+in the official ``inference/clamp3_eval.py``. The full query × reference matrix is never built: each
+chunk of queries only counts, per query, the references more similar than its best correct one and
+those exactly as similar, so memory is O(chunk × pool). Three functions rank: ``rank_queries`` (both
+tie rules, one or several correct items), ``official_ranks`` (the official tool's ranks to the bit,
+near-ties settled by ``torch.cosine_similarity``) and ``top_k`` (the nearest references of a query).
 
 Two tie rules are always reported side by side:
 
@@ -22,7 +24,7 @@ close may order differently there, as they would between any two matmul implemen
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -39,6 +41,9 @@ TIE_RULES = {
                 "mrr = mean of exact E[1/rank]; hit@k = P(rank <= k)",
 }
 P_VALUE_METHOD = "paired sign-flip permutation test, two-sided, p = (1 + #|flipped mean| >= |observed|) / (1 + B)"
+# How far apart the two float32 cosines (normalised rows times matmul, and torch.cosine_similarity)
+# may be: measured at most ~1.2e-7 for D = 768, so this leaves two orders of magnitude of margin.
+NEAR_TIE_TOLERANCE = 1e-5
 # Resampling works on blocks of at most this many (resample, query) cells, so memory stays bounded.
 _RESAMPLE_BLOCK_CELLS = 1 << 22
 
@@ -116,16 +121,14 @@ def rank_queries(
     if query_matrix.shape[1] != reference_matrix.shape[1]:
         raise ValueError(f"queries have dimension {query_matrix.shape[1]}, references {reference_matrix.shape[1]}")
     correct = _CorrectItems(targets, query_groups, reference_groups, n_queries, pool_size, device)
-    normalised_refs = _normalised(reference_matrix, device, "references")
 
     greater = np.empty(n_queries, dtype=np.int64)
     tied_others = np.empty(n_queries, dtype=np.int64)
     tied_correct = np.empty(n_queries, dtype=np.int64)
     n_correct = np.empty(n_queries, dtype=np.int64)
     with torch.no_grad():
-        for start in range(0, n_queries, chunk_size):
-            stop = min(start + chunk_size, n_queries)
-            sims = _normalised(query_matrix[start:stop], device, "queries") @ normalised_refs.T
+        for start, stop, sims in _cosine_chunks(query_matrix, reference_matrix, chunk_size,
+                                                lambda rows, name: _normalised(rows, device, name)):
             mask = correct.mask(start, stop)
             if mask is None:
                 best = sims.gather(1, correct.single[start:stop, None])
@@ -143,6 +146,83 @@ def rank_queries(
             tied_correct[start:stop] = tied_correct_chunk.cpu().numpy()
             n_correct[start:stop] = n_correct_chunk.cpu().numpy()
     return Ranks(greater, tied_others, tied_correct, n_correct, pool_size)
+
+
+def official_ranks(queries: FeatureArray, references: FeatureArray, targets: np.ndarray, chunk_size: int = 512,
+                   tolerance: float = NEAR_TIE_TOLERANCE) -> Ranks:
+    """Ranks of each query's one correct reference (``targets[i]``), identical to the official
+    ``clamp3_eval.py``: rank = 1 + #references whose ``torch.cosine_similarity`` (float32) with the
+    query is greater than the correct one's, so an exact tie counts in favour of the correct item.
+
+    Why not ``rank_queries`` alone: the fast cosine (rows normalised, one matmul per chunk) and
+    ``torch.cosine_similarity`` round differently, by up to ~1e-7, so a reference that close to the
+    correct one may fall on the other side of it (a few queries in 5,000 random ones of D = 768).
+    Here the matmul decides every reference further than ``tolerance`` from the correct similarity,
+    and the few within it (the correct one included) are recomputed with ``torch.cosine_similarity``
+    (a row pair's value does not depend on the other rows of the call), which settles near-ties and
+    exact duplicates the official way. The result is a ``Ranks`` (one correct item per query) for
+    ``summarise``.
+    """
+    query_matrix = _as_float32_tensor(queries, "queries")
+    reference_matrix = _as_float32_tensor(references, "references")
+    targets = np.asarray(targets, dtype=np.int64)
+    n_queries, pool_size = query_matrix.shape[0], reference_matrix.shape[0]
+    if targets.shape != (n_queries,):
+        raise ValueError(f"{targets.shape} targets for {n_queries} queries")
+    if n_queries and (targets.min() < 0 or targets.max() >= pool_size):
+        raise ValueError(f"target index out of range for a pool of {pool_size}")
+    if query_matrix.shape[1] != reference_matrix.shape[1]:
+        raise ValueError(f"queries have dimension {query_matrix.shape[1]}, references {reference_matrix.shape[1]}")
+    target_tensor = torch.from_numpy(targets)
+    greater = np.empty(n_queries, dtype=np.int64)
+    tied_others = np.zeros(n_queries, dtype=np.int64)
+    with torch.no_grad():
+        for start, stop, sims in _cosine_chunks(query_matrix, reference_matrix, chunk_size, _unit_rows):
+            gaps = sims.sub_(sims.gather(1, target_tensor[start:stop, None]))  # in place: no new chunk
+            greater_chunk = (gaps > tolerance).sum(1)
+            # Every (query, reference) pair within the tolerance, the correct pairs included, in one
+            # call: torch.cosine_similarity's value for a row pair is the same as in the official
+            # one-query-against-all call (tested).
+            rows, columns = torch.nonzero(gaps.abs_() <= tolerance, as_tuple=True)
+            exact = torch.cosine_similarity(query_matrix[start + rows], reference_matrix[columns])
+            is_correct = columns == target_tensor[start + rows]
+            exact_correct = torch.empty(stop - start, dtype=exact.dtype).index_put_((rows[is_correct],),
+                                                                                   exact[is_correct])
+            greater_chunk.index_add_(0, rows, (exact > exact_correct[rows]).to(greater_chunk.dtype))
+            ties = torch.zeros_like(greater_chunk).index_add_(
+                0, rows, (exact == exact_correct[rows]).to(greater_chunk.dtype))
+            greater[start:stop] = greater_chunk.numpy()
+            tied_others[start:stop] = ties.numpy() - 1
+    ones = np.ones(n_queries, dtype=np.int64)
+    return Ranks(greater, tied_others, ones, ones.copy(), pool_size)
+
+
+def top_k(queries: FeatureArray, features: FeatureArray, k: int,
+          chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` features most cosine-similar to each query (float32): ``(indices, scores)``, each
+    ``(queries, min(k, N))``, best first; equal scores in index order. ``queries`` may be one ``(D,)``
+    vector. Features are scanned ``chunk_size`` rows at a time, so memory stays O(queries × chunk)."""
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    query_matrix = torch.as_tensor(queries).to(dtype=torch.float32)
+    if query_matrix.ndim == 1:
+        query_matrix = query_matrix[None]
+    feature_matrix = _as_float32_tensor(features, "features")
+    if query_matrix.ndim != 2 or query_matrix.shape[1] != feature_matrix.shape[1]:
+        raise ValueError(f"queries of shape {tuple(query_matrix.shape)} do not match features of "
+                         f"dimension {feature_matrix.shape[1]}")
+    n_queries = query_matrix.shape[0]
+    best_scores = torch.empty((n_queries, 0), dtype=torch.float32)
+    best_indices = torch.empty((n_queries, 0), dtype=torch.int64)
+    with torch.no_grad():
+        for start, _, sims in _cosine_chunks(query_matrix, feature_matrix, chunk_size, _unit_rows, over="references"):
+            # A stable sort (not topk) keeps equal scores in index order, so the cut at k is deterministic.
+            scores, order = torch.sort(sims, dim=1, descending=True, stable=True)
+            scores = torch.cat([best_scores, scores[:, :k]], dim=1)
+            indices = torch.cat([best_indices, order[:, :k] + start], dim=1)
+            scores, merged = torch.sort(scores, dim=1, descending=True, stable=True)
+            best_scores, best_indices = scores[:, :k], indices.gather(1, merged)[:, :k]
+    return best_indices.numpy(), best_scores.numpy()
 
 
 def mrr(text_features: FeatureArray, music_features: FeatureArray, chunk_size: int = 1024,
@@ -405,11 +485,46 @@ def _as_matrix(features: FeatureArray, name: str) -> torch.Tensor:
     return matrix
 
 
+def _as_float32_tensor(features: FeatureArray, name: str) -> torch.Tensor:
+    """A 2-D contiguous float32 CPU copy or view (``official_ranks`` and ``top_k`` work on the CPU)."""
+    tensor = torch.as_tensor(features).to(dtype=torch.float32, device="cpu")
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (items × dimension) array, got shape {tuple(tensor.shape)}")
+    return tensor.contiguous()
+
+
 def _normalised(rows: torch.Tensor, device: torch.device, name: str) -> torch.Tensor:
     rows = rows.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(rows).all()):
         raise ValueError(f"{name} contain NaN or infinite values")
     return F.normalize(rows, dim=1)
+
+
+def _unit_rows(rows: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows scaled to unit length, as they are (float32 CPU rows already checked by the caller)."""
+    return F.normalize(rows, dim=1)
+
+
+def _cosine_chunks(queries: torch.Tensor, references: torch.Tensor, chunk_size: int,
+                   unit: Callable[[torch.Tensor, str], torch.Tensor],
+                   over: str = "queries") -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The float32 query × reference cosines, one chunk at a time: the one matmul behind every rank and
+    search here. Yields ``(start, stop, sims)``: rows ``start:stop`` of the queries against every
+    reference (``over="queries"``), or every query against references ``start:stop``
+    (``over="references"``). ``unit(rows, name)`` normalises rows (checking or moving them as its
+    caller needs); the side that is not chunked is normalised once."""
+    if over == "queries":
+        fixed = unit(references, "references")
+        for start in range(0, queries.shape[0], chunk_size):
+            stop = min(start + chunk_size, queries.shape[0])
+            yield start, stop, unit(queries[start:stop], "queries") @ fixed.T
+    elif over == "references":
+        fixed = unit(queries, "queries")
+        for start in range(0, references.shape[0], chunk_size):
+            stop = min(start + chunk_size, references.shape[0])
+            yield start, stop, fixed @ unit(references[start:stop], "references").T
+    else:
+        raise ValueError(f"over must be 'queries' or 'references', got {over!r}")
 
 
 def _harmonic_numbers(n: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Feature folders ↔ arrays for the inference tools, evaluation and search: the official key rule,
-loading global ``.npy`` features, key matching, ranks with the official arithmetic, and top-k search.
+loading global ``.npy`` features, key matching. What is done with the arrays (ranks with the
+official arithmetic, top-k search) is ``metrics``'.
 
 **Keys.** The key of a feature file is its folder relative to the given root, ``/``, and its name up
 to the **first** dot (``sub/x.1.npy`` and ``sub/x.2.npy`` -> ``sub/x``; a file at the top has the
@@ -22,15 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from fileio import find_files
-from metrics import Ranks
 
 FEATURE_EXTENSION = ".npy"
-# How far apart the two float32 cosines (normalised rows times matmul, and torch.cosine_similarity)
-# may be: measured at most ~1.2e-7 for D = 768, so this leaves two orders of magnitude of margin.
-NEAR_TIE_TOLERANCE = 1e-5
 
 
 class FeatureFileError(ValueError):
@@ -199,93 +194,3 @@ def match_keys(queries: FeatureSet, references: FeatureSet) -> KeyMatch:
     unmatched_queries = sorted({key for key in queries.keys if key not in reference_index})
     unmatched_references = [key for key in references.keys if key not in query_keys]
     return KeyMatch(targets, unmatched_queries, unmatched_references)
-
-
-def _as_float32_tensor(features: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
-    tensor = torch.as_tensor(features).to(dtype=torch.float32, device="cpu")
-    if tensor.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (items × dimension) array, got shape {tuple(tensor.shape)}")
-    return tensor.contiguous()
-
-
-def official_ranks(queries: np.ndarray | torch.Tensor, references: np.ndarray | torch.Tensor,
-                   targets: np.ndarray, chunk_size: int = 512,
-                   tolerance: float = NEAR_TIE_TOLERANCE) -> Ranks:
-    """Ranks of each query's one correct reference (``targets[i]``), identical to the official
-    ``clamp3_eval.py``: rank = 1 + #references whose ``torch.cosine_similarity`` (float32) with the
-    query is greater than the correct one's, so an exact tie counts in favour of the correct item.
-
-    Why not ``metrics.rank_queries`` alone: the fast cosine (rows normalised, one matmul per chunk)
-    and ``torch.cosine_similarity`` round differently, by up to ~1e-7, so a reference that close to
-    the correct one may fall on the other side of it (a few queries in 5,000 random ones of D = 768).
-    Here the matmul decides every reference further than ``tolerance`` from the correct similarity,
-    and the few within it (the correct one included) are recomputed with ``torch.cosine_similarity``
-    (a row pair's value does not depend on the other rows of the call), which settles near-ties and
-    exact duplicates the official way. The result is a ``metrics.Ranks`` (one correct item per
-    query) for ``summarise``.
-    """
-    query_matrix = _as_float32_tensor(queries, "queries")
-    reference_matrix = _as_float32_tensor(references, "references")
-    targets = np.asarray(targets, dtype=np.int64)
-    n_queries, pool_size = query_matrix.shape[0], reference_matrix.shape[0]
-    if targets.shape != (n_queries,):
-        raise ValueError(f"{targets.shape} targets for {n_queries} queries")
-    if n_queries and (targets.min() < 0 or targets.max() >= pool_size):
-        raise ValueError(f"target index out of range for a pool of {pool_size}")
-    if query_matrix.shape[1] != reference_matrix.shape[1]:
-        raise ValueError(f"queries have dimension {query_matrix.shape[1]}, references {reference_matrix.shape[1]}")
-    target_tensor = torch.from_numpy(targets)
-    greater = np.empty(n_queries, dtype=np.int64)
-    tied_others = np.zeros(n_queries, dtype=np.int64)
-    with torch.no_grad():
-        normalised_refs = F.normalize(reference_matrix, dim=1)
-        for start in range(0, n_queries, chunk_size):
-            stop = min(start + chunk_size, n_queries)
-            sims = F.normalize(query_matrix[start:stop], dim=1) @ normalised_refs.T
-            gaps = sims.sub_(sims.gather(1, target_tensor[start:stop, None]))  # in place: no new chunk
-            greater_chunk = (gaps > tolerance).sum(1)
-            # Every (query, reference) pair within the tolerance, the correct pairs included, in one
-            # call: torch.cosine_similarity's value for a row pair is the same as in the official
-            # one-query-against-all call (tested).
-            rows, columns = torch.nonzero(gaps.abs_() <= tolerance, as_tuple=True)
-            exact = torch.cosine_similarity(query_matrix[start + rows], reference_matrix[columns])
-            is_correct = columns == target_tensor[start + rows]
-            exact_correct = torch.empty(stop - start, dtype=exact.dtype).index_put_((rows[is_correct],),
-                                                                                   exact[is_correct])
-            greater_chunk.index_add_(0, rows, (exact > exact_correct[rows]).to(greater_chunk.dtype))
-            ties = torch.zeros_like(greater_chunk).index_add_(
-                0, rows, (exact == exact_correct[rows]).to(greater_chunk.dtype))
-            greater[start:stop] = greater_chunk.numpy()
-            tied_others[start:stop] = ties.numpy() - 1
-    ones = np.ones(n_queries, dtype=np.int64)
-    return Ranks(greater, tied_others, ones, ones.copy(), pool_size)
-
-
-def top_k(queries: np.ndarray | torch.Tensor, features: np.ndarray | torch.Tensor, k: int,
-          chunk_size: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` features most cosine-similar to each query (float32): ``(indices, scores)``, each
-    ``(queries, min(k, N))``, best first; equal scores in index order. ``queries`` may be one ``(D,)``
-    vector. Features are scanned ``chunk_size`` rows at a time, so memory stays O(queries × chunk)."""
-    if k < 1:
-        raise ValueError(f"k must be positive, got {k}")
-    query_matrix = torch.as_tensor(queries).to(dtype=torch.float32)
-    if query_matrix.ndim == 1:
-        query_matrix = query_matrix[None]
-    feature_matrix = _as_float32_tensor(features, "features")
-    if query_matrix.ndim != 2 or query_matrix.shape[1] != feature_matrix.shape[1]:
-        raise ValueError(f"queries of shape {tuple(query_matrix.shape)} do not match features of "
-                         f"dimension {feature_matrix.shape[1]}")
-    n_queries = query_matrix.shape[0]
-    best_scores = torch.empty((n_queries, 0), dtype=torch.float32)
-    best_indices = torch.empty((n_queries, 0), dtype=torch.int64)
-    with torch.no_grad():
-        normalised_queries = F.normalize(query_matrix, dim=1)
-        for start in range(0, feature_matrix.shape[0], chunk_size):
-            sims = normalised_queries @ F.normalize(feature_matrix[start:start + chunk_size], dim=1).T
-            # A stable sort (not topk) keeps equal scores in index order, so the cut at k is deterministic.
-            scores, order = torch.sort(sims, dim=1, descending=True, stable=True)
-            scores = torch.cat([best_scores, scores[:, :k]], dim=1)
-            indices = torch.cat([best_indices, order[:, :k] + start], dim=1)
-            scores, merged = torch.sort(scores, dim=1, descending=True, stable=True)
-            best_scores, best_indices = scores[:, :k], indices.gather(1, merged)[:, :k]
-    return best_indices.numpy(), best_scores.numpy()

@@ -3,7 +3,7 @@
 The index answers text→music and music→music queries by cosine similarity against every indexed
 file, and keeps itself up to date with the folder without embedding unchanged files again. It knows
 nothing of models or file formats: the caller gives it file facts (size, mtime, content hash) and,
-for the files it asks about, vectors (``SearchIndex.update``'s ``embed`` callable).
+for the files it asks about, vectors and a kind (``SearchIndex.update``'s ``embed`` callable).
 
 **On disk** (a folder, written only by this module)::
 
@@ -12,7 +12,8 @@ for the files it asks about, vectors (``SearchIndex.update``'s ``embed`` callabl
                              does not name is not part of it)
     vectors-<gen>-<id>.npy   float32 (rows × D), L2-normalised: one row per distinct content
     entries-<gen>-<id>.jsonl one line per indexed file: path (POSIX, relative to the root), sha256,
-                             size, mtime_ns, format, row
+                             size, mtime_ns, kind, row (version 1 called the kind "format";
+                             such an index is still read, and its next write is version 2)
 
 **Crash safety.** An update writes new vectors and entries files under new names (each atomically:
 temporary file, fsync, rename), then the manifest that names them (atomically), and only then
@@ -60,7 +61,9 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 FORMAT_NAME = "clamp3-search-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The versions this code reads, with the entries' name of the kind field (version 1 called it "format").
+KIND_FIELD = {1: "format", 2: "kind"}
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 # Rows scored per matmul. Measured on 2 cores with D = 768: 128k-256k rows per chunk are equally fast
@@ -109,14 +112,15 @@ class FileFacts:
 
 @dataclass(frozen=True)
 class IndexEntry:
-    """One indexed file: its path relative to the root (POSIX), content hash, stat facts, format
-    (a free string chosen by the caller, e.g. ``"abc"`` or ``"mtf"``) and its row of the vectors."""
+    """One indexed file: its path relative to the root (POSIX), content hash, stat facts, kind
+    (a free string chosen by the caller, e.g. the raw-file kind ``"abc"`` or ``"midi"``) and its row
+    of the vectors."""
 
     path: str
     sha256: str
     size: int
     mtime_ns: int
-    format: str
+    kind: str
     row: int
 
 
@@ -129,7 +133,7 @@ class Hit:
     score: float
     path: str
     sha256: str
-    format: str
+    kind: str
     duplicates: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
@@ -187,7 +191,7 @@ class UpdateSummary:
 
 
 EmbedResult = tuple[str, Any, str]
-"""What an embedder returns for one file: ``(sha256 of the content embedded, vector (D,), format)``."""
+"""What an embedder returns for one file: ``(sha256 of the content embedded, vector (D,), kind)``."""
 
 
 def normalise_relpath(path: str | os.PathLike) -> str:
@@ -263,10 +267,10 @@ def _entries_text(entries: Sequence[IndexEntry]) -> str:
     # ensure_ascii: a file name that is not valid UTF-8 (lone surrogates from os.fsdecode) survives
     # as a JSON escape instead of failing the write.
     return "".join(json.dumps({"path": e.path, "sha256": e.sha256, "size": e.size, "mtime_ns": e.mtime_ns,
-                               "format": e.format, "row": e.row}) + "\n" for e in entries)
+                               "kind": e.kind, "row": e.row}) + "\n" for e in entries)
 
 
-def _parse_entries(path: Path) -> list[IndexEntry]:
+def _parse_entries(path: Path, kind_field: str = KIND_FIELD[FORMAT_VERSION]) -> list[IndexEntry]:
     text = path.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.strip()]
     try:  # one json.loads of the whole file is several times faster than one per line
@@ -274,7 +278,7 @@ def _parse_entries(path: Path) -> list[IndexEntry]:
     except json.JSONDecodeError as exc:
         raise IndexCorruptError(f"{path}: not valid JSONL ({exc.msg})") from exc
     try:
-        return [IndexEntry(r["path"], r["sha256"], int(r["size"]), int(r["mtime_ns"]), r["format"], int(r["row"]))
+        return [IndexEntry(r["path"], r["sha256"], int(r["size"]), int(r["mtime_ns"]), r[kind_field], int(r["row"]))
                 for r in rows]
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexCorruptError(f"{path}: an entry lacks a field or has a wrong type ({exc})") from exc
@@ -291,9 +295,9 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
         raise IndexCorruptError(f"{path}: cannot be read ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise IndexCorruptError(f"{path}: not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in tuple(KIND_FIELD):  # a tuple: no hashing of a bad value
         raise IndexCorruptError(f"{path}: format version {manifest.get('format_version')}, this code reads "
-                                f"{FORMAT_VERSION}; rebuild the index")
+                                f"{' and '.join(map(str, KIND_FIELD))}; rebuild the index")
     return manifest
 
 
@@ -398,7 +402,8 @@ class SearchIndex:
     def _read(cls, folder: Path, manifest: dict, preload: bool) -> SearchIndex:
         vectors = _load_vectors(folder, manifest, preload)
         n_rows = vectors.shape[0]
-        entries = _parse_entries(folder / manifest["entries_file"]) if manifest.get("entries_file") else []
+        entries = (_parse_entries(folder / manifest["entries_file"], KIND_FIELD[manifest["format_version"]])
+                   if manifest.get("entries_file") else [])
         if len(entries) != int(manifest["counts"]["files"]):
             raise IndexCorruptError(f"{folder}: {len(entries)} entries, manifest says {manifest['counts']['files']}")
         if any(not 0 <= e.row < n_rows for e in entries):
@@ -434,7 +439,7 @@ class SearchIndex:
             if row is None:
                 row = first_row[sha] = len(source_rows)
                 source_rows.append(i)
-            entries.append(IndexEntry(path, sha, int(get("size")), int(get("mtime_ns")), str(get("format")), row))
+            entries.append(IndexEntry(path, sha, int(get("size")), int(get("mtime_ns")), str(get("kind")), row))
         entries.sort(key=lambda e: e.path)
         index = cls._empty(folder, model_key, root, generation=int(existing["generation"]) if existing else 0,
                            created=None)
@@ -525,11 +530,11 @@ class SearchIndex:
             self._cache["members"] = (order, starts)
         return self._cache["members"]
 
-    def _format_mask(self, formats: frozenset[str]) -> tuple[torch.Tensor, np.ndarray]:
-        """Rows with at least one file of these formats, and which entries have them."""
-        key = ("formats", formats)
+    def _kind_mask(self, kinds: frozenset[str]) -> tuple[torch.Tensor, np.ndarray]:
+        """Rows with at least one file of these kinds, and which entries have them."""
+        key = ("kinds", kinds)
         if key not in self._cache:
-            wanted = np.fromiter((e.format in formats for e in self._entries), dtype=bool, count=len(self._entries))
+            wanted = np.fromiter((e.kind in kinds for e in self._entries), dtype=bool, count=len(self._entries))
             rows = np.zeros(self.n_vectors, dtype=bool)
             rows[np.fromiter((e.row for e in self._entries), dtype=np.int64, count=len(self._entries))[wanted]] = True
             self._cache[key] = (torch.from_numpy(rows), wanted)
@@ -580,7 +585,7 @@ class SearchIndex:
             (plan.added if old is None else plan.updated).append(path)
             donor = donors.get((sha, _suffix(path)))
             if donor is not None:
-                plan.keep[path] = IndexEntry(path, sha, fact.size, fact.mtime_ns, donor.format, donor.row)
+                plan.keep[path] = IndexEntry(path, sha, fact.size, fact.mtime_ns, donor.kind, donor.row)
                 plan.reused.append(path)
             else:
                 plan.to_embed.append(path)
@@ -588,7 +593,7 @@ class SearchIndex:
         return plan
 
     def apply(self, plan: UpdatePlan, results: Mapping[str, EmbedResult | BaseException]) -> UpdateSummary:
-        """Write the index ``plan`` describes, with ``results[path] = (sha256, vector, format)`` for the
+        """Write the index ``plan`` describes, with ``results[path] = (sha256, vector, kind)`` for the
         files of ``plan.to_embed`` (or an exception: the file is reported as failed and left out; a
         missing result counts as a failure too). Writes nothing if nothing changed."""
         if plan.index_token != self._token or plan.base_generation != self.generation:
@@ -610,7 +615,7 @@ class SearchIndex:
                     raise SearchIndexError("the embedder returned no result for this file")
                 if isinstance(result, BaseException):
                     raise result
-                sha, vector, fmt = result
+                sha, vector, kind = result
                 vector = np.asarray(vector, dtype=np.float32)
                 if vector.ndim == 2 and vector.shape[0] == 1:
                     vector = vector[0]  # a (1, D) global feature as extraction saves it
@@ -630,7 +635,7 @@ class SearchIndex:
             summary.embedded.append(path)
             if sha not in row_of_sha and sha not in new_rows:
                 new_rows[sha] = unit
-            pending[path] = (sha, size, mtime_ns, str(fmt))
+            pending[path] = (sha, size, mtime_ns, str(kind))
         summary.added = [p for p in summary.added if p not in summary.failed]
         summary.updated = [p for p in summary.updated if p not in summary.failed]
 
@@ -644,9 +649,9 @@ class SearchIndex:
             if path in entries:
                 final.append(replace(entries[path], row=remap[entries[path].row]))
             else:
-                sha, size, mtime_ns, fmt = pending[path]
+                sha, size, mtime_ns, kind = pending[path]
                 row = remap[row_of_sha[sha]] if sha in row_of_sha else new_row_of_sha[sha]
-                final.append(IndexEntry(path, sha, size, mtime_ns, fmt, row))
+                final.append(IndexEntry(path, sha, size, mtime_ns, kind, row))
 
         vectors_same = not new_rows and len(used_old) == self.n_vectors
         vectors_plan = None
@@ -674,7 +679,7 @@ class SearchIndex:
                progress: Callable[[int, int], None] | None = None) -> UpdateSummary:
         """``plan`` + ``embed`` + ``apply`` in one call. ``embed(paths)`` gets the relative paths that need
         vectors (``batch_size`` at a time, all at once by default) and returns, per path, ``(sha256,
-        vector, format)`` or an exception for a file it could not embed. An exception *raised* by
+        vector, kind)`` or an exception for a file it could not embed. An exception *raised* by
         ``embed`` aborts the update and writes nothing (a broken model is not a broken file).
         ``progress(done, total)`` is called after each batch."""
         plan = self.plan(files, retry_failed=retry_failed)
@@ -717,7 +722,9 @@ class SearchIndex:
                                         "since it was opened; open it again")
             generation = max(disk_generation, self.generation) + 1
             tag = f"{generation:06d}-{secrets.token_hex(4)}"
-            manifest = dict(self._manifest)
+            # An index read at an older version is written at this one, entries file included.
+            upgrade = self._manifest.get("format_version") != FORMAT_VERSION
+            manifest = dict(self._manifest, format_version=FORMAT_VERSION)
             if vectors_plan is not None:
                 n_rows, dimension, parts = vectors_plan
                 name = f"vectors-{tag}.npy"
@@ -726,7 +733,7 @@ class SearchIndex:
                 manifest.update(vectors_file=name, dimension=dimension)
             else:
                 n_rows = self.n_vectors
-            if entries != self._entries or not manifest.get("entries_file"):
+            if entries != self._entries or not manifest.get("entries_file") or upgrade:
                 name = f"entries-{tag}.jsonl"
                 atomic_write_text(self.folder / name, _entries_text(entries))
                 manifest["entries_file"] = name
@@ -760,13 +767,13 @@ class SearchIndex:
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 10, *,
                exclude_sha256: str | Iterable[str] | None = None,
                exclude_per_query: Sequence[str | Iterable[str] | None] | None = None,
-               dedupe: bool = True, formats: Iterable[str] | None = None,
+               dedupe: bool = True, kinds: Iterable[str] | None = None,
                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> list[list[Hit]]:
         """The ``k`` best files for each query (``(Q, D)``, or one ``(D,)`` vector: still a list of one
         list), by cosine similarity, best first, equal scores in path order. ``dedupe``: identical
         contents are one hit (``duplicates`` names the other paths). ``exclude_sha256``: contents left
         out of every query's results (a music→music query leaves out the query file, and its copies);
-        ``exclude_per_query``: the same, one item per query. ``formats``: only files of these formats."""
+        ``exclude_per_query``: the same, one item per query. ``kinds``: only files of these kinds."""
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
         matrix = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
@@ -791,8 +798,8 @@ class SearchIndex:
         excluded = [common | ({row_of_sha[s] for s in shas(exclude_per_query[q]) if s in row_of_sha}
                               if exclude_per_query is not None else set()) for q in range(n_queries)]
         row_mask, entry_ok = (None, None)
-        if formats is not None:
-            row_mask, entry_ok = self._format_mask(frozenset(formats))
+        if kinds is not None:
+            row_mask, entry_ok = self._kind_mask(frozenset(kinds))
         # Each row holds at least one allowed path, so k rows (plus the excluded) give k hits.
         k_rows = min(k + max(len(e) for e in excluded), self.n_vectors)
         candidates = _top_rows(self._matrix, units, k_rows, row_mask, chunk_rows)
@@ -811,7 +818,7 @@ class SearchIndex:
                 else:
                     hits.extend((score, m.path, m, tuple(p for p in paths if p != m.path)) for m in members)
             hits.sort(key=lambda h: (-h[0], h[1]))
-            results.append([Hit(rank, score, path, entry.sha256, entry.format, duplicates)
+            results.append([Hit(rank, score, path, entry.sha256, entry.kind, duplicates)
                             for rank, (score, path, entry, duplicates) in enumerate(hits[:k], 1)])
         return results
 

@@ -16,7 +16,7 @@ exact tie counts in favour of the correct item. The fast path (normalised rows, 
 per chunk of queries) differs from ``torch.cosine_similarity`` by up to ~1e-7, which could move a
 reference that close to the correct one across it; such near-ties (within 1e-5) are recomputed with
 ``torch.cosine_similarity`` as the official loop does, so the ranks and numbers are identical to the
-official ones (``retrieval.official_ranks``; ``bench/bench_eval.py`` checks it at 5,000 × 5,000).
+official ones (``metrics.official_ranks``; ``bench/bench_eval.py`` checks it at 5,000 × 5,000).
 
 ``--json FILE`` adds what the official script lacks (via ``metrics``): both tie rules, bootstrap
 intervals, the random-ranking baseline, Hit@5, the reverse direction (each reference against all
@@ -29,17 +29,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import metrics
 import numpy as np
 from fileio import atomic_write_text, write_jsonl
-from retrieval import (
-    NEAR_TIE_TOLERANCE,
-    FeatureFileError,
-    load_query_and_reference,
-    match_keys,
-    official_ranks,
-)
+from retrieval import FeatureFileError, load_query_and_reference, match_keys
+
+if TYPE_CHECKING:  # --help answers before torch is imported; the functions import metrics
+    import metrics
 
 RANKS_FILE = "retrieval_ranks.jsonl"
 UNMATCHED_FILE = "unmatched_files.jsonl"
@@ -83,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"There are {len(references)} common keys between query and reference features.")
 
-    ranks = official_ranks(queries.vectors, references.vectors, match.targets)
+    import metrics  # here, not at the top: it loads torch, which --help need not wait for
+
+    ranks = metrics.official_ranks(queries.vectors, references.vectors, match.targets)
     rank_of = ranks.official
     rows = sorted(({"query": queries.path(i), "reference": references.path(int(match.targets[i])),
                     "rank": int(rank_of[i])} for i in range(len(queries))),
@@ -107,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 def json_report(args: argparse.Namespace, queries, references, targets: np.ndarray, ranks: metrics.Ranks,
                 numbers: dict[str, float]) -> dict:
     """Both directions through ``metrics`` (query→reference uses the official ranks themselves)."""
+    import metrics
+
     reverse = metrics.rank_queries(references.vectors, queries.vectors,
                                    query_groups=references.keys, reference_groups=queries.keys)
     ks = metrics.DEFAULT_KS
@@ -116,7 +117,7 @@ def json_report(args: argparse.Namespace, queries, references, targets: np.ndarr
         "shadowed_reference_files": references.shadowed_paths(),
         "official": numbers,
         "settings": {"similarity": "cosine, float32 (near-ties within "
-                                   f"{NEAR_TIE_TOLERANCE:g} settled by torch.cosine_similarity)",
+                                   f"{metrics.NEAR_TIE_TOLERANCE:g} settled by torch.cosine_similarity)",
                      "ks": list(ks), "n_resamples": args.n_resamples, "seed": args.seed,
                      "tie_rules": metrics.TIE_RULES,
                      "reference_to_query": "each reference against all query files; every file of its key "

@@ -23,9 +23,7 @@ import json
 import sys
 from pathlib import Path
 
-import metrics
 import numpy as np
-import torch
 from fileio import atomic_write_text, write_jsonl
 from retrieval import FeatureFileError, FeatureSet, load_query_and_reference, match_keys
 
@@ -58,6 +56,8 @@ def group_similarity(queries: np.ndarray, references: np.ndarray) -> float:
 
 def pair_similarities(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     """Float32 cosine of row i of ``queries`` with row i of ``references``."""
+    import torch  # here, not at the top: --help need not wait for it
+
     return torch.cosine_similarity(torch.from_numpy(queries), torch.from_numpy(references), dim=1).numpy()
 
 
@@ -112,6 +112,8 @@ def pairwise(args: argparse.Namespace, queries: FeatureSet, references: FeatureS
     print(f"Avg. pairwise similarity: {round(mean, 4)}")
     print(f"Pairwise similarity scores saved in '{pairs_path}'.")
     if args.json:
+        import metrics
+
         low, high = metrics.bootstrap_interval(similarities)
         write_report(args.json, {
             "mode": "pairwise", "n_pairs": int(matched.size), "n_keys": common_keys,

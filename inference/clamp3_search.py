@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from retrieval import FeatureFileError, load_feature, load_feature_folder, top_k
+from retrieval import FeatureFileError, load_feature, load_feature_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.query} has dimension {query.shape[0]}, the features {features.dimension}",
               file=sys.stderr)
         return 2
+    from metrics import top_k  # here, not at the top: it loads torch, which --help need not wait for
+
     indices, scores = top_k(query, features.vectors, args.top_k)
     results = [{"rank": rank, "score": float(score), "key": features.keys[index], "file": features.path(index)}
                for rank, (index, score) in enumerate(zip(indices[0].tolist(), scores[0], strict=True), 1)]

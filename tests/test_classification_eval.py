@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import runconfig
 from embedder import Embedder, choose_models
-from evaluation import classification
+from evaluation.cli import run_classification
 from fileio import write_jsonl
 from helpers import OFFICIAL, TINY_MODEL_CONFIG, TINY_WEIGHTS, load_script
 
@@ -39,12 +39,12 @@ def labelled_sets(tmp_path: Path) -> tuple[Path, Path]:
 def test_evaluate_cls_probe_beats_chance_and_compares_systems(tmp_path, word_tokenizer, adapters, capsys):
     train, test = labelled_sets(tmp_path)
     output = tmp_path / "report.json"
-    code = classification.run(["--train", str(train), "--test", str(test), "--min_count", "2", "--quiet",
+    code = run_classification(["--train", str(train), "--test", str(test), "--min_count", "2", "--quiet",
                                "--output", str(output), "--error_log", str(tmp_path / "failures.jsonl"),
                                *model_arguments(tmp_path, word_tokenizer, adapters)])
     assert code == 0
     report = json.loads(output.read_text(encoding="utf-8"))
-    assert set(report["systems"]) == {"base", "adapters"} and sorted(report["labels"]) == ["midi", "sheet"]
+    assert set(report["systems"]) == {"baseline", "lora"} and sorted(report["labels"]) == ["midi", "sheet"]
     for system in report["systems"].values():
         assert system["probe"]["n"] == 16  # the missing file is named and left out, the rest classified
         assert system["probe"]["accuracy"] > 0.75  # chance is 0.5: the two formats are easy to tell apart
@@ -54,15 +54,15 @@ def test_evaluate_cls_probe_beats_chance_and_compares_systems(tmp_path, word_tok
     assert report["comparison"]["probe"]["n"] == 16
     assert "missing.abc" in (tmp_path / "failures.jsonl").read_text(encoding="utf-8")
     summary = output.with_suffix(".txt").read_text(encoding="utf-8")
-    assert "adapters - base, probe" in summary
+    assert "lora - baseline, probe" in summary
 
 
 def test_evaluate_cls_setup_errors(tmp_path, word_tokenizer, adapters, capsys):
     train, test = labelled_sets(tmp_path)
     common = model_arguments(tmp_path, word_tokenizer, adapters)
-    assert classification.run(["--train", str(train), "--test", str(tmp_path / "none.jsonl"), *common]) == 2
+    assert run_classification(["--train", str(train), "--test", str(tmp_path / "none.jsonl"), *common]) == 2
     assert "labelled set not found" in capsys.readouterr().err
-    assert classification.run(["--train", str(train), "--test", str(test), "--labels", "sheet", *common]) == 2
+    assert run_classification(["--train", str(train), "--test", str(test), "--labels", "sheet", *common]) == 2
     assert "fewer than two labels" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""code/classify.py and classification/{train,inference}_cls.py on synthetic Gaussian clusters: the
+"""code/classify.py, code/feature_labels.py and classification/{train,inference}_cls.py on synthetic Gaussian clusters: the
 official label rule and checkpoint layout, labels from files and folders, the report against brute
 force, zero-shot, clear errors, and determinism. No model is loaded."""
 
@@ -9,10 +9,12 @@ import json
 import os
 
 import classify
+import feature_labels
 import numpy as np
 import pytest
 import torch
-from classify import CheckpointError, LabelError, LinearProbe, ProbeConfig
+from classify import CheckpointError, LinearProbe, ProbeConfig
+from feature_labels import LabelError
 from fileio import read_jsonl
 from helpers import REPO_ROOT, load_script
 
@@ -213,7 +215,7 @@ def test_inference_labels_every_file_with_probabilities_and_report(trained, tmp_
     predictions = json.loads(output.read_text())
     files = sorted(features.glob("*.npy"))
     assert sorted(predictions) == sorted(os.path.join(str(features), f.name) for f in files)
-    correct = sum(label == classify.label_from_name(path) for path, label in predictions.items())
+    correct = sum(label == feature_labels.label_from_name(path) for path, label in predictions.items())
     assert correct / len(files) > 0.9
     probabilities = json.loads((tmp_path / "predictions.probabilities.json").read_text())
     for path, row in probabilities.items():
@@ -255,10 +257,10 @@ def test_inference_errors_exit_2(trained, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------- labels
 
 def test_label_rules():
-    assert classify.label_from_name("a/b/pop_rock_1.npy") == "pop"
-    assert classify.label_from_name("plain.npy") == "plain.npy"      # the official rule, verbatim
-    assert classify.label_from_folder("pop/sub/x.npy") == "pop"
-    assert classify.label_from_folder("x.npy") is None
+    assert feature_labels.label_from_name("a/b/pop_rock_1.npy") == "pop"
+    assert feature_labels.label_from_name("plain.npy") == "plain.npy"      # the official rule, verbatim
+    assert feature_labels.label_from_folder("pop/sub/x.npy") == "pop"
+    assert feature_labels.label_from_folder("x.npy") is None
 
 
 def test_labels_from_a_csv_file(tmp_path):
@@ -284,17 +286,17 @@ def test_labels_from_a_csv_file(tmp_path):
 def test_labels_from_a_jsonl_file_and_its_errors(tmp_path):
     path = tmp_path / "labels.jsonl"
     path.write_text('{"key": "a/x", "label": "pop"}\n\n{"path": "./y.1.npy", "label": 3}\n')
-    assert classify.read_label_file(path) == {"a/x": "pop", "y": "3"}
+    assert feature_labels.read_label_file(path) == {"a/x": "pop", "y": "3"}
     path.write_text('{"key": "x", "label": "pop"}\n{"key": "x.npy", "label": "jazz"}\n')
     with pytest.raises(LabelError, match=r"labels.jsonl:2: key 'x'"):
-        classify.read_label_file(path)
+        feature_labels.read_label_file(path)
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("file,genre\nx,pop\n")
     with pytest.raises(LabelError, match="key \\(or path\\) and label"):
-        classify.read_label_file(csv_path)
+        feature_labels.read_label_file(csv_path)
     csv_path.write_text("key,label\nx,pop\ny,\n")
     with pytest.raises(LabelError, match="labels.csv:3"):
-        classify.read_label_file(csv_path)
+        feature_labels.read_label_file(csv_path)
 
 
 def test_labels_from_folder_names(tmp_path):
@@ -311,17 +313,17 @@ def test_labels_from_folder_names(tmp_path):
 
 def test_split_is_stratified_seeded_and_keeps_singletons_in_training():
     labels = ["a"] * 10 + ["b"] * 5 + ["c"]
-    train, val = classify.split_train_validation(labels, 0.2, seed=3)
+    train, val = feature_labels.split_train_validation(labels, 0.2, seed=3)
     assert sorted([labels[i] for i in val]) == ["a", "a", "b"]
     assert 15 in train and len(train) + len(val) == len(labels) and not set(train) & set(val)
-    again = classify.split_train_validation(labels, 0.2, seed=3)
+    again = feature_labels.split_train_validation(labels, 0.2, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip((train, val), again, strict=True))
-    assert len(classify.split_train_validation(labels, 0.0)[1]) == 0
+    assert len(feature_labels.split_train_validation(labels, 0.0)[1]) == 0
 
 
 def test_training_is_deterministic_for_a_seed():
     x, labels = clusters(per_label=15)
-    train, val = classify.split_train_validation(labels, 0.2, seed=1)
+    train, val = feature_labels.split_train_validation(labels, 0.2, seed=1)
     config = ProbeConfig(num_epochs=30, batch_size=8, seed=1)
 
     def run(seed: int) -> LinearProbe:

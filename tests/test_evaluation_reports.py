@@ -81,7 +81,7 @@ def write_adapters(root) -> dict:
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, word_tokenizer):
-    from evaluation import compare, reports
+    from evaluation import cli
 
     root = tmp_path_factory.mktemp("evaluation")
     write_test_set(root / "test")
@@ -95,9 +95,9 @@ def chain(tmp_path_factory, word_tokenizer):
               "--EXTRACT_DEVICE=cpu", f"--LORA_ABC_ADAPTER_DIR={adapters['abc']}",
               f"--LORA_MTF_ADAPTER_DIR={adapters['mtf']}", f"--LORA_LOG_DIR={log_dir}"]
     common = [f"--weights={TINY_WEIGHTS}", f"--model_config={TINY_MODEL_CONFIG}", *settings]
-    assert reports.run("baseline", [*common, "--quiet"], "baseline") == 0
-    assert reports.run("lora", [*common, "--quiet"], "lora") == 0
-    assert compare.run(settings) == 0
+    assert cli.run_evaluation("baseline", [*common, "--quiet"], "baseline") == 0
+    assert cli.run_evaluation("lora", [*common, "--quiet"], "lora") == 0
+    assert cli.run_comparison(settings) == 0
     return {"root": root, "results": results, "common": common, "settings": settings, "adapters": adapters}
 
 
@@ -169,12 +169,37 @@ def test_each_report_has_every_field(chain, system):
         assert report["adapters"]["mtf"]["dir"] == str(chain["adapters"]["mtf"].resolve())
 
 
-def test_adapters_change_music_features_only(chain):
+def test_adapters_change_music_features_only(chain, word_tokenizer):
+    """The adapters move the reported similarities, and on the path the reports take (one base,
+    ``lora.with_adapter`` per format, ``extract_set``) only because the music moved: every text
+    feature is bit for bit the base's, every set's music features differ."""
+    import formats
+    import lora
+    import runconfig
+    from evaluation.reports import discover_test_sets, extract_set
+    from features import FeatureExtractor, load_text_tokenizer
+    from modeling import ModelConfig, load_clamp3
+
     results = chain["results"]
     baseline = np.load(results / "evaluation_baseline_similarities.npz")
     adapted = np.load(results / "evaluation_lora_similarities.npz")
     for key in ("abc__analysis__matched", "mtf__caption__matched", "cross_format__pair_id__matched"):
         assert not np.allclose(baseline[key], adapted[key]), key
+
+    cfg = runconfig.build_config(overrides={"TEXT_MODEL_NAME": str(word_tokenizer), "EXTRACT_DEVICE": "cpu"})
+    tokenizer = load_text_tokenizer(cfg["TEXT_MODEL_NAME"])
+    base = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS)
+    test_sets = discover_test_sets(chain["root"] / "test", formats.FORMATS)
+    assert {test_set.fmt for test_set in test_sets} == set(formats.FORMATS)
+    for test_set in test_sets:
+        with_adapter = lora.with_adapter(base, chain["adapters"][test_set.fmt])
+        plain, moved = (extract_set(FeatureExtractor.from_config(model, cfg, tokenizer=tokenizer, device="cpu"),
+                                    test_set, lambda message: None) for model in (base, with_adapter))
+        assert plain.music.shape == moved.music.shape and not np.allclose(plain.music, moved.music), test_set.name
+        assert plain.texts.keys() == moved.texts.keys() and plain.texts, test_set.name
+        for name, (indices, text_features) in plain.texts.items():
+            np.testing.assert_array_equal(moved.texts[name][0], indices)
+            np.testing.assert_array_equal(moved.texts[name][1], text_features, err_msg=f"{test_set.name}/{name}")
 
 
 def test_comparison_report_summary_and_plots(chain, capsys):
@@ -218,11 +243,11 @@ def test_comparison_report_summary_and_plots(chain, capsys):
 
 
 def test_comparing_a_report_with_itself_gives_no_difference(chain, tmp_path, capsys):
-    from evaluation import compare
+    from evaluation import cli
 
     report = chain["results"] / "evaluation_baseline_report.json"
     out = tmp_path / "self"
-    assert compare.run([*chain["settings"], f"--baseline={report}", f"--lora={report}", f"--output_dir={out}",
+    assert cli.run_comparison([*chain["settings"], f"--baseline={report}", f"--lora={report}", f"--output_dir={out}",
                         "--no_plots"]) == 0
     printed = capsys.readouterr().out
     assert str(out / "evaluation_summary.txt") in printed
@@ -242,13 +267,13 @@ def test_comparing_a_report_with_itself_gives_no_difference(chain, tmp_path, cap
 
 
 def test_reports_on_different_test_sets_are_refused(chain, tmp_path, capsys):
-    from evaluation import compare, reports
+    from evaluation import cli
 
     other = tmp_path / "abc_only"
-    assert reports.run("baseline", [*chain["common"], "--format=abc", f"--output_dir={other}", "--quiet"],
+    assert cli.run_evaluation("baseline", [*chain["common"], "--format=abc", f"--output_dir={other}", "--quiet"],
                        "baseline") == 0
     capsys.readouterr()
-    rc = compare.run([*chain["settings"], f"--baseline={other / 'evaluation_baseline_report.json'}",
+    rc = cli.run_comparison([*chain["settings"], f"--baseline={other / 'evaluation_baseline_report.json'}",
                       f"--output_dir={tmp_path / 'refused'}"])
     assert rc == 2
     error = capsys.readouterr().err
@@ -257,10 +282,10 @@ def test_reports_on_different_test_sets_are_refused(chain, tmp_path, capsys):
 
 
 def test_missing_adapter_is_a_clear_error(chain, tmp_path, capsys):
-    from evaluation import reports
+    from evaluation import cli
 
     missing = tmp_path / "no_adapter"
-    rc = reports.run("lora", [*chain["common"], f"--LORA_MTF_ADAPTER_DIR={missing}",
+    rc = cli.run_evaluation("lora", [*chain["common"], f"--LORA_MTF_ADAPTER_DIR={missing}",
                               f"--output_dir={tmp_path / 'out'}"], "lora")
     assert rc == 2
     error = capsys.readouterr().err
@@ -269,9 +294,9 @@ def test_missing_adapter_is_a_clear_error(chain, tmp_path, capsys):
 
 
 def test_missing_test_set_is_a_clear_error(chain, tmp_path, capsys):
-    from evaluation import reports
+    from evaluation import cli
 
-    rc = reports.run("baseline", [*chain["common"], f"--TEST_DATA_DIR={tmp_path}", "--quiet"], "baseline")
+    rc = cli.run_evaluation("baseline", [*chain["common"], f"--TEST_DATA_DIR={tmp_path}", "--quiet"], "baseline")
     assert rc == 2
     assert "prepare_test_data.py" in capsys.readouterr().err
 

@@ -1,5 +1,5 @@
-"""inference/clamp3_{eval,score,search}.py and code/retrieval.py on small feature folders: the official
-key rule, ranks against a naive one-query-at-a-time re-implementation of the official sort, the exact
+"""inference/clamp3_{eval,score,search}.py, code/retrieval.py and metrics.official_ranks/top_k on small
+feature folders: the official key rule, ranks against a naive one-query-at-a-time re-implementation of the official sort, the exact
 printed lines, where outputs go, unmatched keys, and search against brute force."""
 
 from __future__ import annotations
@@ -17,15 +17,8 @@ import pytest
 import torch
 from fileio import read_jsonl
 from helpers import REPO_ROOT, load_script
-from retrieval import (
-    FeatureFileError,
-    feature_key,
-    load_feature,
-    load_feature_folder,
-    match_keys,
-    official_ranks,
-    top_k,
-)
+from metrics import official_ranks, top_k
+from retrieval import FeatureFileError, feature_key, load_feature, load_feature_folder, match_keys
 
 INFERENCE = REPO_ROOT / "inference"
 DIM = 8

@@ -91,9 +91,6 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-KNOWN_CYCLES = [["evaluation.compare", "evaluation.plots"]]
-
-
 def test_import_cycles_are_found_by_the_checker():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
     assert import_cycles(graph) == [["a", "b", "c"]]
@@ -104,8 +101,7 @@ def test_no_import_cycle_between_project_modules():
     modules = set(paths)
     graph = {name: imported_project_modules(path, name, modules) for name, path in paths.items()}
     assert sum(map(len, graph.values())) > 100  # the checker sees the imports
-    # issue 18 unties these two; until then no other cycle may appear, and these may only shrink
-    assert all(cycle in KNOWN_CYCLES for cycle in import_cycles(graph)), import_cycles(graph)
+    assert import_cycles(graph) == []
 
 
 HEAVY_MODULES = ("torch", "transformers", "peft")
@@ -143,31 +139,6 @@ def test_the_script_list_finds_every_kind_of_script():
     assert "code/config.py" not in listed
 
 
-# Scripts whose --help still imports torch (4-5 s): issue 18 moves their parsing ahead of the imports.
-# The list may only shrink; every other script is checked below.
-HELP_IMPORTS_TORCH = {
-    "bench/bench_eval.py",
-    "bench/bench_search.py",
-    "clamp3_embd.py",
-    "clamp3_search.py",
-    "classification/evaluate_cls.py",
-    "classification/inference_cls.py",
-    "classification/train_cls.py",
-    "classification/zero_shot_cls.py",
-    "compare_results.py",
-    "evaluate_baseline.py",
-    "evaluate_lora.py",
-    "inference/clamp3_eval.py",
-    "inference/clamp3_score.py",
-    "inference/clamp3_search.py",
-    "test_pipeline.py",
-}
-
-
-def test_the_slow_help_list_names_only_scripts_that_exist():
-    assert HELP_IMPORTS_TORCH <= set(scripts())
-
-
 def help_probe(script: str) -> str:
     """The last line the probe prints after ``script --help``: ``HEAVY [<heavy modules loaded>] EXIT <code>``."""
     import subprocess
@@ -179,15 +150,8 @@ def help_probe(script: str) -> str:
     return done.stdout.rstrip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("script", [script for script in scripts() if script not in HELP_IMPORTS_TORCH])
+@pytest.mark.parametrize("script", scripts())
 def test_help_parses_arguments_before_loading_the_model_libraries(script):
     """--help answers at once: the script prints its usage without importing torch or transformers
     (importing them takes seconds; a researcher reads --help before anything else)."""
     assert help_probe(script) == "HEAVY [] EXIT 0"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script", sorted(HELP_IMPORTS_TORCH))
-def test_a_script_on_the_slow_help_list_is_still_slow(script):
-    """The list only shrinks: a script that has become light leaves it, so the check above covers it."""
-    assert help_probe(script) != "HEAVY [] EXIT 0", f"{script} no longer imports torch for --help: unlist it"

@@ -14,9 +14,8 @@ import pytest
 import runconfig
 import torch
 from evaluation import preflight, testsets
-from helpers import REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS
+from helpers import REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, make_sources
 from modeling import ModelConfig, load_clamp3
-from test_testsets import make_sources
 
 SCRIPT = REPO_ROOT / "test_pipeline.py"
 

@@ -113,7 +113,7 @@ def test_dedupe_folds_identical_content(built):
     assert plain[0].score == plain[1].score == plain[2].score
 
 
-def test_exclude_sha256_and_format_filter(built):
+def test_exclude_sha256_and_kind_filter(built):
     folder, index, _ = built
     query = folder.vectors["content 3"]
     own = sha_of("content 3")
@@ -123,17 +123,17 @@ def test_exclude_sha256_and_format_filter(built):
     per_query = index.search(np.stack([query, folder.vectors["content 4"]]), k=2,
                              exclude_per_query=[own, None])
     assert per_query[0][0].sha256 != own and per_query[1][0].sha256 == sha_of("content 4")
-    only_mtf = index.search_one(query, k=20, formats=["mtf"])
-    assert {h.format for h in only_mtf} == {"mtf"} and len(only_mtf) == 4
+    only_mtf = index.search_one(query, k=20, kinds=["mtf"])
+    assert {h.kind for h in only_mtf} == {"mtf"} and len(only_mtf) == 4
     expected = [p for _, p in brute_force(index, query) if p.endswith(".mtf")]
     assert [h.path for h in only_mtf] == expected
-    assert index.search_one(query, k=5, formats=["midi"]) == []
+    assert index.search_one(query, k=5, kinds=["midi"]) == []
 
 
 def test_ties_are_in_path_order(tmp_path):
     # Different contents with identical vectors: equal scores, ordered by path whatever their rows.
     vector = np.ones(D, dtype=np.float32)
-    files = [{"path": p, "sha256": sha_of(p), "size": 1, "mtime_ns": 1, "format": "abc"}
+    files = [{"path": p, "sha256": sha_of(p), "size": 1, "mtime_ns": 1, "kind": "abc"}
              for p in ["d.abc", "b.abc", "a.abc", "c.abc", "e.abc"]]
     other = np.zeros(D, dtype=np.float32)
     other[0] = 1
@@ -150,7 +150,7 @@ def test_chunked_search_equals_single_chunk(tmp_path):
     n = 300
     vectors = rng.standard_normal((n, D)).astype(np.float32)
     vectors[50] = vectors[7]  # an exact tie between different files
-    files = [{"path": f"f{i:03d}.abc", "sha256": sha_of(str(i)), "size": 1, "mtime_ns": 1, "format": "abc"}
+    files = [{"path": f"f{i:03d}.abc", "sha256": sha_of(str(i)), "size": 1, "mtime_ns": 1, "kind": "abc"}
              for i in range(n)]
     index = SearchIndex.build(tmp_path / "i", "m", None, files, vectors)
     queries = np.concatenate([rng.standard_normal((3, D)).astype(np.float32), vectors[7:8]])
@@ -338,9 +338,57 @@ def test_manifest_contents(built, tmp_path):
     assert manifest["counts"] == {"files": 14, "vectors": 12, "failures": 0}
     assert manifest["created"] and manifest["updated"]
     lines = (tmp_path / "index" / manifest["entries_file"]).read_text().splitlines()
-    assert len(lines) == 14 and set(json.loads(lines[0])) == {"path", "sha256", "size", "mtime_ns", "format", "row"}
+    assert len(lines) == 14 and set(json.loads(lines[0])) == {"path", "sha256", "size", "mtime_ns", "kind", "row"}
     vectors = np.load(tmp_path / "index" / manifest["vectors_file"])
     assert vectors.dtype == np.float32 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
+
+
+def test_a_version_1_index_is_read_and_written_as_version_2(built, tmp_path):
+    """Version 1 called the entries' kind "format": such an index is searched as it is, and the first
+    update that changes something writes version 2 (entries file included), with nothing embedded again."""
+    folder, index, _ = built
+    manifest_path = tmp_path / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries_path = tmp_path / "index" / manifest["entries_file"]
+    rows = [json.loads(line) for line in entries_path.read_text().splitlines()]
+    entries_path.write_text("".join(json.dumps({("format" if k == "kind" else k): v for k, v in row.items()}) + "\n"
+                                    for row in rows))
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 1}))
+    old = SearchIndex.open(tmp_path / "index", "model-A")
+    assert old.entries == index.entries and old.manifest["format_version"] == 1
+    query = folder.vectors["content 1"]
+    assert old.search_one(query, k=5, kinds=["mtf"]) == index.search_one(query, k=5, kinds=["mtf"])
+    assert not old.update(folder.facts(), folder.embed).written  # nothing changed: left as it is
+    assert json.loads(manifest_path.read_text())["format_version"] == 1
+    calls = len(folder.calls)
+    folder.files.pop("z_copy.abc")
+    assert old.update(folder.facts(), folder.embed).removed == ["z_copy.abc"] and len(folder.calls) == calls
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format_version"] == search_index.FORMAT_VERSION == 2
+    lines = (tmp_path / "index" / manifest["entries_file"]).read_text().splitlines()
+    assert all("kind" in json.loads(line) and "format" not in json.loads(line) for line in lines)
+    assert SearchIndex.open(tmp_path / "index", "model-A").entries == [e for e in index.entries
+                                                                      if e.path != "z_copy.abc"]
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(search_index.IndexCorruptError, match="format version 3, this code reads 1 and 2"):
+        SearchIndex.open(tmp_path / "index", "model-A")
+
+
+def test_a_version_1_index_whose_failures_change_gets_a_version_2_entries_file(tmp_path):
+    folder = Folder()
+    folder.put("a.abc", "a")
+    folder.put("b.abc", "b")
+    folder.fail.add("b.abc")
+    index = SearchIndex.open(tmp_path / "index", "model-A")
+    index.update(folder.facts(), folder.embed)
+    manifest_path = tmp_path / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries_path = tmp_path / "index" / manifest["entries_file"]
+    entries_path.write_text(entries_path.read_text().replace('"kind"', '"format"'))
+    manifest_path.write_text(json.dumps({**manifest, "format_version": 1}))
+    folder.files.pop("b.abc")  # only the failures change: the entries are the same
+    assert SearchIndex.open(tmp_path / "index", "model-A").update(folder.facts(), folder.embed).written
+    assert [e.path for e in SearchIndex.open(tmp_path / "index", "model-A").entries] == ["a.abc"]
 
 
 def test_file_facts_hashes_lazily(tmp_path):

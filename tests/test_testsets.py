@@ -11,59 +11,10 @@ from pathlib import Path
 import pytest
 from evaluation import testsets
 from fileio import read_jsonl, write_jsonl
-from helpers import OFFICIAL, REPO_ROOT
+from helpers import ABC_FILES, ABC_FIXTURES, MTF_FILES, MTF_FIXTURES, REPO_ROOT, make_sources
 from records import piece_hash
 
 SCRIPT = REPO_ROOT / "prepare_test_data.py"
-ABC_FIXTURES = OFFICIAL / "outputs" / "int_abc_from_abc_inputs"
-MTF_FIXTURES = OFFICIAL / "outputs" / "mtf"
-ABC_FILES = ["airdsAirs_book3_X0401_n0_v1", "josquin_adieuMesAmours_X1_n0_v1", "josquin_milleRegrets_X2_n1_v1",
-             "miscFolk_americanfifeopus_X19_n15", "nottingham-dataset_reelsa-c_X81_n1_v1",
-             "oneills1850_0351-0400_X352_n1_v1"]
-MTF_FILES = ["m21test_test01", "m21test_test20", "m21test_test16", "m21write_demos_drum_sample"]
-
-
-def make_sources(root: Path) -> dict[str, Path]:
-    """A tiny WikiMT-X output, a tiny MidiCaps test split and a training JSONL that shares exactly one
-    id (wm01), one title (wm02) and one file's bytes (lmd/b/1) with them. wm04 has no text and wm05
-    an empty music file."""
-    wikimt = root / "wikimt"
-    (wikimt / "abc").mkdir(parents=True)
-    records = []
-    for number, name in enumerate(ABC_FILES):
-        pid = f"wm{number:02d}"
-        data = b"" if pid == "wm05" else (ABC_FIXTURES / f"{name}.abc").read_bytes()
-        (wikimt / "abc" / f"{pid}.abc").write_bytes(data)
-        record = {"id": pid, "filepaths": [f"abc/{pid}.abc"], "normalisation": "direct", "title": f"Tune {number}",
-                  "artists": ["Someone"]}
-        if pid != "wm04":
-            record.update(background=f"background {number}", description=f"description {number}")
-        if pid == "wm00":
-            record["scene"] = "a scene"
-        records.append(record)
-    write_jsonl(wikimt / "wikimt.jsonl", records)
-
-    # MidiCaps' filepaths are relative to the JSONL's folder, and its ids hold slashes.
-    midicaps = root / "training" / "midicaps_test_mtf.jsonl"
-    (root / "mtf").mkdir()
-    rows = []
-    for number, name in enumerate(MTF_FILES):
-        shutil.copyfile(MTF_FIXTURES / f"{name}.mtf", root / "mtf" / f"{name}.mtf")
-        rows.append({"id": f"lmd/{'ab'[number % 2]}/{number}", "filepaths": [f"../mtf/{name}.mtf"],
-                     "caption": f"caption {number}", "genre": ["pop"]})
-    write_jsonl(midicaps, rows)
-
-    train_dir = root / "train"
-    train_dir.mkdir()
-    shutil.copyfile(MTF_FIXTURES / f"{MTF_FILES[1]}.mtf", train_dir / "renamed.mtf")  # lmd/b/1's bytes
-    shutil.copyfile(MTF_FIXTURES / "m21test_test06.mtf", train_dir / "other.mtf")
-    training = train_dir / "clamp3_train.jsonl"
-    write_jsonl(training, [
-        {"id": "wm01", "filepaths": ["other.mtf"], "title": "Unrelated"},
-        {"id": "QmX", "filepaths": ["renamed.mtf"], "title": "Something else"},
-        {"id": "QmY", "filepaths": ["missing.abc"], "song_name": ["  TÚNE 2!! "]},
-    ])
-    return {"wikimt": wikimt, "midicaps": midicaps, "training": training, "root": root}
 
 
 def run_prepare(paths: dict[str, Path], output: Path, *args: str, training: bool = True) -> subprocess.CompletedProcess:

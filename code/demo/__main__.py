@@ -169,7 +169,7 @@ class Demo:
             need(self.root / "examples" / folder, "raw-file examples", lambda p: any(p.iterdir()))
         for fmt in FORMATS:
             need(results / f"classification_tune_type_{fmt}.json", "a classification report",
-                 lambda p: {"base", "adapters"} <= set(json.loads(p.read_text())["systems"]))
+                 lambda p: set(SYSTEMS) <= set(json.loads(p.read_text())["systems"]))
         plots = sorted((results / "plots").glob("*.png"))
         need(results / "plots", "plots", lambda p: len(plots) >= 4)
         for plot in plots:

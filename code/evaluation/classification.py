@@ -20,16 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import classify
+import feature_labels
 import metrics
 import numpy as np
-import rawfile_tools
-import runconfig
 from embedder import Embedded, Embedder, choose_models
 from fileio import DropLog, atomic_write_text, file_sha256, iter_jsonl, repo_path
+from formats import BASELINE, LORA, SYSTEMS
 
-SYSTEMS = ("base", "adapters")
 TASKS = ("zero_shot", "probe")
-DEFAULT_TEMPLATE = "a {label}"
 
 
 class ClassificationSetupError(RuntimeError):
@@ -93,7 +91,7 @@ def evaluate_system(embedder: Embedder, train: LabelledSet, test: LabelledSet, l
     test, test_features = features_of(embedder, test, drops)
     log(f"  features: {len(train.ids)} training and {len(test.ids)} test pieces")
     zero = classify.zero_shot(test_features, prompt_features, labels)
-    train_rows, valid_rows = classify.split_train_validation(train.labels, 0.1, seed)
+    train_rows, valid_rows = feature_labels.split_train_validation(train.labels, 0.1, seed)
     probe = classify.LinearProbe.fit(
         train_features[train_rows], [train.labels[i] for i in train_rows], probe_config,
         validation=(train_features[valid_rows], [train.labels[i] for i in valid_rows]), label_order=labels)
@@ -114,7 +112,7 @@ def compare_systems(results: dict[str, dict[str, Any]], n_resamples: int, seed: 
     """Adapters − base, per task: accuracy difference on the pieces both systems classified."""
     if set(SYSTEMS) - set(results):
         return {}
-    base, adapted = results["base"], results["adapters"]
+    base, adapted = results[BASELINE], results[LORA]
     shared = sorted(set(base["test_ids"]) & set(adapted["test_ids"]))
     comparison = {}
     for task in TASKS:
@@ -139,36 +137,15 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                          f"{numbers['baselines']['uniform']['accuracy']:.3f})")
     for task, diff in report.get("comparison", {}).items():
         verdict = "the interval excludes 0" if diff["ci"][0] > 0 or diff["ci"][1] < 0 else "not distinguishable"
-        lines.append(f"  adapters - base, {task}: {diff['mean_diff']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]"
+        lines.append(f"  {LORA} - {BASELINE}, {task}: {diff['mean_diff']:+.3f} [{diff['ci'][0]:+.3f}, {diff['ci'][1]:+.3f}]"
                      f", p = {diff['p_value']:.3g} ({verdict}; n = {diff['n']})")
     return lines
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Zero-shot and linear-probe classification of held-out pieces, base model against "
-        "the base with its adapters.", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--train", required=True, help="labelled JSONL the linear probe is trained on")
-    parser.add_argument("--test", required=True, help="labelled JSONL of the held-out pieces")
-    parser.add_argument("--label_field", default="label", help="the record key holding the label (default: label)")
-    parser.add_argument("--labels", help="comma-separated labels to keep (default: every label of the test set "
-                        "with at least --min_count pieces)")
-    parser.add_argument("--min_count", type=int, default=10, help="fewest test pieces a label needs (default: 10)")
-    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="zero-shot prompt (default: %(default)r)")
-    parser.add_argument("--systems", default="base,adapters", help="base, adapters or both (default: both)")
-    parser.add_argument("--output", help="report JSON (default: RESULTS_DIR/classification_<test stem>.json)")
-    rawfile_tools.add_model_arguments(parser, "classification")
-    return parser
-
-
-def run(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, cfg = runconfig.parse_args(parser, argv)
+def run(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """The whole of ``classification/evaluate_cls.py`` once its arguments are parsed (``evaluation.cli``):
+    0 on success, 2 on a setup error (printed)."""
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    if not systems or set(systems) - set(SYSTEMS):
-        parser.error(f"--systems takes base and/or adapters, not {args.systems!r}")
-    if args.no_adapter and "adapters" in systems:
-        parser.error("--no_adapter and --systems adapters contradict each other")
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -198,8 +175,8 @@ def _run(args: argparse.Namespace, cfg: dict[str, Any], systems: list[str], log:
     with DropLog("classification", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
         for system in systems:
             choice = choose_models(cfg, weights=args.weights, model_config=args.model_config,
-                                            no_adapter=system == "base")
-            if system == "adapters" and not any(choice.adapters.values()):
+                                            no_adapter=system == BASELINE)
+            if system == LORA and not any(choice.adapters.values()):
                 log("adapters: no adapter found (LORA_ABC_ADAPTER_DIR / LORA_MTF_ADAPTER_DIR): left out")
                 continue
             cache_dir = Path(args.cache_dir) if args.cache_dir else repo_path(choice.cfg["RAWFILE_CACHE_DIR"])

@@ -1,10 +1,10 @@
 """Pair two evaluation reports (baseline and LoRA) query by query: deltas, paired intervals, p-values.
 
 Both reports must come from the same test sets (same ids, same fields, same query counts); the
-per-query rank ingredients saved beside each report are rebuilt into ``metrics.Ranks`` and compared
-with ``metrics.compare_ranks`` (Δ = LoRA − baseline). A difference is claimed only when its paired
-interval excludes zero and its p-value is below 1 − level; otherwise the verdict is "no significant
-difference".
+per-query rank ingredients saved beside each report are read back into ``metrics.Ranks``
+(``results.load_system``) and compared with ``metrics.compare_ranks`` (Δ = LoRA − baseline). A
+difference is claimed only when its paired interval excludes zero and its p-value is below
+1 − level; otherwise the verdict is "no significant difference". The command line is ``cli``'s.
 """
 
 from __future__ import annotations
@@ -12,74 +12,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import metrics
-import numpy as np
 import runconfig
-from fileio import atomic_write_text, read_jsonl, repo_path
+from fileio import atomic_write_text, repo_path
+from formats import BASELINE, LORA
 
-from evaluation.reports import (
+from evaluation.plots import write_plots
+from evaluation.results import (
     CROSS_DIRECTIONS,
     CROSS_FORMAT_SET,
     HEADLINE_TIE_RULE,
     LEVELS,
     TEXT_DIRECTIONS,
-    report_path,
+    ComparisonError,
+    RankKey,
+    SystemResults,
+    load_system,
+    read_histories,
+    system_report_path,
 )
 
-RankKey = tuple[str, str, str, str]  # (set, field, level, direction)
 LOWER_IS_BETTER = {"mean_rank"}
 NO_DIFFERENCE = "no significant difference"
 SUMMARY_METRICS = ("mrr", "hit@1", "hit@5", "hit@10", "hit@100", "mean_rank")
-
-
-class ComparisonError(ValueError):
-    """Two reports that cannot be paired (different test sets, missing companions)."""
-
-
-@dataclass
-class SystemResults:
-    """A report with its per-query ranks (by key: query ids and Ranks) and similarity samples."""
-
-    path: Path
-    report: dict[str, Any]
-    ranks: dict[RankKey, tuple[list[str], metrics.Ranks]]
-    similarities: dict[str, np.ndarray]
-
-    @property
-    def name(self) -> str:
-        return str(self.report.get("system", self.path.stem))
-
-
-def load_system(report_file: Path) -> SystemResults:
-    if not report_file.is_file():
-        raise ComparisonError(f"report not found: {report_file} (run evaluate_baseline.py / evaluate_lora.py)")
-    report = json.loads(report_file.read_text(encoding="utf-8"))
-    files = report.get("files") or {}
-    ranks_file = report_file.parent / files.get("ranks", "")
-    if not files.get("ranks") or not ranks_file.is_file():
-        raise ComparisonError(f"the per-query ranks of {report_file} are missing (expected {ranks_file})")
-    grouped: dict[RankKey, list[dict]] = defaultdict(list)
-    for row in read_jsonl(ranks_file):
-        grouped[(row["set"], row["field"], row["level"], row["direction"])].append(row)
-    ranks = {}
-    for key, rows in grouped.items():
-        pool_sizes = {row["pool_size"] for row in rows}
-        if len(pool_sizes) != 1:
-            raise ComparisonError(f"{ranks_file}: {key} mixes pool sizes {sorted(pool_sizes)}")
-        columns = {name: np.array([row[name] for row in rows], dtype=np.int64)
-                   for name in ("greater", "tied_others", "tied_correct", "n_correct")}
-        ranks[key] = ([str(row["query"]) for row in rows], metrics.Ranks(**columns, pool_size=pool_sizes.pop()))
-    similarities: dict[str, np.ndarray] = {}
-    similarity_file = report_file.parent / files.get("similarities", "")
-    if files.get("similarities") and similarity_file.is_file():
-        with np.load(similarity_file, allow_pickle=False) as data:
-            similarities = {key: data[key] for key in data.files}
-    return SystemResults(report_file, report, ranks, similarities)
 
 
 def check_same_test_sets(baseline: SystemResults, lora: SystemResults) -> list[str]:
@@ -158,8 +116,8 @@ def compare_entry(baseline: SystemResults, lora: SystemResults, key: RankKey, n_
             "random": summary_a["random"], **by_rule}
 
 
-def compare_systems(baseline: SystemResults, lora: SystemResults, n_resamples: int, seed: int,
-                    level: float = 0.95) -> dict[str, Any]:
+def compare_retrieval(baseline: SystemResults, lora: SystemResults, n_resamples: int, seed: int,
+                      level: float = 0.95) -> dict[str, Any]:
     """The comparison report (without plots): every entry of both reports, paired."""
     warnings = check_same_test_sets(baseline, lora)
     results: dict[str, Any] = {}
@@ -301,38 +259,7 @@ def _caption_level_differs(caption: dict[str, Any], pair: dict[str, Any]) -> boo
                caption[d]["random"]["mrr"] != pair.get(d, {}).get("random", {}).get("mrr") for d in caption)
 
 
-
 # ---------------------------------------------------------------------------- the run
-def read_histories(log_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """The trainer's ``{ABC,MTF}_history.json`` in ``log_dir``, where present and readable."""
-    from training.run_folder import run_file
-
-    histories = {}
-    for fmt in ("abc", "mtf"):
-        path = run_file(log_dir, fmt, "history")
-        if path.is_file():
-            try:
-                entries = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                continue  # a history caught mid-write by a running trainer: no curve rather than no report
-            if isinstance(entries, list):
-                histories[fmt] = entries
-    return histories
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Pair the baseline and LoRA evaluation reports: deltas with paired intervals and p-values, "
-                    "a text summary and plots.")
-    parser.add_argument("--baseline", help="baseline report (default: RESULTS_DIR/evaluation_baseline_report.json)")
-    parser.add_argument("--lora", help="LoRA report (default: RESULTS_DIR/evaluation_lora_report.json)")
-    parser.add_argument("--output_dir", help="where the comparison, summary and plots/ go (default: RESULTS_DIR)")
-    parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
-    parser.epilog = ("Writes evaluation_comparison_report.json, evaluation_summary.txt, "
-                     "evaluation_comparison_config.json and plots/*.png.")
-    return parser
-
-
 def _shown(path: Path) -> str:
     """``path`` relative to the working directory when inside it, so the printed commands can be pasted."""
     try:
@@ -341,25 +268,22 @@ def _shown(path: Path) -> str:
         return str(path.resolve())
 
 
-def run(argv: list[str] | None = None) -> int:
-    """The whole of ``compare_results.py``: 0 on success, 2 when the reports cannot be paired."""
-    parser = build_parser()
-    args, cfg = runconfig.parse_args(parser, argv)
+def run(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """``compare_results.py`` once ``cli.run_comparison`` has parsed its arguments: 0 on success, 2 when
+    the reports cannot be paired."""
     results_dir = repo_path(cfg["RESULTS_DIR"])
     output_dir = Path(args.output_dir) if args.output_dir else results_dir
-    baseline_file = Path(args.baseline) if args.baseline else report_path(results_dir, "baseline")
-    lora_file = Path(args.lora) if args.lora else report_path(results_dir, "lora")
+    baseline_file = Path(args.baseline) if args.baseline else system_report_path(results_dir, BASELINE)
+    lora_file = Path(args.lora) if args.lora else system_report_path(results_dir, LORA)
     n_resamples, seed = int(cfg["EVAL_BOOTSTRAP"]), int(cfg["SEED"])
     try:
         baseline, lora = load_system(baseline_file), load_system(lora_file)
-        comparison = compare_systems(baseline, lora, n_resamples, seed)
+        comparison = compare_retrieval(baseline, lora, n_resamples, seed)
     except ComparisonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     comparison["plots"] = []
     if not args.no_plots:
-        from evaluation.plots import write_plots
-
         histories = read_histories(repo_path(cfg["LORA_LOG_DIR"]))
         comparison["training_histories"] = sorted(histories)
         comparison["plots"] = [str(p) for p in write_plots(comparison, baseline, lora, histories,

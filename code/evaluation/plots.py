@@ -15,13 +15,13 @@ matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from fileio import atomic_write_bytes  # noqa: E402
+from formats import BASELINE, LORA  # noqa: E402
 
-from evaluation.compare import SystemResults  # noqa: E402
-from evaluation.reports import CROSS_FORMAT_SET, similarity_key  # noqa: E402
+from evaluation.results import CROSS_FORMAT_SET, SystemResults, similarity_key  # noqa: E402
 
 PLOT_METRICS = ("mrr", "hit@1", "hit@10", "hit@100")
-COLOURS = {"baseline": "tab:blue", "lora": "tab:orange"}
-LABELS = {"baseline": "baseline", "lora": "LoRA"}
+COLOURS = {BASELINE: "tab:blue", LORA: "tab:orange"}
+LABELS = {BASELINE: "baseline", LORA: "LoRA"}
 
 
 def _grid(n_panels: int, width: float = 4.2, height: float = 3.2):
@@ -51,7 +51,7 @@ def plot_metrics(comparison: dict[str, Any], set_name: str, path: Path) -> Path:
     figure, axes = _grid(len(panels))
     x = np.arange(len(PLOT_METRICS))
     for axis, (field_name, direction, entry) in zip(axes, panels, strict=True):
-        for offset, system in ((-0.2, "baseline"), (0.2, "lora")):
+        for offset, system in ((-0.2, BASELINE), (0.2, LORA)):
             values = [entry[rule][m][system] for m in PLOT_METRICS]
             cis = [entry[rule][m][f"{system}_ci"] or [v, v] for m, v in zip(PLOT_METRICS, values, strict=True)]
             errors = np.array([[v - ci[0] for v, ci in zip(values, cis, strict=True)],
@@ -72,7 +72,7 @@ def plot_rank_cdfs(baseline: SystemResults, lora: SystemResults, set_name: str, 
     keys = [key for key in baseline.ranks if key[0] == set_name and key[2] == "pair"]
     figure, axes = _grid(len(keys))
     for axis, key in zip(axes, keys, strict=True):
-        for system, results in (("baseline", baseline), ("lora", lora)):
+        for system, results in ((BASELINE, baseline), (LORA, lora)):
             ranks = np.sort(results.ranks[key][1].expected)
             axis.step(ranks, np.arange(1, len(ranks) + 1) / len(ranks), where="post", color=COLOURS[system],
                       label=LABELS[system])
@@ -100,7 +100,7 @@ def plot_similarities(baseline: SystemResults, lora: SystemResults, set_name: st
     figure, axes = _grid(len(panels))
     for axis, field_name in zip(axes, panels, strict=True):
         samples = {(system, kind): results.similarities[similarity_key(set_name, field_name, kind)]
-                   for system, results in (("baseline", baseline), ("lora", lora))
+                   for system, results in ((BASELINE, baseline), (LORA, lora))
                    for kind in ("matched", "unmatched")}
         everything = np.concatenate([v for v in samples.values() if v.size])
         bins = np.linspace(float(everything.min()), float(everything.max()) + 1e-6, 40)

@@ -12,6 +12,9 @@ One run writes, under the output folder (``RESULTS_DIR`` by default):
   ``metrics.Ranks`` (so ``compare_results.py`` pairs two systems query by query) plus both ranks;
 - ``evaluation_<system>_similarities.npz``: cosines of matched pairs and a sample of unmatched ones;
 - ``evaluation_<system>_config.json``: the effective configuration.
+
+The names of these files and the format of the ranks file are ``results``'; the command line is
+``cli``'s.
 """
 
 from __future__ import annotations
@@ -30,21 +33,23 @@ import metrics
 import numpy as np
 import runconfig
 from fileio import atomic_write, atomic_write_text, file_sha256, repo_path, write_jsonl
+from formats import BASELINE, FORMATS, LORA, SYSTEMS
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, resolve_device
 from records import same_text_key
 
 from evaluation import testsets
+from evaluation.results import (
+    CROSS_DIRECTIONS,
+    CROSS_FORMAT_FIELD,
+    CROSS_FORMAT_SET,
+    HEADLINE_TIE_RULE,
+    TEXT_DIRECTIONS,
+    companion_names,
+    ranks_file_rows,
+    similarity_key,
+    system_report_path,
+)
 
-SYSTEMS = ("baseline", "lora")
-SET_FORMATS = ("abc", "mtf")
-CROSS_FORMAT_SET = "cross_format"
-CROSS_FORMAT_FIELD = "pair_id"
-LEVELS = ("pair", "caption")
-TEXT_DIRECTIONS = ("text_to_music", "music_to_text")
-CROSS_DIRECTIONS = ("sheet_to_midi", "midi_to_sheet")
-# The tie rule the summary leads with: the official rule counts every tie in the correct item's
-# favour, which flatters a model that maps many pieces to one point; both are in every report.
-HEADLINE_TIE_RULE = "expected"
 CAPTION_KEY_RULE = "caption-level: texts equal after collapsing whitespace and case-folding count as one caption"
 TRAINER_COMMAND = "python code/train_clamp3_lora.py --format {fmt}"
 # From the CLaMP 3 paper (arXiv 2502.10362) as summarised in ../shared/reference (not checked against
@@ -55,16 +60,6 @@ PAPER_TEXT_TO_MUSIC_MRR = {"wikimt": 0.4498, "midicaps": 0.2826}
 
 class EvaluationError(RuntimeError):
     """An evaluation that cannot run as configured (missing test set, adapter, weights...)."""
-
-
-def report_path(output_dir: Path, system: str) -> Path:
-    return output_dir / f"evaluation_{system}_report.json"
-
-
-def companion_names(system: str) -> dict[str, str]:
-    """File names written beside a report, relative to its folder (so the folder can move)."""
-    return {"ranks": f"evaluation_{system}_ranks.jsonl", "similarities": f"evaluation_{system}_similarities.npz",
-            "config": f"evaluation_{system}_config.json"}
 
 
 # ---------------------------------------------------------------------------- test sets
@@ -167,18 +162,6 @@ def extract_set(extractor: Any, test_set: TestSet, log: Callable[[str], None]) -
 
 
 # ---------------------------------------------------------------------------- ranking
-def rank_rows(set_name: str, field_name: str, level: str, direction: str, query_ids: list[str],
-              ranks: metrics.Ranks) -> list[dict]:
-    """One JSONL row per query: the ``metrics.Ranks`` ingredients and the ranks derived from them."""
-    reciprocal = ranks.reciprocal_expected
-    return [{"set": set_name, "field": field_name, "level": level, "direction": direction, "query": query_id,
-             "greater": int(ranks.greater[i]), "tied_others": int(ranks.tied_others[i]),
-             "tied_correct": int(ranks.tied_correct[i]), "n_correct": int(ranks.n_correct[i]),
-             "pool_size": ranks.pool_size, "official_rank": int(ranks.official[i]),
-             "expected_rank": float(ranks.expected[i]), "reciprocal_expected_rank": float(reciprocal[i])}
-            for i, query_id in enumerate(query_ids)]
-
-
 def similarity_sample(a: np.ndarray, b: np.ndarray, max_unmatched: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Cosines of the matched rows (a_i, b_i) and of unmatched pairs (a_i, b_j≠i): all of them when
     there are at most ``max_unmatched``, a seeded uniform sample otherwise."""
@@ -202,12 +185,8 @@ def similarity_sample(a: np.ndarray, b: np.ndarray, max_unmatched: int, seed: in
 @dataclass
 class EvaluationOutput:
     report: dict[str, Any]
-    rank_rows: list[dict]
+    ranks_file_rows: list[dict]
     similarities: dict[str, np.ndarray]
-
-
-def similarity_key(set_name: str, field_name: str, kind: str) -> str:
-    return f"{set_name}__{field_name}__{kind}"
 
 
 def evaluate_features(features: list[SetFeatures], n_resamples: int, seed: int,
@@ -232,7 +211,7 @@ def evaluate_features(features: list[SetFeatures], n_resamples: int, seed: int,
                 for direction, queries, references in (("text_to_music", text_matrix, music),
                                                        ("music_to_text", music, text_matrix)):
                     ranks = metrics.rank_queries(queries, references, **correct)
-                    rows.extend(rank_rows(test_set.name, name, level, direction, ids, ranks))
+                    rows.extend(ranks_file_rows((test_set.name, name, level, direction), ids, ranks))
             matched, unmatched = similarity_sample(text_matrix, music, max_unmatched, seed)
             similarities[similarity_key(test_set.name, name, "matched")] = matched
             similarities[similarity_key(test_set.name, name, "unmatched")] = unmatched
@@ -249,10 +228,10 @@ def _cross_format(features: list[SetFeatures], n_resamples: int, seed: int, max_
     """Sheet→MIDI and MIDI→sheet over the pieces whose ``pair_id`` is in both sets (the first piece
     of each ``pair_id`` per set), the pool being those paired pieces."""
     by_format = {f.test_set.fmt: f for f in features}
-    if not {"abc", "mtf"} <= set(by_format):
+    if not set(FORMATS) <= set(by_format):
         return None
     first_of: dict[str, dict[str, int]] = {}
-    for fmt in ("abc", "mtf"):
+    for fmt in FORMATS:
         first_of[fmt] = {}
         for i, piece in enumerate(by_format[fmt].test_set.pieces):
             if piece.pair_id is not None:
@@ -266,7 +245,7 @@ def _cross_format(features: list[SetFeatures], n_resamples: int, seed: int, max_
     for direction, queries, references in (("sheet_to_midi", sheet, midi), ("midi_to_sheet", midi, sheet)):
         ranks = metrics.rank_queries(queries, references, np.arange(len(shared)))
         result[direction] = metrics.summarise(ranks, n_resamples=n_resamples, seed=seed)
-        rows.extend(rank_rows(CROSS_FORMAT_SET, CROSS_FORMAT_FIELD, "pair", direction, shared, ranks))
+        rows.extend(ranks_file_rows((CROSS_FORMAT_SET, CROSS_FORMAT_FIELD, "pair", direction), shared, ranks))
     result["pair_cosines"] = metrics.pair_cosines(sheet, midi)
     result["paper_reference"] = {
         "mrr": PAPER_CROSS_FORMAT_MRR, "model": "CLaMP 3 (C2)", "benchmark": "WikiMT-X",
@@ -279,24 +258,6 @@ def _cross_format(features: list[SetFeatures], n_resamples: int, seed: int, max_
 
 
 # ---------------------------------------------------------------------------- the run
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", help="CLaMP 3 checkpoint (default: CLAMP3_WEIGHTS_PATH)")
-    parser.add_argument("--model_config", help="JSON model sizes (default: MODEL_CONFIG or official sizes)")
-    parser.add_argument("--output_dir", help="where the report and its companions go (default: RESULTS_DIR)")
-    parser.add_argument("--format", choices=["abc", "mtf", "both"], default="both",
-                        help="which test sets to evaluate (default: %(default)s, i.e. those present)")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
-
-
-def build_parser(system: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.epilog = (f"Writes evaluation_{system}_report.json, evaluation_{system}_ranks.jsonl, "
-                     f"evaluation_{system}_similarities.npz and evaluation_{system}_config.json.")
-    return parser
-
-
 def adapter_info(cfg: dict[str, Any], fmt: str) -> dict[str, Any]:
     """The adapter folder of ``fmt`` and what selected it; a missing adapter is an EvaluationError."""
     import lora
@@ -313,12 +274,11 @@ def adapter_info(cfg: dict[str, Any], fmt: str) -> dict[str, Any]:
             "adapter_config": json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))}
 
 
-def run(system: str, argv: list[str] | None, description: str) -> int:
-    """The whole of ``evaluate_<system>.py``: 0 on success, 2 on a setup error (printed)."""
+def run(system: str, args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """``evaluate_<system>.py`` once ``cli.run_evaluation`` has parsed its arguments: 0 on success, 2 on a
+    setup error (printed)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown system {system!r}")
-    parser = build_parser(system, description)
-    args, cfg = runconfig.parse_args(parser, argv)
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -335,12 +295,12 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
     from features import FeatureExtractor, check_dtype, load_text_tokenizer
 
     output_dir = Path(args.output_dir) if args.output_dir else repo_path(cfg["RESULTS_DIR"])
-    formats = SET_FORMATS if args.format == "both" else (args.format,)
+    formats = FORMATS if args.format == "both" else (args.format,)
     # Everything cheap is checked before the checkpoint is read: none of it should wait for 1.8 GB.
     test_sets = discover_test_sets(repo_path(cfg["TEST_DATA_DIR"]), formats)
     for fmt in sorted(set(formats) - {s.fmt for s in test_sets}):
         log(f"no {testsets.TEST_FILES[fmt]} in {repo_path(cfg['TEST_DATA_DIR'])}: the {fmt} set is skipped")
-    adapters = {s.fmt: adapter_info(cfg, s.fmt) for s in test_sets} if system == "lora" else {}
+    adapters = {s.fmt: adapter_info(cfg, s.fmt) for s in test_sets} if system == LORA else {}
     try:
         check_dtype(cfg["EXTRACT_DTYPE"])
         tokenizer = load_text_tokenizer(cfg["TEXT_MODEL_NAME"])
@@ -360,7 +320,7 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
         raise EvaluationError(str(exc)) from exc
 
     def model_for(fmt: str) -> CLaMP3Model:
-        if system == "baseline":
+        if system == BASELINE:
             return base
         import lora
 
@@ -399,10 +359,10 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
     runconfig.save_config(cfg, output_dir / names["config"],
                           extra={"system": system, "weights": weights_info, "adapters": adapters,
                                  "model_config": model_config.to_dict()})
-    write_jsonl(output_dir / names["ranks"], output.rank_rows)
+    write_jsonl(output_dir / names["ranks"], output.ranks_file_rows)
     atomic_write(output_dir / names["similarities"], lambda f: np.savez_compressed(f, **output.similarities),
                  binary=True)
-    path = atomic_write_text(report_path(output_dir, system), json.dumps(report, indent=2) + "\n")
+    path = atomic_write_text(system_report_path(output_dir, system), json.dumps(report, indent=2) + "\n")
     for line in headline_lines(report):
         log(line)
     print(f"report: {path}")
@@ -423,7 +383,7 @@ def report_notes(system: str, report: dict[str, Any]) -> list[str]:
         notes.append("cross_format: the paper reports sheet→MIDI MRR {sheet_to_midi} and MIDI→sheet {midi_to_sheet} "
                      "for CLaMP 3 (C2) on WikiMT-X; those are the paper's numbers, not ours.".format(
                          **PAPER_CROSS_FORMAT_MRR))
-    if system == "lora":
+    if system == LORA:
         notes.append("Each set's music (and text) features come from the base with that format's adapter; the "
                      "adapters touch only the symbolic encoder, so text features equal the baseline's.")
     return notes

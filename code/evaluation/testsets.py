@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from fileio import DropLog, file_sha256, iter_jsonl, read_jsonl, swap_in_folder, write_jsonl
+from formats import FORMATS
 from preprocess.training_jsonl import check_file, normalise_title
 from preprocess.wikimt import RECORDS_NAME as WIKIMT_RECORDS_NAME
 from preprocess.wikimt import TEXT_TYPES as WIKIMT_TEXT_TYPES
 from records import piece_hash
 
-FORMATS = ("abc", "mtf")
-TEST_FILES = {"abc": "test_abc.jsonl", "mtf": "test_mtf.jsonl"}
+TEST_FILES = {fmt: f"test_{fmt}.jsonl" for fmt in FORMATS}
 SUMMARY_NAME = "test_data_summary.json"
 MIDICAPS_TEXT_FIELDS = ("caption",)
 

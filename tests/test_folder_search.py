@@ -10,7 +10,7 @@ import sys
 import types
 from pathlib import Path
 
-import music_search
+import folder_search
 import numpy as np
 import pytest
 import rawfiles
@@ -71,7 +71,7 @@ def test_text_query_ranks_every_piece_by_cosine(tmp_path, scores, word_tokenizer
     assert original["duplicates"] == ["midi/same_as_bwv1.6.abc"]
     assert [hit["rank"] for hit in results] == list(range(1, 9))
     assert all(a["score"] >= b["score"] for a, b in zip(results, results[1:], strict=False))
-    assert {hit["format"] for hit in results} == {"abc", "musicxml", "midi"}
+    assert {hit["kind"] for hit in results} == {"abc", "musicxml", "midi"}
     # The scores are the cosines of the raw-file features, each format through its own adapter.
     embedder = embedder_for(word_tokenizer, adapters, tmp_path)
     query = embedder.embed_texts(["w1 w2 w3"])[0]
@@ -82,7 +82,7 @@ def test_text_query_ranks_every_piece_by_cosine(tmp_path, scores, word_tokenizer
     assert "broken.mid" in (tmp_path / "failures.jsonl").read_text(encoding="utf-8")
     midi_only = run_json(search_main, capsys, [*arguments(tmp_path, word_tokenizer, adapters, "w1 w2 w3",
                                                           str(scores)), "--format", "mtf"])
-    assert {hit["format"] for hit in midi_only["results"]} == {"midi"} and len(midi_only["results"]) == 2
+    assert {hit["kind"] for hit in midi_only["results"]} == {"midi"} and len(midi_only["results"]) == 2
 
 
 def test_music_query_leaves_out_itself_and_its_copies(tmp_path, scores, word_tokenizer, adapters, search_main,
@@ -97,23 +97,23 @@ def test_music_query_leaves_out_itself_and_its_copies(tmp_path, scores, word_tok
 def test_the_index_follows_the_folder_without_embedding_twice(tmp_path, scores, word_tokenizer, adapters):
     embedder = embedder_for(word_tokenizer, adapters, tmp_path)
     index_dir = tmp_path / "index"
-    _, first, skipped = music_search.update_index(embedder, scores, index_dir)
+    _, first, skipped = folder_search.update_index(embedder, scores, index_dir)
     assert len(first.added) == 9 and set(first.failed) == {"midi/broken.mid"} and skipped == ["notes.txt"]
     embedded_before = embedder.summary.embedded
-    _, again, _ = music_search.update_index(embedder, scores, index_dir)
+    _, again, _ = folder_search.update_index(embedder, scores, index_dir)
     assert len(again.unchanged) == 9 and not again.embedded and embedder.summary.embedded == embedded_before
     (scores / "bach_bwv67.4.xml").unlink()
     shutil.copy(OFFICIAL / "inputs" / "mid" / "edge_exact_513_patches.mid", scores / "midi" / "m21test_test01.mid")
-    index, changed, _ = music_search.update_index(embedder, scores, index_dir)
+    index, changed, _ = folder_search.update_index(embedder, scores, index_dir)
     assert changed.removed == ["bach_bwv67.4.xml"] and changed.updated == ["midi/m21test_test01.mid"]
     assert len(index.entries) == 8
     # Another model (the base, no adapters) never reuses these vectors: the index is rebuilt.
     base = Embedder(choose_models(embedder.cfg, weights=TINY_WEIGHTS, no_adapter=True),
                              cache_dir=tmp_path / "cache")
-    assert music_search.index_model_key(base) != music_search.index_model_key(embedder)
+    assert folder_search.index_model_key(base) != folder_search.index_model_key(embedder)
     with pytest.raises(search_index.ModelKeyMismatchError):
-        music_search.update_index(base, scores, index_dir, rebuild=False)
-    _, rebuilt, _ = music_search.update_index(base, scores, index_dir, rebuild=True)
+        folder_search.update_index(base, scores, index_dir, rebuild=False)
+    _, rebuilt, _ = folder_search.update_index(base, scores, index_dir, rebuild=True)
     assert len(rebuilt.added) == 8
 
 
@@ -187,9 +187,9 @@ def tiny_captioner(tmp_path_factory) -> Path:
 
 
 def test_a_local_transformers_captioning_model_captions_an_image(tmp_path, tiny_captioner):
-    query = music_search.resolve_query(str(REPO_ROOT / "data" / "samples" / "cover.png"), None, str(tiny_captioner))
+    query = folder_search.resolve_query(str(REPO_ROOT / "data" / "samples" / "cover.png"), None, str(tiny_captioner))
     assert query.text.split()[:3] == ["reel", "reel", "reel"] and "CAPTION_MODEL" in query.source
     broken = tmp_path / "not-an-image.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(rawfiles.RawFileError, match="captioning with .* failed"):
-        music_search.resolve_query(str(broken), None, str(tiny_captioner))
+        folder_search.resolve_query(str(broken), None, str(tiny_captioner))

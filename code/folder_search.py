@@ -8,6 +8,10 @@ and MTF adapters or the base, and the text tower), so an index built with other 
 adapters or ``--no_adapter`` is never mixed with this one's vectors: it is rebuilt, from the feature
 cache where the files were embedded before.
 
+**Opening** (``open_folder_index``, the search command's policy): the folder's index is brought up
+to date before a search (created on the first; rebuilt, with a notice, when it was built with other
+models), or with ``update=False`` searched as it is, without looking at the folder.
+
 **Queries.** A path to a music file (any kind ``rawfiles`` reads): music → music, the file itself
 (and identical copies) left out of the results. A ``.txt`` file: its text. An image: its caption
 (``--caption``, else a ``.txt`` file of the same name beside it, else the ``CAPTION_MODEL`` hook).
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +34,11 @@ import numpy as np
 import rawfiles
 from embedder import Embedder
 from fileio import DropLog, repo_path
-from search_index import FileFacts, SearchIndex, UpdateSummary, file_facts
+from search_index import FileFacts, SearchIndex, UpdateSummary, file_facts, read_manifest
 
-# What an index holds: music (symbolic kinds) and MERT features; text files in a folder of scores
-# are notes about them, not pieces.
-INDEXED_KINDS = formats.MUSIC_KINDS | {"mert"}
+# What an index holds: every kind but text, i.e. music (symbolic kinds) and MERT features (audio);
+# text files in a folder of scores are notes about them, not pieces.
+INDEXED_KINDS = frozenset(kind for kind, modality in formats.MODALITY_OF_KIND.items() if modality != "text")
 INDEXED_EXTENSIONS = tuple(sorted(ext for ext, kind in formats.KIND_OF_EXTENSION.items() if kind in INDEXED_KINDS))
 
 
@@ -82,6 +87,29 @@ def update_index(embedder: Embedder, folder: str | os.PathLike, index_dir: str |
 
     summary = index.update(facts, embed, batch_size=int(embedder.cfg["EXTRACT_FILES_PER_CHUNK"]), progress=progress)
     return index, summary, skipped
+
+
+def open_folder_index(embedder: Embedder, folder: str | os.PathLike, index_dir: str | os.PathLike, *,
+                      update: bool = True, drops: DropLog | None = None,
+                      say: Callable[[str], None] = print) -> SearchIndex:
+    """The index a search of ``folder`` uses, with a line to ``say`` about it. ``update``: brought up
+    to date (``update_index``), rebuilt when it was built with other models or adapters (say names
+    it); else the index in ``index_dir`` as it is (``FileNotFoundError`` if there is none,
+    ``search_index.ModelKeyMismatchError`` if it was built with other models)."""
+    model_key = index_model_key(embedder)
+    if not update:
+        index = SearchIndex.open(index_dir, model_key, create=False)
+        say(f"index: {index_dir} ({index.n_vectors} pieces; not updated)")
+        return index
+    previous = read_manifest(index_dir)
+    if previous and previous.get("model_key") != model_key:
+        say(f"index: {index_dir} was built with other models or adapters: rebuilt (features come "
+            "from the cache where these models embedded the files before)")
+    started = time.perf_counter()
+    index, summary, skipped = update_index(embedder, folder, index_dir, rebuild=True, drops=drops)
+    say(f"index: {index_dir}: {summary.line()} ({time.perf_counter() - started:.1f} s)"
+        + (f"; not music, left out: {len(skipped)} file(s)" if skipped else ""))
+    return index
 
 
 # ---------------------------------------------------------------------------- queries

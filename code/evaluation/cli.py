@@ -1,0 +1,105 @@
+"""The command lines of ``evaluate_baseline.py``, ``evaluate_lora.py``, ``compare_results.py`` and
+``classification/evaluate_cls.py``.
+
+Each parses its arguments here, then imports the module that does the work (``reports``,
+``compare``, ``classification``): those load torch and transformers, which ``--help`` and a usage
+error need not wait for, so this module imports neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import rawfile_tools
+import runconfig
+from formats import BASELINE, FORMATS, LORA, SYSTEMS
+
+DEFAULT_TEMPLATE = "a {label}"
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", help="CLaMP 3 checkpoint (default: CLAMP3_WEIGHTS_PATH)")
+    parser.add_argument("--model_config", help="JSON model sizes (default: MODEL_CONFIG or official sizes)")
+    parser.add_argument("--output_dir", help="where the report and its companions go (default: RESULTS_DIR)")
+    parser.add_argument("--format", choices=[*FORMATS, "both"], default="both",
+                        help="which test sets to evaluate (default: %(default)s, i.e. those present)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def evaluation_parser(system: str, description: str) -> argparse.ArgumentParser:
+    """The parser of ``evaluate_<system>.py``."""
+    if system not in SYSTEMS:
+        raise ValueError(f"unknown system {system!r}")
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_evaluation_arguments(parser)
+    parser.epilog = (f"Writes evaluation_{system}_report.json, evaluation_{system}_ranks.jsonl, "
+                     f"evaluation_{system}_similarities.npz and evaluation_{system}_config.json.")
+    return parser
+
+
+def comparison_parser() -> argparse.ArgumentParser:
+    """The parser of ``compare_results.py``."""
+    parser = argparse.ArgumentParser(
+        description="Pair the baseline and LoRA evaluation reports: deltas with paired intervals and p-values, "
+                    "a text summary and plots.")
+    parser.add_argument("--baseline", help="baseline report (default: RESULTS_DIR/evaluation_baseline_report.json)")
+    parser.add_argument("--lora", help="LoRA report (default: RESULTS_DIR/evaluation_lora_report.json)")
+    parser.add_argument("--output_dir", help="where the comparison, summary and plots/ go (default: RESULTS_DIR)")
+    parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+    parser.epilog = ("Writes evaluation_comparison_report.json, evaluation_summary.txt, "
+                     "evaluation_comparison_config.json and plots/*.png.")
+    return parser
+
+
+def classification_parser() -> argparse.ArgumentParser:
+    """The parser of ``classification/evaluate_cls.py``."""
+    parser = argparse.ArgumentParser(
+        description="Zero-shot and linear-probe classification of held-out pieces, the base model "
+        f"({BASELINE}) against the base with its adapters ({LORA}), paired piece by piece.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="A labelled set is a JSONL file of records {\"id\", \"filepaths\": [one file, relative to the "
+        "JSONL's folder], \"<label field>\": label}; any file the raw-file tools read will do. Writes the "
+        "report JSON and a .txt summary beside it.")
+    parser.add_argument("--train", required=True, help="labelled JSONL the linear probe is trained on")
+    parser.add_argument("--test", required=True, help="labelled JSONL of the held-out pieces")
+    parser.add_argument("--label_field", default="label", help="the record key holding the label (default: label)")
+    parser.add_argument("--labels", help="comma-separated labels to keep (default: every label of the test set "
+                        "with at least --min_count pieces)")
+    parser.add_argument("--min_count", type=int, default=10, help="fewest test pieces a label needs (default: 10)")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="zero-shot prompt (default: %(default)r)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"{' or '.join(SYSTEMS)} or both, comma-separated (default: both)")
+    parser.add_argument("--output", help="report JSON (default: RESULTS_DIR/classification_<test stem>.json)")
+    rawfile_tools.add_model_arguments(parser, "classification")
+    return parser
+
+
+def run_evaluation(system: str, argv: list[str] | None, description: str) -> int:
+    """The whole of ``evaluate_<system>.py``: 0 on success, 2 on a setup error (printed)."""
+    args, cfg = runconfig.parse_args(evaluation_parser(system, description), argv)
+    from evaluation import reports  # after parsing: it loads torch and transformers
+
+    return reports.run(system, args, cfg)
+
+
+def run_comparison(argv: list[str] | None = None) -> int:
+    """The whole of ``compare_results.py``: 0 on success, 2 when the reports cannot be paired."""
+    args, cfg = runconfig.parse_args(comparison_parser(), argv)
+    from evaluation import compare  # after parsing: it loads torch and matplotlib
+
+    return compare.run(args, cfg)
+
+
+def run_classification(argv: list[str] | None = None) -> int:
+    """The whole of ``classification/evaluate_cls.py``: 0 on success, 2 on a setup error (printed)."""
+    parser = classification_parser()
+    args, cfg = runconfig.parse_args(parser, argv)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if not systems or set(systems) - set(SYSTEMS):
+        parser.error(f"--systems takes {BASELINE} and/or {LORA}, not {args.systems!r}")
+    if args.no_adapter and LORA in systems:
+        parser.error(f"--no_adapter and --systems {LORA} contradict each other")
+    from evaluation import classification  # after parsing: it loads torch and transformers
+
+    return classification.run(args, cfg)
