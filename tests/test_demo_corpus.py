@@ -1,17 +1,20 @@
-"""The demo corpus: captions from real corpus headers, no caption source in the model's input, and a
-small real build (a few tunes per split, converted by the project's converters and music21)."""
+"""The demo corpus: captions from real corpus headers in several languages and families, content
+descriptions from the MIDI, no caption source in the model's input, held-out fields only in the test
+set, and a small real build (a few tunes per split, converted by the project's converters and music21)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 
 import pytest
+from demo import content, languages
+from demo.caption_plan import CaptionPlan, field_kind
 from demo.captions import caption_source_lines, captions_for, parse_key, strip_caption_sources, tune_metadata
 from demo.corpus import (
     COLLECTIONS,
     SPLITS,
-    TEST_TEXT_FIELDS,
     CorpusSize,
     build_corpus,
     music21_corpus_dir,
@@ -20,9 +23,12 @@ from demo.corpus import (
 )
 from evaluation.testsets import record_problem
 from fileio import DropLog, read_jsonl
+from helpers import OFFICIAL
 from preprocess.interleave import read_abc_text
 from preprocess.midi_mtf import M3_SKIPPED_META_TYPES
 from preprocess.training_jsonl import normalise_title
+
+PLAN = CaptionPlan.load()
 
 PIECES = 6
 TRAINING_JSONLS = {"base_train": "base_train_abc", "base_valid": "base_valid_abc",
@@ -47,28 +53,92 @@ def test_metadata_of_a_real_tune():
     (text,) = corpus_tunes("ryansMammoth/7thRegimentReel.abc", 1)
     assert tune_metadata(text, "ryans") == {
         "collection": "ryans", "title": "7th Regiment -- Reel", "tune_type": "reel", "key_en": "A major",
-        "key_de": "A-Dur", "meter": "2/4", "composer": "Conn. Higgins"}
+        "key_de": "A-Dur", "tonic": "A", "accidental": "", "mode": "major", "meter": "2/4",
+        "composer": "Conn. Higgins", "noun_en": "reel", "noun_de": "Reel", "noun_gender": "m",
+        "collection_name": "Ryan's Mammoth Collection"}
     assert parse_key("Bb")[1:] == ("major", "B", "Dur") and parse_key("Bb")[0] == "B-flat"
     assert parse_key("F#m") == ("F-sharp", "minor", "fis", "Moll")
     assert parse_key("Edor") == ("E", "Dorian", "E", "Dorisch")
     assert parse_key("B")[2] == "H" and parse_key("none") is None
 
 
-def test_captions_are_deterministic_bilingual_and_never_the_title_alone(real_tunes):
+def test_captions_are_deterministic_multilingual_and_never_the_title_alone(real_tunes):
+    fields = PLAN.test_fields()
     for collection, text in real_tunes:
         meta = tune_metadata(text, collection)
         seen = set()
         for seed in range(12):
-            captions = captions_for(meta, f"42:{seed}")
-            assert captions == captions_for(dict(meta), f"42:{seed}")
-            assert set(captions) == {"caption_en", "caption_de", "description"}
-            for value in captions.values():
-                assert value.strip(" .\u201c\u201d\u201e") != meta.get("title")
-            if "key_en" in meta:
-                assert meta["key_en"] in captions["caption_en"] and meta["key_de"] in captions["caption_de"]
-            assert any(w in captions["caption_de"] for w in ("Dur", "Moll", " aus ", "Quelle"))
+            captions = captions_for(meta, f"42:{seed}", fields)
+            assert captions == captions_for(dict(meta), f"42:{seed}", fields)
+            assert list(captions) == list(fields)
+            for name, value in captions.items():
+                assert value.strip(" .\u201c\u201d\u201e\u00ab\u00bb\u2018\u2019") != meta.get("title")
+                language = fields[name][0]
+                if "tonic" in meta:  # each language names the key its own way
+                    tonic = languages.tonic_name(meta["tonic"], meta["accidental"], language)
+                    assert tonic.lower() in value.lower(), (name, value)
             seen.add(captions["caption_en"])
         assert len(seen) > 1, "several phrasings per piece"
+
+
+def test_keys_are_named_as_each_language_names_them():
+    meta = {"tonic": "D", "accidental": "", "mode": "major"}
+    assert [languages.key_name(meta, lang) for lang in languages.LANGUAGES] == [
+        "D major", "D-Dur", "ré majeur", "re mayor", "re maggiore", "D majeur"]
+    minor = {"tonic": "B", "accidental": "b", "mode": "minor"}
+    assert [languages.key_name(minor, lang) for lang in ("de", "nl", "fr", "es", "it")] == [
+        "b-Moll", "bes mineur", "si bémol mineur", "si bemol menor", "si bemolle minore"]
+    assert languages.key_name({"tonic": "B", "accidental": "", "mode": "major"}, "de") == "H-Dur"
+    assert languages.key_name({"tonic": "F", "accidental": "#", "mode": "dorian"}, "en", "spelled") == \
+        "the key of F-sharp, Dorian mode"
+    assert languages.meter_phrase("6/8", "en", "named") == "in jig time"
+    assert languages.meter_phrase("6/8", "de", "words") == "im Sechsachteltakt"
+    assert languages.meter_phrase("5/4", "fr", "words") == "à 5/4"  # no word for it: the figures
+
+
+def test_a_held_out_family_shares_no_caption_with_the_training_families(real_tunes):
+    """The held-out family is another way of writing, not a reshuffle: over many draws, none of its
+    captions is one the training families write, in any language."""
+    for collection, text in real_tunes:
+        meta = tune_metadata(text, collection)
+        for language in languages.LANGUAGES:
+            trained = {languages.caption(meta, language, family, random.Random(seed))
+                       for family in PLAN.training_families for seed in range(20)}
+            held = {languages.caption(meta, language, family, random.Random(seed))
+                    for family in PLAN.held_out_families for seed in range(20)}
+            assert held and not held & trained, (language, held & trained)
+
+
+def test_the_caption_plan_refuses_overlaps_and_unknown_names():
+    fields = {name: getattr(PLAN, name) for name in CaptionPlan.__dataclass_fields__}
+    with pytest.raises(ValueError, match="both trained on and held out"):
+        CaptionPlan(**{**fields, "held_out_languages": ("it", "en")})
+    with pytest.raises(ValueError, match="held_out_families"):
+        CaptionPlan(**{**fields, "held_out_families": ("limerick",)})
+    assert set(PLAN.held_out_languages) - set(PLAN.training_languages) == set(PLAN.held_out_languages)
+    solfege = {"fr", "es", "it"}
+    assert len(solfege & set(PLAN.training_languages + PLAN.held_out_languages)) >= 2
+    assert len(set(PLAN.training_languages + PLAN.held_out_languages) - {"en"}) >= 5
+    kinds = {field_kind(name) for name in {**PLAN.test_fields(), **PLAN.content_test_fields()}}
+    assert kinds == {"in-family", "held-out family", "held-out language", "content", "held-out content"}
+
+
+def test_content_facts_are_read_from_the_notes():
+    text = (OFFICIAL / "outputs" / "mtf" / "m21test_test01.mtf").read_text(encoding="utf-8")
+    facts = content.mtf_facts(text)
+    assert facts["tempo_bpm"] == 120 and facts["meter"] == "4/4" and facts["program"] == 0
+    assert facts["notes"] == sum(1 for line in text.splitlines()
+                                 if line.startswith("note_on") and not line.endswith(" 0"))
+    scale = "ticks_per_beat 480\n" + "\n".join(
+        f"note_on 0 0 {pitch} 80\nnote_on 480 0 {pitch} 0" for pitch in (62, 64, 66, 67, 69, 71, 73, 74, 62, 69))
+    facts = content.mtf_facts(scale)  # D major, 10 beats at the default 120 BPM
+    assert (facts["tonic"], facts["mode"]) == ("D", "major") and facts["seconds"] == 5.0
+    assert facts["lowest"] == "D4" and facts["highest"] == "D5" and facts["span"] == 12
+    assert content.mtf_facts("ticks_per_beat 480\nset_tempo 500000 0") is None
+    for family in content.CONTENT_FAMILIES:
+        for language in content.CONTENT_LANGUAGES:
+            caption = content.content_caption(facts, language, family, random.Random(0))
+            assert "120" in caption and languages.key_name(facts, language) in caption
 
 
 def test_captions_come_from_metadata_only(real_tunes):
@@ -76,10 +146,11 @@ def test_captions_come_from_metadata_only(real_tunes):
     other_notes = text.replace("vA2(Ac)", "B4")
     assert tune_metadata(other_notes, collection) == tune_metadata(text, collection)
     meta = tune_metadata(text, collection)
-    assert captions_for(meta, 7) == captions_for(tune_metadata(other_notes, collection), 7)
+    fields = PLAN.test_fields()
+    assert captions_for(meta, 7, fields) == captions_for(tune_metadata(other_notes, collection), 7, fields)
     untitled = {k: v for k, v in meta.items() if k != "title"}
     for seed in range(12):
-        assert "Regiment" not in " ".join(captions_for(untitled, seed).values())
+        assert "Regiment" not in " ".join(captions_for(untitled, seed, fields).values())
 
 
 def test_strip_caption_sources_removes_every_source_and_keeps_the_music():
@@ -114,8 +185,11 @@ def test_build_writes_the_training_jsonls_and_music(built):
         assert len(records) == PIECES
         fmt = name.rsplit("_", 1)[1]
         role = "base" if split.startswith("base") else "adapt"
+        expected = {"id", "filepaths", *PLAN.training_fields()}
+        if fmt == "mtf":
+            expected |= set(PLAN.content_training_fields())
         for record in records:
-            assert set(record) == {"id", "filepaths", "caption_en", "caption_de", "description"}
+            assert set(record) == expected  # no held-out family, language or content in any training record
             assert record["filepaths"] == [f"{fmt}/{record['id']}.{fmt}"]
             assert (root / record["filepaths"][0]).is_file()
             assert COLLECTIONS[record["id"].split("-", 1)[0]][1] == role
@@ -130,7 +204,7 @@ def test_build_writes_test_sets_in_the_reader_format(built):
         for record in records:
             assert set(record) - {"title"} == {"id", "filepaths", "source", "texts", "pair_id"}
             assert record["source"] == "demo" and record["filepaths"] == [f"{fmt}/{record['id']}.{fmt}"]
-            assert tuple(record["texts"]) == TEST_TEXT_FIELDS
+            assert list(record["texts"]) == [*PLAN.test_fields(), *PLAN.content_test_fields()]
             assert record_problem(record, test_dir) is None
             assert COLLECTIONS[record["id"].split("-", 1)[0]][1] == "adapt"
     pairs = [{r["id"]: r["pair_id"] for r in by_format[fmt]} for fmt in ("abc", "mtf")]
@@ -186,3 +260,45 @@ def test_a_second_build_reuses_everything(built):
         assert second.conversions[fmt]["reused"] == first.conversions[fmt]["converted"]
     assert second.selected == first.selected
     assert {p: p.stat().st_mtime_ns for p in outputs} == outputs
+
+
+def test_a_tune_with_many_repeats_is_rendered_once_through_not_unfolded(tmp_path):
+    """Aird's book 1 no. 102 has ten repeat ends and no start: music21's expander turned its 713
+    bytes into 2.2 MB of MIDI text (170 s), so the corpus depended on the machine's speed. Beyond
+    MAX_UNFOLDED_REPEATS repeats are played once: a bound in work, the same on every machine."""
+    from demo.corpus import MAX_UNFOLDED_REPEATS, tune_to_mtf
+
+    (tune,) = [t for t in corpus_tunes("airdsAirs/book1.abc", 200) if t.startswith("X:0102")]
+    assert tune.count(":|") > MAX_UNFOLDED_REPEATS
+    path = tmp_path / "tune.abc"
+    path.write_text(tune, encoding="utf-8")
+    mtf = tune_to_mtf(path)
+    notes = sum(1 for line in mtf.splitlines() if line.startswith("note_on ") and not line.endswith(" 0"))
+    assert len(mtf) < 50_000  # rendered, and no explosion
+    assert 100 < notes < 1000
+
+
+def _slow_for_one(path):
+    import time
+
+    if path.stem == "slow":
+        time.sleep(30)
+    return "ticks_per_beat 480\nnote_on 0 0 60 80\nnote_on 480 0 60 0"
+
+
+def test_a_tune_stopped_by_the_hang_guard_is_retried_not_remembered(tmp_path, monkeypatch):
+    """The hang guard's verdict depends on the machine, so it must not outlive the build: the tune is
+    dropped (and listed) this time, and the next build converts it again."""
+    from demo import corpus
+
+    monkeypatch.setattr(corpus, "CONVERSION_TIMEOUT_S", 1.0)
+    tunes = {name: corpus.Tune(name, "airds", f"x#{name}", f"X:1\nK:D\n{name}\n", name, frozenset())
+             for name in ("quick", "slow")}
+    work = tmp_path / "work"
+    drops = DropLog("t")
+    counts = corpus._convert("t", tunes, work, "mtf", _slow_for_one, 1, False, drops)
+    assert counts["converted"] == 1 and counts["failed"] == 1
+    assert [row["id"] for row in drops.rows] == ["slow"] and "TimeoutError" in drops.rows[0]["reason"]
+    assert json.loads((work / "mtf_failures.json").read_text()) == {}
+    again = corpus._convert("t", tunes, work, "mtf", _slow_for_one, 1, False, DropLog("t"))
+    assert again["failed_before"] == 0 and again["failed"] == 1  # tried again, not skipped as known-bad

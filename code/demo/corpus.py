@@ -19,7 +19,8 @@ Layout under ``root``::
 
     abc/<id>.abc  mtf/<id>.mtf                 training music (interleaved ABC, MTF)
     base_{train,valid}_abc.jsonl               training records: {"id", "filepaths": ["abc/<id>.abc"],
-    adapt_{train,valid}_{abc,mtf}.jsonl         "caption_en", "caption_de", "description"}
+    adapt_{train,valid}_{abc,mtf}.jsonl         "caption_<lang>" per training language, and
+                                               "content_<lang>" where the tune has MIDI}
     test/abc/<id>.abc  test/mtf/<id>.mtf       the test set, in prepare_test_data.py's format
     test/test_abc.jsonl  test/test_mtf.jsonl
     corpus_summary.json  corpus_drops.jsonl    counts, failures with reasons, seconds
@@ -54,7 +55,16 @@ from preprocess.midi_mtf import M3_SKIPPED_META_TYPES, midi_bytes_to_mtf
 from preprocess.training_jsonl import normalise_title
 from records import piece_hash
 
-from demo.captions import all_titles, caption_source_lines, captions_for, strip_caption_sources, tune_metadata
+from demo.caption_plan import CaptionPlan
+from demo.captions import (
+    all_titles,
+    caption_source_lines,
+    captions_for,
+    content_captions_for,
+    strip_caption_sources,
+    tune_metadata,
+)
+from demo.content import mtf_facts
 
 # collection -> (folder inside music21/corpus, role)
 COLLECTIONS: dict[str, tuple[str, str]] = {
@@ -66,8 +76,11 @@ COLLECTIONS: dict[str, tuple[str, str]] = {
 TRAINING_SPLITS = ("base_train", "base_valid", "adapt_train_abc", "adapt_valid_abc",
                    "adapt_train_mtf", "adapt_valid_mtf")
 SPLITS = (*TRAINING_SPLITS, "test")
-TEST_TEXT_FIELDS = ("caption_en", "caption_de")
-CONVERSION_TIMEOUT_S = 20.0  # a tune takes well under a second; music21 hangs on a few repeat layouts
+# A hang guard, not a speed limit: a tune takes well under a second, music21 hangs forever on a few
+# repeat layouts. A tune that runs into it is retried by the next build (never remembered as bad),
+# and the corpus summary lists it, so a slow machine cannot silently change the corpus.
+CONVERSION_TIMEOUT_S = 180.0
+MAX_UNFOLDED_REPEATS = 8  # the most repeat ends in one adapt tune but one is 6 (that one has 10)
 
 
 @dataclass(frozen=True)
@@ -258,24 +271,37 @@ def tune_to_interleaved_abc(path: Path) -> str:
     return result
 
 
+def _without_repeats(score):
+    """``score`` with its repeat barlines, brackets and repeat expressions removed: played once."""
+    import music21
+
+    for measure in score.recurse().getElementsByClass(music21.stream.Measure):
+        for side in ("leftBarline", "rightBarline"):
+            if isinstance(getattr(measure, side), music21.bar.Repeat):
+                setattr(measure, side, None)
+    for element in list(score.recurse().getElementsByClass(
+            (music21.spanner.RepeatBracket, music21.repeat.RepeatExpression))):
+        score.remove(element, recurse=True)
+    return score
+
+
 def _midi_of_score(xml: bytes) -> bytes:
-    """music21's MIDI rendering of a MusicXML score; repeats music21 cannot unfold (its expander
-    refuses some folk-tune repeat layouts) are played once instead of failing the tune."""
+    """music21's MIDI rendering of a MusicXML score. Repeats music21 cannot unfold (its expander
+    refuses some folk-tune repeat layouts), and scores with more than ``MAX_UNFOLDED_REPEATS``
+    repeat ends (where its expander's work explodes: one 713-byte tune of Aird's took 170 s and
+    gave 2.2 MB of MIDI text), are played once instead: a bound in work, not in seconds."""
     import music21
 
     score = music21.converter.parseData(xml.decode("utf-8"), format="musicxml")
+    repeat_ends = sum(1 for barline in score.recurse().getElementsByClass(music21.bar.Repeat)
+                      if barline.direction == "end")
+    if repeat_ends > MAX_UNFOLDED_REPEATS:
+        return music21.midi.translate.streamToMidiFile(_without_repeats(score)).writestr()
     try:
         return music21.midi.translate.streamToMidiFile(score).writestr()
     except music21.repeat.ExpanderException:
         score = music21.converter.parseData(xml.decode("utf-8"), format="musicxml")
-        for measure in score.recurse().getElementsByClass(music21.stream.Measure):
-            for side in ("leftBarline", "rightBarline"):
-                if isinstance(getattr(measure, side), music21.bar.Repeat):
-                    setattr(measure, side, None)
-        for element in list(score.recurse().getElementsByClass(
-                (music21.spanner.RepeatBracket, music21.repeat.RepeatExpression))):
-            score.remove(element, recurse=True)
-        return music21.midi.translate.streamToMidiFile(score).writestr()
+        return music21.midi.translate.streamToMidiFile(_without_repeats(score)).writestr()
 
 
 def tune_to_mtf(path: Path) -> str:
@@ -338,7 +364,8 @@ def _jsonl_bytes(rows: list[dict]) -> bytes:
 def _convert(name: str, tunes: dict[str, Tune], work: Path, fmt: str, convert, workers: int,
              progress: bool, drops: DropLog) -> dict[str, int]:
     """Convert what has no output yet. A tune that failed before is not retried while its input is
-    unchanged (``work/<fmt>_failures.json`` remembers it; delete that file to retry)."""
+    unchanged (``work/<fmt>_failures.json`` remembers it; delete that file to retry), except one
+    stopped by the hang guard, which the next build tries again."""
     inputs, outputs = work / "tunes" / fmt, work / fmt
     failures_path = work / f"{fmt}_failures.json"
     known = json.loads(failures_path.read_text(encoding="utf-8")) if failures_path.is_file() else {}
@@ -350,12 +377,15 @@ def _convert(name: str, tunes: dict[str, Tune], work: Path, fmt: str, convert, w
     summary = run_batch(inputs, outputs, convert, extensions=(".abc",),
                         output_name=functools.partial(with_extension, extension=f".{fmt}"), name=name,
                         workers=workers, timeout=CONVERSION_TIMEOUT_S, progress=progress)
+    failed_now = {}
     for row in summary.failures.rows:
         tune_id = Path(row["file"]).stem
-        known[tune_id] = {"input_sha256": input_digest[tune_id], "stage": row.get("stage"), "reason": row["reason"]}
-    for tune_id in sorted(remembered | {Path(row["file"]).stem for row in summary.failures.rows}):
-        tune = tunes[tune_id]
-        drops.add(known[tune_id]["reason"], id=tune_id, format=fmt, stage=known[tune_id]["stage"],
+        failed_now[tune_id] = {"input_sha256": input_digest[tune_id], "stage": row.get("stage"), "reason": row["reason"]}
+        if not row["reason"].startswith("TimeoutError"):  # a hang guard's verdict depends on the machine
+            known[tune_id] = failed_now[tune_id]
+    for tune_id in sorted(remembered | set(failed_now)):
+        tune, failure = tunes[tune_id], failed_now.get(tune_id) or known[tune_id]
+        drops.add(failure["reason"], id=tune_id, format=fmt, stage=failure["stage"],
                   collection=tune.collection, source=tune.source)
     _write_if_changed(failures_path, (json.dumps(dict(sorted(known.items())), indent=1) + "\n").encode("utf-8"))
     return {"converted": summary.converted, "reused": summary.skipped,
@@ -386,16 +416,31 @@ def _select(candidates: dict[str, list[Tune]], size: CorpusSize, work: Path) -> 
     return chosen
 
 
-def _training_record(tune: Tune, fmt: str, seed: int) -> dict[str, Any]:
-    return {"id": tune.id, "filepaths": [f"{fmt}/{tune.id}.{fmt}"],
-            **captions_for(tune_metadata(tune.text, tune.collection), f"{seed}:{tune.id}")}
+def _content_facts(tune: Tune, work: Path) -> dict[str, Any] | None:
+    """What the tune's MIDI rendering sounds like (``demo.content``), None without a rendering."""
+    path = work / "mtf" / f"{tune.id}.mtf"
+    return mtf_facts(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _test_record(tune: Tune, fmt: str, seed: int) -> dict[str, Any]:
+def _training_record(tune: Tune, fmt: str, seed: int, plan: CaptionPlan, work: Path) -> dict[str, Any]:
+    record = {"id": tune.id, "filepaths": [f"{fmt}/{tune.id}.{fmt}"],
+              **captions_for(tune_metadata(tune.text, tune.collection), f"{seed}:{tune.id}", plan.training_fields())}
+    facts = _content_facts(tune, work) if fmt == "mtf" else None
+    if facts:
+        record.update(content_captions_for(facts, f"{seed}:{tune.id}", plan.content_training_fields()))
+    return record
+
+
+def _test_record(tune: Tune, fmt: str, seed: int, plan: CaptionPlan, work: Path) -> dict[str, Any]:
+    """A test record: the in-family fields and every held-out one; the content descriptions come from
+    the tune's MIDI rendering, for its sheet music too (the same tune)."""
     meta = tune_metadata(tune.text, tune.collection)
-    texts = captions_for(meta, f"{seed}:{tune.id}")
+    texts = captions_for(meta, f"{seed}:{tune.id}", plan.test_fields())
+    facts = _content_facts(tune, work)
+    if facts:
+        texts.update(content_captions_for(facts, f"{seed}:{tune.id}", plan.content_test_fields()))
     record: dict[str, Any] = {"id": tune.id, "filepaths": [f"{fmt}/{tune.id}.{fmt}"], "source": "demo",
-                              "texts": {k: texts[k] for k in TEST_TEXT_FIELDS}}
+                              "texts": texts}
     if "title" in meta:
         record["title"] = meta["title"]
     record["pair_id"] = tune.id
@@ -403,13 +448,16 @@ def _test_record(tune: Tune, fmt: str, seed: int) -> dict[str, Any]:
 
 
 def build_corpus(root: str | Path, size: str | CorpusSize = "quick", seed: int = 42, workers: int = 2,
-                 progress: bool = True, corpus_dir: str | Path | None = None) -> CorpusSummary:
+                 progress: bool = True, corpus_dir: str | Path | None = None,
+                 plan: CaptionPlan | None = None) -> CorpusSummary:
     """Build (or bring up to date) the demo corpus under ``root``; see the module docstring.
 
     ``size`` is ``"quick"`` (a few dozen pieces per split, for CI), ``"full"`` (the demo) or a
     ``CorpusSize``. Only what is missing is converted; files and JSONLs whose content would not
-    change are left untouched.
+    change are left untouched. ``plan``: which caption fields training and test records get
+    (default: ``configs/demo_captions.json``).
     """
+    plan = plan or CaptionPlan.load()
     started = time.perf_counter()
     root = Path(root)
     size_name = size if isinstance(size, str) else "custom"
@@ -443,12 +491,12 @@ def build_corpus(root: str | Path, size: str | CorpusSize = "quick", seed: int =
     for fmt in FORMATS:
         _publish({t.id: work / fmt / f"{t.id}.{fmt}" for t in chosen["test"]}, root / "test" / fmt, f".{fmt}")
         _write_if_changed(root / "test" / f"test_{fmt}.jsonl",
-                          _jsonl_bytes([_test_record(t, fmt, seed) for t in chosen["test"]]))
+                          _jsonl_bytes([_test_record(t, fmt, seed, plan, work) for t in chosen["test"]]))
     for split in TRAINING_SPLITS:
         fmt = "mtf" if split.endswith("_mtf") else "abc"
         name = f"{split}_abc" if split.startswith("base") else split
         _write_if_changed(root / f"{name}.jsonl",
-                          _jsonl_bytes([_training_record(t, fmt, seed) for t in chosen[split]]))
+                          _jsonl_bytes([_training_record(t, fmt, seed, plan, work) for t in chosen[split]]))
 
     for split in SPLITS:
         if len(chosen[split]) < getattr(sizes, split):
