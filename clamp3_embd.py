@@ -15,7 +15,9 @@ models (make demo) are used, and the output says so.
 Re-running is cheap: conversions and features are cached by content (RAWFILE_CACHE_DIR), an
 output is rewritten only when its input or the model changed, and outputs whose input is gone are
 deleted. What each output was made from is in OUTPUT_DIR.embd_manifest.json, beside the folder.
-A file that fails is named with the reason (and logged to --error_log); the rest go on.
+A file that fails is named with the reason (and logged to --error_log); the rest go on. Exit
+status (the rule of every raw-file tool): 2 when INPUT_DIR is missing, holds no file the tools read,
+or none of its files could be embedded; 1 with --strict when any file failed; else 0.
 
 Several processes: torchrun --nproc_per_node=N clamp3_embd.py INPUT_DIR OUTPUT_DIR [options] (or
 python -m torch.distributed.launch --use_env, or several nodes sharing the filesystem) splits the
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import rawfile_tools
 import rawfiles
@@ -53,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, cfg = runconfig.parse_args(parser, argv)
-    if not Path(args.input_dir).is_dir():
-        parser.error(f"input directory not found: {args.input_dir}")
+    try:
+        rawfile_tools.folder_inputs(args.input_dir, "input")
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return rawfile_tools.EXIT_UNUSABLE
     # torch after the arguments: --help and a usage error need not wait for it.
     from modeling import resolve_device
     from training.distributed import distributed_session, launch_environment
@@ -122,6 +126,8 @@ def run(args: argparse.Namespace, cfg: dict, rank: int = 0, world_size: int = 1,
         processes = f" ({world_size} processes)" if world_size > 1 else ""
         print(f"clamp3_embd: {len(files)} files in {args.input_dir}{processes}: {summary.line()}; features: "
               f"{features.line()}" + (f" (failures logged to {args.error_log})" if summary.failed else ""))
+        return rawfile_tools.exit_status("input", args.input_dir, len(files), summary.failed, args.strict,
+                                         args.error_log)
     return 0
 
 

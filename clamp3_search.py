@@ -26,12 +26,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import formats
 import rawfile_tools
 import runconfig
 from fileio import DropLog
+from tqdm import tqdm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,18 +66,35 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         query = folder_search.resolve_query(args.query, args.caption, embedder.cfg["CAPTION_MODEL"])
-        if not args.no_update and not Path(args.folder).is_dir():
-            raise FileNotFoundError(f"folder to search not found: {args.folder}")
+        if not args.no_update:
+            rawfile_tools.folder_inputs(args.folder, "search")
         # The query before the folder: a text query loads the weights and the tokenizer, a music file
         # is converted and embedded, so a missing model or a bad query fails in seconds, not after the folder.
         vector, exclude = folder_search.query_vector(embedder, query)
         index_dir = args.index or folder_search.default_index_dir(embedder.cfg, args.folder)
         with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
-            index = folder_search.open_folder_index(embedder, args.folder, index_dir, update=not args.no_update,
-                                                    drops=drops, say=say)
+            with tqdm(desc="index: embed", unit="file", disable=args.quiet or args.json, dynamic_ncols=True,
+                      file=sys.stderr) as bar:
+
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                index = folder_search.open_folder_index(embedder, args.folder, index_dir,
+                                                        update=not args.no_update, drops=drops, say=say,
+                                                        progress=progress)
+        if not args.no_update and not index.entries and not index.failures:
+            raise FileNotFoundError(f"no music file in the search folder {args.folder} (searched recursively for "
+                                    f"{' '.join(folder_search.INDEXED_EXTENSIONS)})")
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: search_index's errors too
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    n_files = len(index.entries) + len(index.failures)
+    if rawfile_tools.exit_status("search", args.folder, n_files, len(index.failures), False, args.error_log):
+        return rawfile_tools.EXIT_UNUSABLE
+    # --strict: the results are printed, and the exit status says some files of the folder failed.
+    status = rawfile_tools.exit_status("search", args.folder, n_files, len(index.failures), args.strict,
+                                       args.error_log) if index.failures else 0
     started = time.perf_counter()
     kinds = formats.KINDS_OF_FORMAT[args.format] if args.format else None
     hits = index.search(vector, args.top_k, exclude_sha256=exclude, kinds=kinds)[0]
@@ -88,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                           "folder": args.folder, "root": root, "index": str(index_dir),
                           "n_indexed": len(index.entries), "models": embedder.choice.describe(),
                           "search_seconds": seconds, "results": [hit.to_dict() for hit in hits]}, indent=2))
-        return 0
+        return status
     say(f"query: {query.source}" + (f": {query.text!r}" if query.text and query.source != "text" else ""))
     print(f"{len(hits)} best of {len(index.entries)} pieces ({seconds * 1000:.1f} ms):")
     for hit in hits:
         copies = f"  (+{len(hit.duplicates)} identical: {', '.join(hit.duplicates)})" if hit.duplicates else ""
         print(f"{hit.rank:>4}  {hit.score:.4f}  {hit.kind:<8}  {hit.path}{copies}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         prompts = classify.prompt_texts(labels, args.template)
-        files = [Path(args.input_dir) / rel for rel in rawfiles.discover(args.input_dir)]
+        files = [Path(args.input_dir) / rel for rel in rawfile_tools.folder_inputs(args.input_dir, "input")]
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = {name: dict(zip(labels, map(float, row), strict=True)) for name, row in zip(names, zero.scores, strict=True)}
     atomic_write_text(output.with_name(output.stem + ".scores.json"),
                       json.dumps({"prompts": prompts, "scores": scores}, indent=1) + "\n")
+    failed = sum(isinstance(result, rawfiles.RawFileError) for result in results)
+    status = rawfile_tools.exit_status("input", args.input_dir, len(files), failed, args.strict, args.error_log)
     print(f"zero_shot_cls: {len(names)} files labelled ({drops.summary_line()}); predictions: {output}")
     if args.label_from:
         relative = [path.relative_to(args.input_dir) for path, _ in embedded]
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         known = [i for i, label in enumerate(truth) if label in labels]
         if not known:
             print(f"note: no file has a true label among {labels} by the {args.label_from!r} rule; no report")
-            return 0
+            return status
         report = classify.classification_report([truth[i] for i in known], [zero.predicted[i] for i in known],
                                                 labels, seed=int(cfg["SEED"]))
         report["prompts"] = prompts
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(path, json.dumps(report, indent=2) + "\n")
         print(classify.format_report(report))
         print(f"report: {path}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

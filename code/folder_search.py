@@ -34,7 +34,20 @@ import numpy as np
 import rawfiles
 from embedder import Embedder
 from fileio import DropLog, repo_path
-from search_index import FileFacts, SearchIndex, UpdateSummary, file_facts, read_manifest
+from search_index import (
+    FileFacts,
+    IndexBusyError,
+    IndexChangedError,
+    SearchIndex,
+    UpdateSummary,
+    file_facts,
+    read_manifest,
+    wait_for_writer,
+)
+
+# How often an update that another process overtook is planned again before the index is searched
+# as that process left it.
+UPDATE_ATTEMPTS = 4
 
 # What an index holds: every kind but text, i.e. music (symbolic kinds) and MERT features (audio);
 # text files in a folder of scores are notes about them, not pieces.
@@ -66,18 +79,22 @@ def folder_facts(folder: Path) -> tuple[dict[str, FileFacts], list[str]]:
 
 def update_index(embedder: Embedder, folder: str | os.PathLike, index_dir: str | os.PathLike,
                  rebuild: bool = False, drops: DropLog | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> tuple[SearchIndex, UpdateSummary, list[str]]:
+                 progress: Callable[[int, int], None] | None = None,
+                 say: Callable[[str], None] | None = None) -> tuple[SearchIndex, UpdateSummary, list[str]]:
     """The folder's index, brought up to date: new and changed files embedded, removed ones dropped.
     A different model key rebuilds it when ``rebuild`` (the CLI's default), else raises
     ``search_index.ModelKeyMismatchError``. Returns the index, what the update did, and the files
-    of the folder that are not indexed (not music)."""
+    of the folder that are not indexed (not music).
+
+    Another process updating the same index meanwhile is not an error: this update waits for it
+    (``say`` is told), plans again from what it wrote (the features of files embedded here come
+    back from the content cache) and writes; after ``UPDATE_ATTEMPTS`` overtaken tries, the index
+    is used as the other process left it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"folder to search not found: {folder}")
-    index = SearchIndex.open(index_dir, index_model_key(embedder), root=folder.resolve(), rebuild=rebuild)
-    facts, skipped = folder_facts(folder)
-
     log = drops if drops is not None else DropLog("search")
+    model_key = index_model_key(embedder)
 
     def embed(paths: list[str]) -> dict[str, Any]:
         results = embedder.embed_files([folder / p for p in paths], drops=log)
@@ -85,28 +102,51 @@ def update_index(embedder: Embedder, folder: str | os.PathLike, index_dir: str |
                 else (result.sha256, result.feature[0], result.kind)
                 for path, result in zip(paths, results, strict=True)}
 
-    summary = index.update(facts, embed, batch_size=int(embedder.cfg["EXTRACT_FILES_PER_CHUNK"]), progress=progress)
-    return index, summary, skipped
+    for _ in range(UPDATE_ATTEMPTS):
+        index = SearchIndex.open(index_dir, model_key, root=folder.resolve(), rebuild=rebuild)
+        facts, skipped = folder_facts(folder)
+        try:
+            summary = index.update(facts, embed, batch_size=int(embedder.cfg["EXTRACT_FILES_PER_CHUNK"]),
+                                   progress=progress)
+            return index, summary, skipped
+        except (IndexChangedError, IndexBusyError):
+            if say is not None:
+                say(f"index: {index_dir} was updated by another process meanwhile; waiting for it, then "
+                    "updating from what it wrote")
+            wait_for_writer(index_dir)
+            rebuild = False  # the other process wrote this model's index: build on it
+    if say is not None:
+        say(f"index: {index_dir} keeps changing under this update; searched as the other process left it")
+    return SearchIndex.open(index_dir, model_key, create=False), UpdateSummary(), skipped
 
 
 def open_folder_index(embedder: Embedder, folder: str | os.PathLike, index_dir: str | os.PathLike, *,
                       update: bool = True, drops: DropLog | None = None,
-                      say: Callable[[str], None] = print) -> SearchIndex:
+                      say: Callable[[str], None] = print,
+                      progress: Callable[[int, int], None] | None = None) -> SearchIndex:
     """The index a search of ``folder`` uses, with a line to ``say`` about it. ``update``: brought up
-    to date (``update_index``), rebuilt when it was built with other models or adapters (say names
-    it); else the index in ``index_dir`` as it is (``FileNotFoundError`` if there is none,
-    ``search_index.ModelKeyMismatchError`` if it was built with other models)."""
+    to date (``update_index``; ``progress(done, total)`` after each chunk of files embedded), rebuilt
+    when it was built with other models or adapters (say names it); else the index in ``index_dir``
+    as it is (``FileNotFoundError`` if there is none, ``search_index.ModelKeyMismatchError`` if it
+    was built with other models). An index of another folder is refused (``ValueError``)."""
     model_key = index_model_key(embedder)
     if not update:
         index = SearchIndex.open(index_dir, model_key, create=False)
         say(f"index: {index_dir} ({index.n_vectors} pieces; not updated)")
         return index
     previous = read_manifest(index_dir)
+    indexed = previous.get("root") if previous else None
+    holds = previous and (previous["counts"]["files"] or previous["counts"]["failures"])
+    if indexed and holds and Path(indexed) != Path(folder).resolve():
+        # An update would drop every file of the other folder: the index is not this folder's.
+        raise ValueError(f"the index in {index_dir} is the index of {indexed}, not of {Path(folder).resolve()}: "
+                         "give each folder its own --index (or none: each folder gets one under SEARCH_INDEX_DIR)")
     if previous and previous.get("model_key") != model_key:
         say(f"index: {index_dir} was built with other models or adapters: rebuilt (features come "
             "from the cache where these models embedded the files before)")
     started = time.perf_counter()
-    index, summary, skipped = update_index(embedder, folder, index_dir, rebuild=True, drops=drops)
+    index, summary, skipped = update_index(embedder, folder, index_dir, rebuild=True, drops=drops,
+                                           progress=progress, say=say)
     say(f"index: {index_dir}: {summary.line()} ({time.perf_counter() - started:.1f} s)"
         + (f"; not music, left out: {len(skipped)} file(s)" if skipped else ""))
     return index

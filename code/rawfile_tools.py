@@ -11,6 +11,7 @@ load torch: the model side (``embedder``, ``extraction``) is imported by the fun
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,11 +31,62 @@ from fileio import (
     repo_path,
     with_extension,
 )
-from rawfiles import ABC_MODES, RawFileError, discover
+from rawfiles import ABC_MODES, KIND_OF_EXTENSION, RawFileError, discover
 from tqdm import tqdm
 
 if TYPE_CHECKING:
     from embedder import Embedder
+
+
+# ---------------------------------------------------------------------------- the rule for every tool
+# One rule for the raw-file tools' inputs and exit status: a folder that is missing, or holds no
+# file the tools read, is an error naming that folder (exit 2); a folder none of whose files could
+# be used is an error too (exit 2); otherwise every failed file is named and logged and the rest go
+# on (exit 0), or, with --strict, the tool finishes and exits 1 when any file failed.
+EXIT_SOME_FAILED = 1
+EXIT_UNUSABLE = 2
+
+
+def folder_inputs(folder: str | os.PathLike, role: str) -> list[Path]:
+    """The files of ``folder`` the raw-file tools look at (``discover``); ``FileNotFoundError``
+    naming the folder when it is missing or holds none (``role``: "input", "query", "folder"...)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{role} folder not found: {folder}")
+    files = discover(folder)
+    if not files:
+        known = " ".join(sorted(KIND_OF_EXTENSION))
+        raise FileNotFoundError(f"no file the raw-file tools read in the {role} folder {folder} "
+                                f"(searched recursively for {known})")
+    return files
+
+
+def exit_status(role: str, folder: str | os.PathLike, total: int, failed: int, strict: bool,
+                log: str | os.PathLike | None = None) -> int:
+    """The exit status of a tool that read ``total`` files of ``folder``, ``failed`` of them in vain;
+    the error is printed when it is not 0."""
+    where = f"; see {log}" if log else ""
+    if total and failed >= total:
+        print(f"error: none of the {total} files in the {role} folder {folder} could be used{where}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    if strict and failed:
+        print(f"error: {failed} of {total} files in the {role} folder {folder} failed (--strict){where}",
+              file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return 0
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike) -> int:
+    """Delete the temporary files an atomic write left in ``folder`` (and beside it, for the manifest)
+    when its process was killed: ``.<name>.<random>.tmp``. One tool per output folder at a time."""
+    folder = Path(folder)
+    removed = 0
+    candidates = list(folder.rglob(".*.tmp")) if folder.is_dir() else []
+    candidates += list(folder.parent.glob(f".{folder.name}.embd_manifest.json.*.tmp"))
+    for path in candidates:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 # ---------------------------------------------------------------------------- folders
@@ -104,7 +156,11 @@ def embed_folder(embedder: Embedder, input_dir: str | os.PathLike, output_dir: s
         raise FileNotFoundError(f"input directory not found: {input_dir}")
     share = RankShare()
     try:
-        previous, inputs, clashes, sizes = share.from_main(lambda: _folder_plan(input_dir, output_dir))
+        def plan() -> tuple:
+            remove_orphaned_temporaries(output_dir)  # a killed run's half-written outputs
+            return _folder_plan(input_dir, output_dir)
+
+        previous, inputs, clashes, sizes = share.from_main(plan)
         summary = FolderSummary()
         if share.is_main:
             for rel, out_rel, other in clashes:
@@ -203,6 +259,9 @@ def add_model_arguments(parser: Any, tool: str) -> None:
                         "interleaved), as_is, interleave (no normalisation), normalise (default: %(default)s)")
     parser.add_argument("--cache_dir", help="conversions and features cache (default: RAWFILE_CACHE_DIR)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no model summary")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when any file failed (default: failures are named and logged, exit 0 unless "
+                        "no file could be used)")
 
 
 def open_embedder(args: Any, cfg: dict[str, Any], show: bool | None = None,
@@ -249,25 +308,38 @@ def run_on_two_folders(tool: str, args: Any, cfg: dict[str, Any], tool_arguments
     if embedder is None:
         return 2
     try:
-        queries, references = embed_query_and_reference(embedder, tool, args.query_dir, args.reference_dir,
-                                                        args.error_log, args.quiet)
+        (queries, query_summary), (references, reference_summary) = embed_query_and_reference(
+            embedder, tool, args.query_dir, args.reference_dir, args.error_log, args.quiet)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_feature_tool(tool, [str(queries), str(references), *tool_arguments], quiet=args.quiet)
+        return EXIT_UNUSABLE
+    statuses = [exit_status(role, folder, summary.written + summary.unchanged + summary.failed, summary.failed,
+                            False, args.error_log)
+                for role, folder, summary in (("query", args.query_dir, query_summary),
+                                              ("reference", args.reference_dir, reference_summary))]
+    if any(statuses):
+        return EXIT_UNUSABLE
+    code = run_feature_tool(tool, [str(queries), str(references), *tool_arguments], quiet=args.quiet)
+    failed = query_summary.failed + reference_summary.failed
+    if code == 0 and args.strict and failed:
+        print(f"error: {failed} files failed (--strict); see {args.error_log}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return code
 
 
 def embed_query_and_reference(embedder: Embedder, tool: str, query_dir: str, reference_dir: str,
-                              error_log: str | None, quiet: bool) -> tuple[Path, Path]:
-    """Both folders embedded into the cache (global features), failures named and logged."""
+                              error_log: str | None, quiet: bool
+                              ) -> tuple[tuple[Path, FolderSummary], tuple[Path, FolderSummary]]:
+    """Both folders embedded into the cache (global features), failures named and logged: each
+    folder's feature folder and summary. A missing or empty folder raises ``FileNotFoundError``
+    naming it (not the cache folder it would have become)."""
 
     def echo(message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
     folders = []
     for name, folder in (("query", query_dir), ("reference", reference_dir)):
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"{name} directory not found: {folder}")
+        folder_inputs(folder, name)
     # The weights, and the tokenizer when either folder holds text, before anything is embedded.
     embedder.check_models(text=any(rel.suffix.lower() == ".txt" for folder in (query_dir, reference_dir)
                                    for rel in discover(folder)))
@@ -278,5 +350,5 @@ def embed_query_and_reference(embedder: Embedder, tool: str, query_dir: str, ref
                 features, summary = embed_to_cache(embedder, folder, drops=drops, progress=bar.update)
             if not quiet:
                 print(f"{name}: {total} files in {folder}: {summary.line()}; features in {features}", flush=True)
-            folders.append(features)
+            folders.append((features, summary))
     return folders[0], folders[1]

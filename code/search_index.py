@@ -194,6 +194,26 @@ EmbedResult = tuple[str, Any, str]
 """What an embedder returns for one file: ``(sha256 of the content embedded, vector (D,), kind)``."""
 
 
+def wait_for_writer(folder: str | os.PathLike, timeout_s: float = 600.0, poll_s: float = 0.2) -> bool:
+    """Wait until no process holds the update lock of the index in ``folder``: True once free (or
+    when there is no lock), False after ``timeout_s``. Readers never need it; a second writer does."""
+    path = Path(folder) / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return True
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(poll_s)
+                continue
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+
+
 def normalise_relpath(path: str | os.PathLike) -> str:
     """A path relative to the indexed root as the index stores it: POSIX, no ``.``/``..``, not absolute."""
     text = os.fspath(path).replace(os.sep, "/") if os.sep != "/" else os.fspath(path)

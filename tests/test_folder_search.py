@@ -193,3 +193,60 @@ def test_a_local_transformers_captioning_model_captions_an_image(tmp_path, tiny_
     broken.write_bytes(b"not a png")
     with pytest.raises(rawfiles.RawFileError, match="captioning with .* failed"):
         folder_search.resolve_query(str(broken), None, str(tiny_captioner))
+
+
+def test_an_index_of_another_folder_is_refused_and_kept(tmp_path, scores, word_tokenizer, adapters, search_main,
+                                                        capsys):
+    """--index DIR naming the index of another folder used to update it to this folder's files,
+    silently removing every entry of the other folder: now it is refused, naming both folders."""
+    common = arguments(tmp_path, word_tokenizer, adapters, "w1 w2", str(scores))
+    indexed = run_json(search_main, capsys, common)["n_indexed"]
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(scores / "bach_bwv1.6.abc", other)
+    assert search_main(arguments(tmp_path, word_tokenizer, adapters, "w1 w2", str(other))) == 2
+    error = capsys.readouterr().err
+    assert str(scores.resolve()) in error and str(other.resolve()) in error
+    index = search_index.SearchIndex.open(tmp_path / "index", search_index.read_manifest(tmp_path / "index")["model_key"])
+    assert len(index.entries) == indexed  # the other folder's index is as it was
+
+
+def test_an_update_overtaken_by_another_writer_waits_and_builds_on_it(tmp_path, scores, word_tokenizer, adapters):
+    """Two searches of one folder at once: the one whose update another process overtook (it wrote
+    first) used to exit 2. Now it waits, plans again from what the other wrote and goes on."""
+    embedder = embedder_for(word_tokenizer, adapters, tmp_path)
+    index_dir = tmp_path / "index"
+    folder_search.update_index(embedder, scores, index_dir)
+    extra = sorted((OFFICIAL / "outputs" / "int_abc").iterdir())[6]
+    shutil.copy(extra, scores / "new.abc")
+    overtaking: list = []
+
+    def progress(done: int, total: int) -> None:
+        if not overtaking:  # another writer commits between this update's embedding and its write
+            overtaking.append(folder_search.update_index(embedder_for(word_tokenizer, adapters, tmp_path),
+                                                         scores, index_dir)[1])
+
+    messages: list[str] = []
+    index, summary, _ = folder_search.update_index(embedder, scores, index_dir, progress=progress,
+                                                   say=messages.append)
+    assert overtaking[0].added == ["new.abc"] and overtaking[0].written
+    assert any("updated by another process" in message for message in messages)
+    assert not summary.written and not summary.failed  # the other writer's version already holds everything
+    assert "new.abc" in {entry.path for entry in index.entries} and len(index.entries) == 10
+    assert search_index.wait_for_writer(index_dir, timeout_s=1)
+
+
+def test_search_follows_the_raw_file_tools_rule(tmp_path, scores, word_tokenizer, adapters, search_main, capsys):
+    """A folder with no music is an error naming it; --strict exits 1 when a file of the folder failed
+    (broken.mid), after printing the results."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("w1\n", encoding="utf-8")
+    assert search_main(arguments(tmp_path, word_tokenizer, adapters, "w1", str(notes), "--quiet")) == 2
+    assert f"no music file in the search folder {notes}" in capsys.readouterr().err
+    common = arguments(tmp_path, word_tokenizer, adapters, "w1 w2", str(scores))
+    assert search_main([*common, "--quiet"]) == 0
+    capsys.readouterr()
+    assert search_main([*common, "--strict", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "1 of 10 files in the search folder" in captured.err and "best of 9 pieces" in captured.out

@@ -245,9 +245,41 @@ def test_clamp3_embd_script(tmp_path, mixed_folder, word_tokenizer, adapters, ca
     # Per-patch features without --get_global: (1, N, hidden).
     assert main([str(mixed_folder), str(tmp_path / "patches"), *common]) == 0
     assert np.load(tmp_path / "patches" / "caption.npy").shape[::2] == (1, 32)
-    with pytest.raises(SystemExit) as missing:
-        main([str(tmp_path / "nowhere"), str(out), *common])
-    assert missing.value.code == 2
+    assert main([str(tmp_path / "nowhere"), str(out), *common]) == 2
+    assert "input folder not found" in capsys.readouterr().err
+
+
+def test_the_raw_file_tools_share_one_rule_for_empty_folders_and_failures(tmp_path, word_tokenizer, adapters,
+                                                                         capsys):
+    """A missing or empty folder is an error naming it (clamp3_eval.py used to name its cache folder);
+    a folder none of whose files could be used is an error (they used to exit 0); --strict exits 1
+    when any file failed; a killed run's half-written output is removed by the next run."""
+    embd = load_script(REPO_ROOT / "clamp3_embd.py").main
+    evaluate = load_script(REPO_ROOT / "clamp3_eval.py").main
+    common = script_arguments(tmp_path, word_tokenizer, adapters) + ["--error_log", str(tmp_path / "log.jsonl")]
+    empty, broken, mixed, out = (tmp_path / name for name in ("empty", "broken", "mixed", "out"))
+    for folder in (empty, broken, mixed):
+        folder.mkdir()
+    (empty / "readme.md").write_text("not a file the tools read\n", encoding="utf-8")
+    (broken / "bad.mid").write_bytes(b"MThd")
+    shutil.copy(OFFICIAL / "outputs" / "int_abc" / "bach_bwv1.6.abc", mixed / "good.abc")
+    (mixed / "bad.mid").write_bytes(b"MThd")
+
+    assert embd([str(empty), str(out), *common]) == 2
+    assert f"no file the raw-file tools read in the input folder {empty}" in capsys.readouterr().err
+    assert evaluate([str(empty), str(mixed), *common]) == 2
+    error = capsys.readouterr().err
+    assert f"query folder {empty}" in error and "cache" not in error
+    assert embd([str(broken), str(out), *common]) == 2
+    assert f"none of the 1 files in the input folder {broken} could be used" in capsys.readouterr().err
+
+    orphan = out / ".good.npy.abcd1234.tmp"  # what a killed atomic write leaves
+    out.mkdir(exist_ok=True)
+    orphan.write_bytes(b"half")
+    assert embd([str(mixed), str(out), "--get_global", *common]) == 0
+    assert (out / "good.npy").is_file() and not orphan.exists()
+    assert embd([str(mixed), str(out), "--get_global", "--strict", *common]) == 1
+    assert "1 of 2 files in the input folder" in capsys.readouterr().err
 
 
 def test_clamp3_eval_and_score_scripts_on_raw_folders(tmp_path, word_tokenizer, adapters, capsys):
