@@ -164,7 +164,11 @@ class Demo:
             need(results / f"evaluation_{system}_report.json", "an evaluation report",
                  lambda p: {"abc", "mtf"} <= set(json.loads(p.read_text())["sets"]))
             need(results / f"evaluation_{system}_ranks.jsonl", "per-query ranks")
-        need(results / "evaluation_comparison_report.json", "the comparison", lambda p: json.loads(p.read_text()))
+        from demo.table import KIND_ORDER, rows
+
+        need(results / "evaluation_comparison_report.json",
+             "the comparison, with in-family, held-out family, held-out language and content rows",
+             lambda p: {label.split(":")[0] for _, label, _, _ in rows(json.loads(p.read_text()))} >= set(KIND_ORDER))
         need(results / "evaluation_summary.txt", "the summary", lambda p: "LoRA" in p.read_text())
         for folder in ("captions", "sheet", "midi"):
             need(self.root / "examples" / folder, "raw-file examples", lambda p: any(p.iterdir()))

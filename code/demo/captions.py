@@ -2,9 +2,10 @@
 
 A caption is built from what a tune's header says about it: tune type (``R:`` or a type word in
 the title), genre and region (Essen's ``R:`` and ``O:``), key and mode (``K:``), meter (``M:``),
-composer (``C:``), the collection, and sometimes the title. Each piece gets several phrasings in
-English and German, chosen by a generator seeded with the piece id, so a rebuild writes the same
-texts.
+composer (``C:``), the collection, and sometimes the title. ``captions_for`` writes one caption per
+field a ``demo.caption_plan`` asks for (a language and the families to choose from, written by
+``demo.languages``), each chosen by a generator seeded with the piece id and the field, so a rebuild
+writes the same texts.
 
 **What the model may see.** Every header field a caption can be built from, and everything free
 text could leak through, is removed from the music the model reads: ``T:`` title, ``C:`` composer,
