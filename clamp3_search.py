@@ -73,16 +73,21 @@ def main(argv: list[str] | None = None) -> int:
         vector, exclude = folder_search.query_vector(embedder, query)
         index_dir = args.index or folder_search.default_index_dir(embedder.cfg, args.folder)
         with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
-            with tqdm(desc="index: embed", unit="file", disable=args.quiet or args.json, dynamic_ncols=True,
-                      file=sys.stderr) as bar:
+            bars: list[tqdm] = []  # made when there is something to embed: no empty bar on a no-op update
 
-                def progress(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
+            def progress(done: int, total: int) -> None:
+                if not bars:
+                    bars.append(tqdm(total=total, desc="index: embed", unit="file", file=sys.stderr, leave=False,
+                                     disable=args.quiet or args.json, dynamic_ncols=True))
+                bars[0].update(done - bars[0].n)
 
+            try:
                 index = folder_search.open_folder_index(embedder, args.folder, index_dir,
                                                         update=not args.no_update, drops=drops, say=say,
                                                         progress=progress)
+            finally:
+                for bar in bars:
+                    bar.close()
         if not args.no_update and not index.entries and not index.failures:
             raise FileNotFoundError(f"no music file in the search folder {args.folder} (searched recursively for "
                                     f"{' '.join(folder_search.INDEXED_EXTENSIONS)})")

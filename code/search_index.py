@@ -701,11 +701,13 @@ class SearchIndex:
         vectors (``batch_size`` at a time, all at once by default) and returns, per path, ``(sha256,
         vector, kind)`` or an exception for a file it could not embed. An exception *raised* by
         ``embed`` aborts the update and writes nothing (a broken model is not a broken file).
-        ``progress(done, total)`` is called after each batch."""
+        ``progress(done, total)`` is called before the first batch and after each."""
         plan = self.plan(files, retry_failed=retry_failed)
         results: dict[str, EmbedResult | BaseException] = {}
         todo = plan.to_embed
         step = batch_size or max(len(todo), 1)
+        if progress is not None and todo:
+            progress(0, len(todo))  # before the first batch: a long first update is not silent
         for start in range(0, len(todo), step):
             batch = todo[start:start + step]
             answer = embed(list(batch))

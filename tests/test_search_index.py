@@ -203,7 +203,7 @@ def test_incremental_update(built, tmp_path):
         folder.put(f"batch{i}.abc", f"batch {i}")
     progress = []
     reopened.update(folder.facts(), folder.embed, batch_size=2, progress=lambda d, t: progress.append((d, t)))
-    assert [len(c) for c in folder.calls] == [2, 2, 1] and progress[-1] == (5, 5)
+    assert [len(c) for c in folder.calls] == [2, 2, 1] and progress == [(0, 5), (2, 5), (4, 5), (5, 5)]
 
 
 def test_unused_rows_are_dropped_and_files_cleaned(built, tmp_path):
