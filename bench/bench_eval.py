@@ -5,7 +5,8 @@
 Part 1, the metrics: ``metrics.retrieval_report`` (both directions, both tie rules, 1,000 bootstrap
 resamples, pair cosines) on N × N random row-paired features, D = 768. Seconds and peak memory (the
 most bytes allocated at once during the call, glibc's ``mallinfo2``, minus what was allocated before
-it: the features themselves are not counted), and how the time grows with N.
+it: the features themselves are not counted), the report's two matrix products alone timed in the
+same run (``bare_products``: the floor), the ratio of the two, and how the time grows with N.
 
 Part 2, the tool: folders of N reference and N + N/50 query ``.npy`` features (one key in fifty has
 a second query file; one reference in a hundred is an exact copy of another, so there are exact
@@ -52,6 +53,21 @@ def paired_features(n: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return text.numpy(), music.numpy()
 
 
+def bare_products(text: np.ndarray, music: np.ndarray, chunk_size: int = 1024) -> float:
+    """Seconds of the report's two N × N × D products alone (rows normalised, one matmul per chunk
+    of queries, in both directions, the results dropped): the floor the report is measured against."""
+    import torch
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        a = torch.nn.functional.normalize(torch.from_numpy(text), dim=1)
+        b = torch.nn.functional.normalize(torch.from_numpy(music), dim=1)
+        for queries, references in ((a, b), (b, a)):
+            for first in range(0, queries.shape[0], chunk_size):
+                queries[first:first + chunk_size] @ references.T
+    return time.perf_counter() - start
+
+
 def bench_metrics(n: int, dim: int, n_resamples: int) -> dict:
     import metrics  # loads torch
 
@@ -60,7 +76,8 @@ def bench_metrics(n: int, dim: int, n_resamples: int) -> dict:
         start = time.perf_counter()
         report = metrics.retrieval_report(text, music, n_resamples=n_resamples)
         seconds = time.perf_counter() - start
-    return {"n": n, "seconds": seconds, "peak_mb": memory.added_mb,
+    products = bare_products(text, music)
+    return {"n": n, "seconds": seconds, "products_seconds": products, "peak_mb": memory.added_mb,
             "mrr": report["text_to_music"]["official"]["mrr"],
             "hit@10": report["text_to_music"]["official"]["hit@10"]}
 
@@ -186,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
           f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
 
     if args.sizes:
-        print("\n| N × N | seconds | peak MB | time / previous | N² / previous | t→m MRR |\n|---|---|---|---|---|---|")
+        print("\n| N × N | seconds | bare products s | report / products | peak MB | time / previous | N² / previous "
+              "| t→m MRR |\n|---|---|---|---|---|---|---|---|")
         previous = None
         for n in args.sizes:
             row = bench_metrics(n, args.dim, args.n_resamples)
             growth = f"{row['seconds'] / previous['seconds']:.1f}×" if previous else "–"
             pairs = f"{(n / previous['n']) ** 2:.0f}×" if previous else "–"
-            print(f"| {n:,} × {n:,} | {row['seconds']:.2f} | {row['peak_mb']:.0f} | {growth} | {pairs} | "
+            print(f"| {n:,} × {n:,} | {row['seconds']:.2f} | {row['products_seconds']:.2f} | "
+                  f"{row['seconds'] / row['products_seconds']:.2f}× | {row['peak_mb']:.0f} | {growth} | {pairs} | "
                   f"{row['mrr']:.4f} |", flush=True)
             previous = row
 
