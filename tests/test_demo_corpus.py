@@ -302,3 +302,19 @@ def test_a_tune_stopped_by_the_hang_guard_is_retried_not_remembered(tmp_path, mo
     assert json.loads((work / "mtf_failures.json").read_text()) == {}
     again = corpus._convert("t", tunes, work, "mtf", _slow_for_one, 1, False, DropLog("t"))
     assert again["failed_before"] == 0 and again["failed"] == 1  # tried again, not skipped as known-bad
+
+
+def test_a_corpus_written_with_another_caption_plan_is_not_current(built, tmp_path):
+    """An existing demo folder built before the caption plan changed must not be reused: its models
+    were trained on other captions than its test set would hold (the demo then rebuilds everything)."""
+    from demo.corpus import corpus_is_current
+
+    root, summary = built
+    assert summary.caption_plan == PLAN.fingerprint() and corpus_is_current(root)
+    other = CaptionPlan(**{**{name: getattr(PLAN, name) for name in CaptionPlan.__dataclass_fields__},
+                           "held_out_languages": ("nl",), "training_languages": ("en", "de", "fr", "es")})
+    assert other.fingerprint() != PLAN.fingerprint() and not corpus_is_current(root, other)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "corpus_summary.json").write_text(json.dumps({"selected": {}}), encoding="utf-8")  # built before plans
+    assert not corpus_is_current(old) and not corpus_is_current(tmp_path / "missing")

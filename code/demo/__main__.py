@@ -188,6 +188,14 @@ class Demo:
         quick = QUICK_OVERRIDES if self.quick else {}
         self.stage("text tower (multilingual-e5-small -> XLM-R folder)", self.root / "text_tower" / "config.json",
                    self.text_tower)
+        from demo.corpus import corpus_is_current
+
+        corpus_summary = self.root / "corpus" / "corpus_summary.json"
+        if corpus_summary.is_file() and not self.rebuild and not corpus_is_current(self.root / "corpus"):
+            # Models trained on other captions would be evaluated on these test captions: redo it all.
+            print("[demo] the caption plan or generator changed since this corpus was built "
+                  "(configs/demo_captions.json): rebuilding the corpus and every stage after it", flush=True)
+            self.rebuild = True
         self.stage("corpus (music21 -> interleaved ABC / MTF, captions, splits)",
                    self.root / "corpus" / "corpus_summary.json", self.corpus)
         self.stage("initial weights", self.root / "init_weights.pth", self.initial_weights)

@@ -15,8 +15,9 @@ report:
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fileio import REPO_ROOT
@@ -25,6 +26,8 @@ from demo.content import CONTENT_FAMILIES, CONTENT_LANGUAGES
 from demo.languages import FAMILIES, LANGUAGES
 
 PLAN_PATH = REPO_ROOT / "configs" / "demo_captions.json"
+# Bump when the caption generator writes other texts for the same plan (frames, vocabulary).
+CAPTIONS_VERSION = 2
 FieldSpec = dict[str, tuple[str, tuple[str, ...]]]  # field -> (language, families to choose from)
 
 
@@ -63,6 +66,11 @@ class CaptionPlan:
     def load(cls, path: str | Path = PLAN_PATH) -> CaptionPlan:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         return cls(**{name: tuple(data[name]) for name in cls.__dataclass_fields__})
+
+    def fingerprint(self) -> str:
+        """What a corpus's captions were written with: this plan and the generator's version."""
+        text = json.dumps({"plan": asdict(self), "captions_version": CAPTIONS_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def training_fields(self) -> FieldSpec:
         return {f"caption_{lang}": (lang, self.training_families) for lang in self.training_languages}

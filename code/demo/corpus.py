@@ -131,6 +131,7 @@ class CorpusSummary:
     conversions: dict[str, dict[str, int]]
     drops_by_reason: dict[str, int]
     seconds: dict[str, float]
+    caption_plan: str = ""  # CaptionPlan.fingerprint of the captions written
     drops: DropLog = field(repr=False, default_factory=lambda: DropLog("demo_corpus"))
 
     def as_dict(self) -> dict[str, Any]:
@@ -447,6 +448,19 @@ def _test_record(tune: Tune, fmt: str, seed: int, plan: CaptionPlan, work: Path)
     return record
 
 
+def corpus_is_current(root: str | Path, plan: CaptionPlan | None = None) -> bool:
+    """Whether the corpus under ``root`` was built and its captions written with ``plan`` (default:
+    ``configs/demo_captions.json``) by this caption generator."""
+    path = Path(root) / "corpus_summary.json"
+    if not path.is_file():
+        return False
+    try:
+        built = json.loads(path.read_text(encoding="utf-8")).get("caption_plan")
+    except (OSError, ValueError):
+        return False
+    return built == (plan or CaptionPlan.load()).fingerprint()
+
+
 def build_corpus(root: str | Path, size: str | CorpusSize = "quick", seed: int = 42, workers: int = 2,
                  progress: bool = True, corpus_dir: str | Path | None = None,
                  plan: CaptionPlan | None = None) -> CorpusSummary:
@@ -509,7 +523,7 @@ def build_corpus(root: str | Path, size: str | CorpusSize = "quick", seed: int =
         collections=collection_counts, conversions=conversions, drops_by_reason=dict(sorted(drops.counts.items())),
         seconds={"read": round(read_s, 2), "abc": round(abc_s, 2), "mtf": round(mtf_s, 2),
                  "total": round(time.perf_counter() - started, 2)},
-        drops=drops)
+        caption_plan=plan.fingerprint(), drops=drops)
     drops.write(root / "corpus_drops.jsonl")
     atomic_write_text(root / "corpus_summary.json", json.dumps(summary.as_dict(), indent=2, ensure_ascii=False) + "\n")
     say(f"{summary.selected} in {summary.seconds['total']:.1f} s; {drops.summary_line()}")
