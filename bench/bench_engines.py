@@ -54,6 +54,15 @@ def exact_top10(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")[:10]
 
 
+def timed_queries(search, queries: np.ndarray) -> tuple[float, list[np.ndarray]]:
+    """Mean milliseconds per query of ``search(query) -> ids`` and the ids found, query by query."""
+    found = []
+    start = time.perf_counter()
+    for query in queries:
+        found.append(np.asarray(search(query)))
+    return (time.perf_counter() - start) / len(queries) * 1000, found
+
+
 def recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
     return float(np.mean([len(set(f.tolist()) & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)]))
 
@@ -85,12 +94,8 @@ def bench_lancedb(folder: Path, vectors: np.ndarray, queries: np.ndarray, truth:
     count = reopened.count_rows()
     row["open_s"] = time.perf_counter() - start
     assert count == n
-    exact = []
-    start = time.perf_counter()
-    for query in queries:
-        hits = reopened.search(query, vector_column_name="vector").metric("dot").limit(10).to_arrow()
-        exact.append(np.asarray(hits["id"]))
-    row["exact_ms"] = (time.perf_counter() - start) / len(queries) * 1000
+    row["exact_ms"], exact = timed_queries(
+        lambda q: reopened.search(q, vector_column_name="vector").metric("dot").limit(10).to_arrow()["id"], queries)
     row["exact_recall"] = recall(exact, truth)
     before = folder_bytes(folder)
     changed = max(1, n // 100)
@@ -107,12 +112,9 @@ def bench_lancedb(folder: Path, vectors: np.ndarray, queries: np.ndarray, truth:
     current = np.concatenate([vectors[changed:], unit_vectors(changed, dim, seed=7)])
     ids = np.concatenate([np.arange(changed, n), np.arange(n, n + changed)])
     truth_now = [ids[exact_top10(current, q)] for q in queries]
-    found = []
-    start = time.perf_counter()
-    for query in queries:
-        hits = table.search(query, vector_column_name="vector").metric("dot").limit(10).nprobes(20).refine_factor(10).to_arrow()
-        found.append(np.asarray(hits["id"]))
-    row["ann_ms"] = (time.perf_counter() - start) / len(queries) * 1000
+    row["ann_ms"], found = timed_queries(
+        lambda q: table.search(q, vector_column_name="vector").metric("dot").limit(10).nprobes(20)
+        .refine_factor(10).to_arrow()["id"], queries)
     row["ann_recall"] = recall(found, truth_now)
     return row
 
@@ -140,12 +142,7 @@ def bench_faiss(folder: Path, vectors: np.ndarray, queries: np.ndarray, truth: l
     count = sqlite3.connect(folder / "files.sqlite").execute("SELECT COUNT(*) FROM files").fetchone()[0]
     row["open_s"] = time.perf_counter() - start
     assert count == n and reopened.ntotal == n
-    exact = []
-    start = time.perf_counter()
-    for query in queries:
-        _, ids = reopened.search(query[None], 10)
-        exact.append(ids[0])
-    row["exact_ms"] = (time.perf_counter() - start) / len(queries) * 1000
+    row["exact_ms"], exact = timed_queries(lambda q: reopened.search(q[None], 10)[1][0], queries)
     row["exact_recall"] = recall(exact, truth)
     changed = max(1, n // 100)
     before = folder_bytes(folder)
@@ -165,21 +162,14 @@ def bench_faiss(folder: Path, vectors: np.ndarray, queries: np.ndarray, truth: l
         return row
     start = time.perf_counter()
     current = np.concatenate([vectors[changed:], unit_vectors(changed, dim, seed=7)])
-    ids = np.concatenate([np.arange(changed, n), np.arange(n, n + changed)])
     hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = 64
     hnsw.add(current)
     row["ann_build_s"] = time.perf_counter() - start
     hnsw.hnsw.efSearch = 128
     truth_now = [exact_top10(current, q) for q in queries]
-    found = []
-    start = time.perf_counter()
-    for query in queries:
-        _, found_ids = hnsw.search(query[None], 10)
-        found.append(found_ids[0])
-    row["ann_ms"] = (time.perf_counter() - start) / len(queries) * 1000
+    row["ann_ms"], found = timed_queries(lambda q: hnsw.search(q[None], 10)[1][0], queries)
     row["ann_recall"] = recall(found, truth_now)
-    del ids
     return row
 
 
