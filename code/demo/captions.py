@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from demo import content, languages
 
@@ -109,17 +109,13 @@ SUBREGIONS: dict[str, tuple[str, str]] = {
     "Galizien": ("Galicia", "Galizien"), "Gottschee": ("Gottschee", "Gottschee"),
 }
 
-_MODES = {  # ABC mode spellings -> (English, German)
-    "": ("major", "Dur"), "maj": ("major", "Dur"), "major": ("major", "Dur"), "ion": ("major", "Dur"),
-    "ionian": ("major", "Dur"), "m": ("minor", "Moll"), "min": ("minor", "Moll"), "minor": ("minor", "Moll"),
-    "aeo": ("minor", "Moll"), "aeolian": ("minor", "Moll"), "dor": ("Dorian", "Dorisch"),
-    "dorian": ("Dorian", "Dorisch"), "phr": ("Phrygian", "Phrygisch"), "phrygian": ("Phrygian", "Phrygisch"),
-    "lyd": ("Lydian", "Lydisch"), "lydian": ("Lydian", "Lydisch"), "mix": ("Mixolydian", "Mixolydisch"),
-    "mixolydian": ("Mixolydian", "Mixolydisch"), "loc": ("Locrian", "Lokrisch"), "locrian": ("Locrian", "Lokrisch"),
+_MODES = {  # ABC mode spellings -> the mode (demo.languages names it in each language)
+    "": "major", "maj": "major", "major": "major", "ion": "major", "ionian": "major", "m": "minor", "min": "minor",
+    "minor": "minor", "aeo": "minor", "aeolian": "minor", "dor": "dorian", "dorian": "dorian", "phr": "phrygian",
+    "phrygian": "phrygian", "lyd": "lydian", "lydian": "lydian", "mix": "mixolydian", "mixolydian": "mixolydian",
+    "loc": "locrian", "locrian": "locrian",
 }
 _KEY = re.compile(r"^([A-Ga-g])([#b]?)\s*([A-Za-z]*)")
-_GERMAN_TONICS = {"B": "H", "Bb": "B", "Eb": "Es", "Ab": "As", "Db": "Des", "Gb": "Ges", "Cb": "Ces",
-                  "Fb": "Fes"}
 
 
 # ----------------------------------------------------------------------------- the model's input
@@ -236,20 +232,23 @@ def essen_region(origin: str | None) -> tuple[str, str] | None:
     return en, de
 
 
+def key_parts(value: str | None) -> tuple[str, str, str] | None:
+    """(tonic letter, accidental ``""``/``#``/``b``, mode) of a ``K:`` value, None when it names no key."""
+    match = _KEY.match((value or "").strip())
+    if not match or match.group(3).lower() not in _MODES:
+        return None
+    return match.group(1).upper(), match.group(2), _MODES[match.group(3).lower()]
+
+
 def parse_key(value: str | None) -> tuple[str, str, str, str] | None:
     """(tonic, English mode, German tonic, German mode) of a ``K:`` value, None when it names no key."""
-    match = _KEY.match((value or "").strip())
-    if not match:
+    parts = key_parts(value)
+    if parts is None:
         return None
-    letter, accidental, mode = match.group(1).upper(), match.group(2), match.group(3).lower()
-    if mode not in _MODES:
-        return None
-    mode_en, mode_de = _MODES[mode]
-    tonic_de = _GERMAN_TONICS.get(letter + accidental, letter + ("is" if accidental == "#" else ""))
-    if mode_en == "minor":
-        tonic_de = tonic_de.lower()
-    tonic_en = letter + {"#": "-sharp", "b": "-flat"}.get(accidental, "")
-    return tonic_en, mode_en, tonic_de, mode_de
+    letter, accidental, mode = parts
+    tonic_de = languages.tonic_name(letter, accidental, "de")
+    return (languages.tonic_name(letter, accidental, "en"), languages.mode_name(mode, "en"),
+            tonic_de.lower() if mode == "minor" else tonic_de, languages.mode_name(mode, "de"))
 
 
 def parse_meter(value: str | None) -> str | None:
@@ -281,13 +280,10 @@ def tune_metadata(abc_text: str, collection: str) -> dict[str, str]:
         tune_type = tune_type_of(rhythm, titles)
         if tune_type:
             meta["tune_type"] = tune_type
-    key_value = (fields.get("K") or [None])[-1]
-    key = parse_key(key_value)
+    key = key_parts((fields.get("K") or [None])[-1])
     if key:
-        meta["key_en"] = f"{key[0]} {key[1]}"
-        meta["key_de"] = f"{key[2]}-{key[3]}"
-        match = _KEY.match(key_value.strip())
-        meta["tonic"], meta["accidental"], meta["mode"] = match.group(1).upper(), match.group(2), key[1].lower()
+        meta["tonic"], meta["accidental"], meta["mode"] = key
+        meta["key_en"], meta["key_de"] = languages.key_name(meta, "en"), languages.key_name(meta, "de")
     meter = parse_meter((fields.get("M") or [None])[0])
     if meter:
         meta["meter"] = meter
@@ -328,18 +324,21 @@ def captions_for(metadata: dict[str, str], rng_seed: int | str,
     ``tune_metadata``'s facts only, each chosen by a generator seeded with ``rng_seed`` and the
     field's name (so adding a field changes no other). The title appears in some frames, always
     beside the type and the collection, never on its own."""
-    captions = {}
-    for name, (language, families) in fields.items():
-        rng = _generator(f"{rng_seed}:{name}")
-        captions[name] = languages.caption(metadata, language, rng.choice(list(families)), rng)
-    return captions
+    return _written(languages.caption, metadata, rng_seed, fields)
 
 
 def content_captions_for(facts: dict, rng_seed: int | str, fields: Mapping[str, tuple[str, Sequence[str]]]
                          ) -> dict[str, str]:
     """``captions_for`` for content descriptions: one per field, from ``demo.content.mtf_facts``' facts."""
+    return _written(content.content_caption, facts, rng_seed, fields)
+
+
+def _written(write: Callable[[dict, str, str, random.Random], str], facts: dict, rng_seed: int | str,
+             fields: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """``write(facts, language, family, rng)`` once per field, the family and frame drawn by a
+    generator seeded with ``rng_seed`` and the field's name."""
     captions = {}
     for name, (language, families) in fields.items():
         rng = _generator(f"{rng_seed}:{name}")
-        captions[name] = content.content_caption(facts, language, rng.choice(list(families)), rng)
+        captions[name] = write(facts, language, rng.choice(list(families)), rng)
     return captions

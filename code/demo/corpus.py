@@ -432,20 +432,23 @@ def _training_record(tune: Tune, fmt: str, seed: int, plan: CaptionPlan, work: P
     return record
 
 
-def _test_record(tune: Tune, fmt: str, seed: int, plan: CaptionPlan, work: Path) -> dict[str, Any]:
-    """A test record: the in-family fields and every held-out one; the content descriptions come from
-    the tune's MIDI rendering, for its sheet music too (the same tune)."""
+def _test_records(tune: Tune, seed: int, plan: CaptionPlan, work: Path) -> dict[str, dict[str, Any]]:
+    """A test tune's record per format, with the same texts: the in-family fields and every held-out
+    one; the content descriptions come from the tune's MIDI rendering, for its sheet music too."""
     meta = tune_metadata(tune.text, tune.collection)
     texts = captions_for(meta, f"{seed}:{tune.id}", plan.test_fields())
     facts = _content_facts(tune, work)
     if facts:
         texts.update(content_captions_for(facts, f"{seed}:{tune.id}", plan.content_test_fields()))
-    record: dict[str, Any] = {"id": tune.id, "filepaths": [f"{fmt}/{tune.id}.{fmt}"], "source": "demo",
-                              "texts": texts}
-    if "title" in meta:
-        record["title"] = meta["title"]
-    record["pair_id"] = tune.id
-    return record
+    records = {}
+    for fmt in FORMATS:
+        record: dict[str, Any] = {"id": tune.id, "filepaths": [f"{fmt}/{tune.id}.{fmt}"], "source": "demo",
+                                  "texts": texts}
+        if "title" in meta:
+            record["title"] = meta["title"]
+        record["pair_id"] = tune.id
+        records[fmt] = record
+    return records
 
 
 def corpus_is_current(root: str | Path, plan: CaptionPlan | None = None) -> bool:
@@ -502,10 +505,10 @@ def build_corpus(root: str | Path, size: str | CorpusSize = "quick", seed: int =
                     for t in chosen[s]}
     _publish(training_abc, root / "abc", ".abc")
     _publish(training_mtf, root / "mtf", ".mtf")
+    test_records = [_test_records(t, seed, plan, work) for t in chosen["test"]]
     for fmt in FORMATS:
         _publish({t.id: work / fmt / f"{t.id}.{fmt}" for t in chosen["test"]}, root / "test" / fmt, f".{fmt}")
-        _write_if_changed(root / "test" / f"test_{fmt}.jsonl",
-                          _jsonl_bytes([_test_record(t, fmt, seed, plan, work) for t in chosen["test"]]))
+        _write_if_changed(root / "test" / f"test_{fmt}.jsonl", _jsonl_bytes([records[fmt] for records in test_records]))
     for split in TRAINING_SPLITS:
         fmt = "mtf" if split.endswith("_mtf") else "abc"
         name = f"{split}_abc" if split.startswith("base") else split

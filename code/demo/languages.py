@@ -60,6 +60,11 @@ def tonic_name(letter: str, accidental: str, language: str) -> str:
     return letter + {"#": "-sharp", "b": "-flat"}.get(accidental, "")
 
 
+def mode_name(mode: str, language: str) -> str:
+    """A mode (``major``, ``minor``, ``dorian``...) as ``language`` names it: Dur, mineur, dórico..."""
+    return _MODE_NAMES[language][mode]
+
+
 def key_name(meta: dict[str, str], language: str, style: str = "plain") -> str | None:
     """The key of ``meta`` (``tonic``, ``accidental``, ``mode``) in ``language``; ``style`` is
     ``plain`` (D major, D-Dur, ré majeur), ``short`` (D maj, re M) or ``spelled`` (key of D, major
@@ -70,7 +75,7 @@ def key_name(meta: dict[str, str], language: str, style: str = "plain") -> str |
     mode = meta["mode"]
     if language in ("de", "nl") and mode == "minor":
         tonic = tonic.lower()
-    name = _MODE_NAMES[language][mode]
+    name = mode_name(mode, language)
     if style == "short":
         name = _MODE_SHORT[language].get(mode, name)
     if language == "en":
