@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import rawfile_tools
-import rawfiles
 import runconfig
 from fileio import DropLog
 from tqdm import tqdm
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, cfg = runconfig.parse_args(parser, argv)
     try:
-        rawfile_tools.folder_inputs(args.input_dir, "input")
+        files = rawfile_tools.folder_inputs(args.input_dir, "input")
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return rawfile_tools.EXIT_UNUSABLE
@@ -68,25 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if world_size == 1:  # plain python (or a launcher with one process): no process group
-        return run(args, cfg)
+        return run(args, cfg, files)
     try:
         resolve_device(cfg["EXTRACT_DEVICE"])
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with distributed_session(cfg["EXTRACT_DEVICE"], cfg["DIST_TIMEOUT_MINUTES"]) as context:
-        return run(args, cfg, context.rank, world_size, str(context.device))
+        return run(args, cfg, files, context.rank, world_size, str(context.device))
 
 
-def run(args: argparse.Namespace, cfg: dict, rank: int = 0, world_size: int = 1, device: str | None = None) -> int:
-    """Every process runs it; rank 0 prints the models and the summary and merges the failure logs."""
+def run(args: argparse.Namespace, cfg: dict, files: list[Path], rank: int = 0, world_size: int = 1,
+        device: str | None = None) -> int:
+    """Every process runs it on ``files`` (``rawfiles.discover`` of the input folder); rank 0 prints
+    the models and the summary and merges the failure logs."""
     from embedder import EmbedSummary
     from extraction import merge_rank_logs, rank_log_path
     from training.distributed import all_gather_object, barrier
 
     main_rank = rank == 0
     embedder = rawfile_tools.open_embedder(args, cfg, show=not args.quiet and main_rank, device=device)
-    files = rawfiles.discover(args.input_dir)
     error = None if embedder is not None else "no models"  # open_embedder printed why
     if embedder is not None and any(rel.suffix.lower() == ".txt" for rel in files):
         try:

@@ -94,12 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: search_index's errors too
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    n_files = len(index.entries) + len(index.failures)
-    if rawfile_tools.exit_status("search", args.folder, n_files, len(index.failures), False, args.error_log):
-        return rawfile_tools.EXIT_UNUSABLE
-    # --strict: the results are printed, and the exit status says some files of the folder failed.
-    status = rawfile_tools.exit_status("search", args.folder, n_files, len(index.failures), args.strict,
-                                       args.error_log) if index.failures else 0
+    status = rawfile_tools.exit_status("search", args.folder, len(index.entries) + len(index.failures),
+                                       len(index.failures), args.strict, args.error_log)
+    if status == rawfile_tools.EXIT_UNUSABLE:
+        return status
+    # With --strict and a failed file, the results are printed and the status says so.
     started = time.perf_counter()
     kinds = formats.KINDS_OF_FORMAT[args.format] if args.format else None
     hits = index.search(vector, args.top_k, exclude_sha256=exclude, kinds=kinds)[0]

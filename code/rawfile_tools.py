@@ -97,6 +97,11 @@ class FolderSummary:
     removed: int = 0
     failed: int = 0
 
+    @property
+    def total(self) -> int:
+        """The input files this run looked at (removed outputs are not inputs)."""
+        return self.written + self.unchanged + self.failed
+
     def line(self) -> str:
         return (f"{self.written} written, {self.unchanged} unchanged, {self.removed} removed (their inputs are "
                 f"gone), {self.failed} failed")
@@ -313,18 +318,16 @@ def run_on_two_folders(tool: str, args: Any, cfg: dict[str, Any], tool_arguments
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    statuses = [exit_status(role, folder, summary.written + summary.unchanged + summary.failed, summary.failed,
-                            False, args.error_log)
-                for role, folder, summary in (("query", args.query_dir, query_summary),
-                                              ("reference", args.reference_dir, reference_summary))]
-    if any(statuses):
+    folders = (("query", args.query_dir, query_summary), ("reference", args.reference_dir, reference_summary))
+
+    def statuses(strict: bool) -> list[int]:
+        return [exit_status(role, folder, summary.total, summary.failed, strict, args.error_log)
+                for role, folder, summary in folders]
+
+    if EXIT_UNUSABLE in statuses(strict=False):
         return EXIT_UNUSABLE
     code = run_feature_tool(tool, [str(queries), str(references), *tool_arguments], quiet=args.quiet)
-    failed = query_summary.failed + reference_summary.failed
-    if code == 0 and args.strict and failed:
-        print(f"error: {failed} files failed (--strict); see {args.error_log}", file=sys.stderr)
-        return EXIT_SOME_FAILED
-    return code
+    return max(statuses(strict=True)) if code == 0 and args.strict else code
 
 
 def embed_query_and_reference(embedder: Embedder, tool: str, query_dir: str, reference_dir: str,
@@ -338,14 +341,12 @@ def embed_query_and_reference(embedder: Embedder, tool: str, query_dir: str, ref
         tqdm.write(message, file=sys.stderr)
 
     folders = []
-    for name, folder in (("query", query_dir), ("reference", reference_dir)):
-        folder_inputs(folder, name)
+    inputs = {name: folder_inputs(folder, name) for name, folder in (("query", query_dir), ("reference", reference_dir))}
     # The weights, and the tokenizer when either folder holds text, before anything is embedded.
-    embedder.check_models(text=any(rel.suffix.lower() == ".txt" for folder in (query_dir, reference_dir)
-                                   for rel in discover(folder)))
+    embedder.check_models(text=any(rel.suffix.lower() == ".txt" for files in inputs.values() for rel in files))
     with DropLog(tool, error_log, echo=echo) as drops:
         for name, folder in (("query", query_dir), ("reference", reference_dir)):
-            total = len(discover(folder))
+            total = len(inputs[name])
             with tqdm(total=total, desc=f"embed {name}", unit="file", disable=quiet, dynamic_ncols=True) as bar:
                 features, summary = embed_to_cache(embedder, folder, drops=drops, progress=bar.update)
             if not quiet:

@@ -280,6 +280,9 @@ def test_the_raw_file_tools_share_one_rule_for_empty_folders_and_failures(tmp_pa
     assert (out / "good.npy").is_file() and not orphan.exists()
     assert embd([str(mixed), str(out), "--get_global", "--strict", *common]) == 1
     assert "1 of 2 files in the input folder" in capsys.readouterr().err
+    assert evaluate([str(mixed), str(mixed), "--output_dir", str(tmp_path / "eval"), *common]) == 0
+    assert evaluate([str(mixed), str(mixed), "--output_dir", str(tmp_path / "eval"), "--strict", *common]) == 1
+    assert f"1 of 2 files in the query folder {mixed} failed (--strict)" in capsys.readouterr().err
 
 
 def test_clamp3_eval_and_score_scripts_on_raw_folders(tmp_path, word_tokenizer, adapters, capsys):

@@ -142,10 +142,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
-    """The whole of ``classification/evaluate_cls.py`` once its arguments are parsed (``evaluation.cli``):
-    0 on success, 2 on a setup error (printed)."""
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+def run(args: argparse.Namespace, cfg: dict[str, Any], systems: list[str]) -> int:
+    """The whole of ``classification/evaluate_cls.py`` once its arguments are parsed and ``systems``
+    checked (``evaluation.cli``): 0 on success, 2 on a setup error (printed)."""
 
     def log(message: str) -> None:
         if not args.quiet:

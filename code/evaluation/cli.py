@@ -102,4 +102,4 @@ def run_classification(argv: list[str] | None = None) -> int:
         parser.error(f"--no_adapter and --systems {LORA} contradict each other")
     from evaluation import classification  # after parsing: it loads torch and transformers
 
-    return classification.run(args, cfg)
+    return classification.run(args, cfg, systems)
