@@ -30,6 +30,14 @@ CLAMP3_WEIGHTS_PATH = (
 # empty = the official sizes derived from the constants above.
 MODEL_CONFIG = ""
 
+# ---------------------------------------------------------------- audio (MERT features from audio files)
+# The MERT model that turns audio into the features CLaMP 3's audio tower reads: a local folder
+# (config.json + weights, relative to the repository root) or a Hugging Face id found in the local
+# cache; never downloaded unless HF_HUB_OFFLINE=0 is set explicitly. README, "Audio".
+MERT_MODEL_PATH = "m-a-p/MERT-v1-95M"
+MERT_DTYPE = "float32"  # float32 (matches the official features) | bfloat16 (autocast, faster on a GPU)
+MERT_WINDOWS_PER_BATCH = 8  # 5 s windows of equal length run together
+
 # ---------------------------------------------------------------- feature extraction
 # "sdpa" (fused attention, faster) or "eager" (the official arithmetic); both match the official
 # features within 1e-5 in float32.
@@ -132,6 +140,7 @@ run_control_keys = frozenset({
     "WANDB_ENABLED", "WANDB_PROJECT", "WANDB_MODE", "TEXT_CACHE_DIR", "DIST_TIMEOUT_MINUTES",
     "LORA_KEEP_CHECKPOINTS", "LORA_CHECKPOINT_STEPS", "TRAIN_LOG_EVERY_STEPS", "EXTRACT_DEVICE", "EXTRACT_DTYPE",
     "EXTRACT_TOKENS_PER_BATCH", "EXTRACT_MAX_PADDING", "EXTRACT_FILES_PER_CHUNK",
+    "MERT_MODEL_PATH", "MERT_DTYPE", "MERT_WINDOWS_PER_BATCH",  # audio only: training never reads them
 })
 
 # ---------------------------------------------------------------- evaluation
