@@ -41,7 +41,7 @@ from search_index import (
     SearchIndex,
     UpdateSummary,
     file_facts,
-    read_manifest,
+    index_info,
     wait_for_writer,
 )
 
@@ -134,7 +134,7 @@ def open_folder_index(embedder: Embedder, folder: str | os.PathLike, index_dir: 
         index = SearchIndex.open(index_dir, model_key, create=False)
         say(f"index: {index_dir} ({index.n_vectors} pieces; not updated)")
         return index
-    previous = read_manifest(index_dir)
+    previous = index_info(index_dir)
     indexed = previous.get("root") if previous else None
     holds = previous and (previous["counts"]["files"] or previous["counts"]["failures"])
     if indexed and holds and Path(indexed) != Path(folder).resolve():

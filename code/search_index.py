@@ -5,93 +5,109 @@ file, and keeps itself up to date with the folder without embedding unchanged fi
 nothing of models or file formats: the caller gives it file facts (size, mtime, content hash) and,
 for the files it asks about, vectors and a kind (``SearchIndex.update``'s ``embed`` callable).
 
-**On disk** (a folder, written only by this module)::
+**Engines.** The file table lives in SQLite (``index.sqlite``, write-ahead log) and the vectors in
+FAISS flat files; bench/README.md has the measurements that chose them. On disk::
 
-    manifest.json            format version, model_key, dimension, root, counts, times, and the
-                             names of the two files below (the manifest is the index: a file it
-                             does not name is not part of it)
-    vectors-<gen>-<id>.npy   float32 (rows × D), L2-normalised: one row per distinct content
-    entries-<gen>-<id>.jsonl one line per indexed file: path (POSIX, relative to the root), sha256,
-                             size, mtime_ns, kind, row (version 1 called the kind "format";
-                             such an index is still read, and its next write is version 2)
+    index.sqlite               meta (format version, model_key, dimension, root, generation, times),
+                               files (path, sha256, size, mtime_ns, kind), vectors (sha256 -> vid),
+                               segments (which FAISS file holds which vids), dead (vids no file uses
+                               any more), failures (files the embedder could not embed, and why)
+    vectors-<first vid>-<id>.faiss   one FAISS ``IndexFlatIP`` of unit float32 rows per segment:
+                               written once, never changed, memory-mapped by readers
+    ann-<id>.faiss             the optional approximate index (FAISS ``IndexIVFFlat`` over vids)
 
-**Crash safety.** An update writes new vectors and entries files under new names (each atomically:
-temporary file, fsync, rename), then the manifest that names them (atomically), and only then
-deletes the files no manifest names. A crash at any point leaves the previous manifest and the files
-it names intact; leftovers are removed by the next update. A reader that finds a named file already
-deleted (an update finished between its reading the manifest and the file) reads the manifest again.
-Updates take an exclusive lock (``.lock``) and refuse to write over an index that changed since it
-was opened (``IndexChangedError``).
+One vid per distinct content (sha256). An update writes its new vectors as one new segment and
+changes the tables in one transaction, so a 1% update writes 1% of the vectors; the vectors of
+files that went away stay in their segment as ``dead`` until a compaction (more than
+``COMPACT_DEAD_FRACTION`` dead, or more than ``MAX_SEGMENTS`` segments) rewrites the live ones.
 
-**Rows and duplicates.** Files with identical content (same sha256) share one row: the content is
+**Crash safety.** A writer takes SQLite's write lock, writes its segment (temporary file, fsync,
+rename), then commits the tables that name it. A crash at any point leaves the last committed
+version intact (SQLite's journal); files no version names are removed by the next writer.
+
+**Concurrency.** A ``SearchIndex`` reads one committed version (a SQLite read transaction held for
+its lifetime, its segments mapped at open): a writer never disturbs a reader. A second writer waits
+for the lock (``wait_for_writer``); an update planned on a version another process has replaced is
+refused (``IndexChangedError``) so that the caller plans again.
+
+**Rows and duplicates.** Files with identical content (same sha256) share one vector: the content is
 embedded once, and a search returns it as one hit whose ``duplicates`` lists the other paths
 (``dedupe=False``: one hit per path). Identical bytes are assumed to give the same vector whatever
 the file is called (the extraction cache is keyed by content too); a new or renamed file whose
-content is already indexed under the same file extension reuses that row without embedding.
+content is already indexed under the same file extension reuses that vector without embedding.
 
 **Models.** ``model_key`` names everything that decides the vectors (model, adapter, settings). An
 index built with another key is refused (``ModelKeyMismatchError``) unless opened with
 ``rebuild=True``, which starts an empty index (the old one stays readable until the first write).
 
-**Search** is brute force and exact: rows are scored in chunks with one float32 matmul each
-(``torch``, using the caller's ``torch.set_num_threads``), the best k per chunk kept with
-``torch.topk`` plus every row tied with the k-th, and the survivors ordered by (score descending,
-path). See bench/bench_search.py for timings.
+**Search** is exact by default: FAISS's inner-product scan over every live row of every segment,
+the best k per query kept with every row tied with the k-th, and the result ordered by (score
+descending, path). ``approximate=True`` searches the IVF index instead (``build_ann``), plus an
+exact scan of the segments added after it was built. An index written by the earlier home-made
+format (``manifest.json``, versions 1 and 2) is converted on first open.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
 import secrets
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
+import faiss
 import numpy as np
-import torch
-from fileio import atomic_write, atomic_write_text, file_sha256
-
-try:  # POSIX advisory locks; elsewhere updates are not protected against a concurrent writer.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from fileio import file_sha256
 
 FORMAT_NAME = "clamp3-search-index"
-FORMAT_VERSION = 2
-# The versions this code reads, with the entries' name of the kind field (version 1 called it "format").
-KIND_FIELD = {1: "format", 2: "kind"}
-MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".lock"
-# Rows scored per matmul. Measured on 2 cores with D = 768: 128k-256k rows per chunk are equally fast
-# for one query and 256k a little faster for 16; 32k chunks are 1.3-1.4 times slower (per-call
-# overhead). Larger chunks only grow the (queries × chunk) score buffer, bounded below anyway.
-DEFAULT_CHUNK_ROWS = 262144
-# Rows gathered or written at a time when an update copies the kept rows: bounds the extra memory.
-_COPY_ROWS = 65536
+FORMAT_VERSION = 3
+DB_NAME = "index.sqlite"
+LEGACY_MANIFEST = "manifest.json"
+LEGACY_KIND_FIELD = {1: "format", 2: "kind"}
+COMPACT_DEAD_FRACTION = 0.25
+MAX_SEGMENTS = 32
+BUSY_TIMEOUT_S = 600.0
+_ADD_ROWS = 65536  # rows handed to FAISS at a time when copying a large set
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+                                  mtime_ns INTEGER NOT NULL, kind TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS files_sha256 ON files (sha256);
+CREATE INDEX IF NOT EXISTS files_kind ON files (kind);
+CREATE TABLE IF NOT EXISTS vectors (sha256 TEXT PRIMARY KEY, vid INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS segments (first_vid INTEGER PRIMARY KEY, n_rows INTEGER NOT NULL, file TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dead (vid INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, sha256 TEXT, size INTEGER, mtime_ns INTEGER,
+                                     reason TEXT);
+"""
 
 
 class SearchIndexError(RuntimeError):
-    """A search index that cannot be opened, read or written as asked."""
+    """A search index problem the user can act on (the message says how)."""
 
 
 class ModelKeyMismatchError(SearchIndexError):
-    """The index on disk was built with another model (or adapter, or settings)."""
+    """The index was built with another model key: its vectors cannot be compared with the query's."""
 
 
 class IndexCorruptError(SearchIndexError):
-    """The index files disagree with each other or with the format."""
+    """The index on disk is not what its tables say."""
 
 
 class IndexChangedError(SearchIndexError):
-    """Another process updated the index since this one opened it (or planned the update)."""
+    """Another process wrote the index since this object read it."""
 
 
 class IndexBusyError(SearchIndexError):
-    """Another process is writing the index right now."""
+    """Another process held the index's write lock for longer than this one would wait."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +129,8 @@ class FileFacts:
 @dataclass(frozen=True)
 class IndexEntry:
     """One indexed file: its path relative to the root (POSIX), content hash, stat facts, kind
-    (a free string chosen by the caller, e.g. the raw-file kind ``"abc"`` or ``"midi"``) and its row
-    of the vectors."""
+    (a free string chosen by the caller, e.g. the raw-file kind ``"abc"`` or ``"midi"``) and the id
+    of its content's vector (``row``)."""
 
     path: str
     sha256: str
@@ -145,7 +161,9 @@ class Hit:
 @dataclass
 class UpdatePlan:
     """What ``SearchIndex.apply`` will do: ``to_embed`` needs vectors from the caller; the rest is
-    decided. Made by ``SearchIndex.plan`` for one state of the index (``base_generation``)."""
+    decided. Made by ``SearchIndex.plan`` for one version of the index (``base_generation``).
+    ``keep``: files whose row in the table changes without embedding (touched, or reusing indexed
+    content), by path."""
 
     base_generation: int
     to_embed: list[str]
@@ -194,26 +212,7 @@ EmbedResult = tuple[str, Any, str]
 """What an embedder returns for one file: ``(sha256 of the content embedded, vector (D,), kind)``."""
 
 
-def wait_for_writer(folder: str | os.PathLike, timeout_s: float = 600.0, poll_s: float = 0.2) -> bool:
-    """Wait until no process holds the update lock of the index in ``folder``: True once free (or
-    when there is no lock), False after ``timeout_s``. Readers never need it; a second writer does."""
-    path = Path(folder) / LOCK_NAME
-    if fcntl is None or not path.is_file():
-        return True
-    deadline = time.monotonic() + timeout_s
-    with open(path, "a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(poll_s)
-                continue
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            return True
-
-
+# ---------------------------------------------------------------------------- small helpers
 def normalise_relpath(path: str | os.PathLike) -> str:
     """A path relative to the indexed root as the index stores it: POSIX, no ``.``/``..``, not absolute."""
     text = os.fspath(path).replace(os.sep, "/") if os.sep != "/" else os.fspath(path)
@@ -266,87 +265,130 @@ def _unit_rows(vectors: np.ndarray, what: str) -> np.ndarray:
     bad = ~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0)
     if bad.any():
         raise ValueError(f"{what}: row {int(np.flatnonzero(bad)[0])} is zero or not finite")
-    return (rows / norms).astype(np.float32)
+    return np.ascontiguousarray(rows / norms, dtype=np.float32)
 
 
-def _write_npy_rows(f: IO[bytes], parts: Iterable[np.ndarray], n_rows: int, dimension: int) -> None:
-    """A float32 ``(n_rows, dimension)`` .npy file written part by part, so copying a large index
-    never holds a second full matrix in memory."""
-    np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
-                                             "shape": (n_rows, dimension)})
-    written = 0
-    for part in parts:
-        part = np.ascontiguousarray(part, dtype="<f4")
-        f.write(memoryview(part).cast("B"))
-        written += part.shape[0]
-    if written != n_rows:
-        raise AssertionError(f"wrote {written} rows, announced {n_rows}")
-
-
-def _entries_text(entries: Sequence[IndexEntry]) -> str:
-    # ensure_ascii: a file name that is not valid UTF-8 (lone surrogates from os.fsdecode) survives
-    # as a JSON escape instead of failing the write.
-    return "".join(json.dumps({"path": e.path, "sha256": e.sha256, "size": e.size, "mtime_ns": e.mtime_ns,
-                               "kind": e.kind, "row": e.row}) + "\n" for e in entries)
-
-
-def _parse_entries(path: Path, kind_field: str = KIND_FIELD[FORMAT_VERSION]) -> list[IndexEntry]:
-    text = path.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if line.strip()]
-    try:  # one json.loads of the whole file is several times faster than one per line
-        rows = json.loads("[" + ",".join(lines) + "]")
-    except json.JSONDecodeError as exc:
-        raise IndexCorruptError(f"{path}: not valid JSONL ({exc.msg})") from exc
-    try:
-        return [IndexEntry(r["path"], r["sha256"], int(r["size"]), int(r["mtime_ns"]), r[kind_field], int(r["row"]))
-                for r in rows]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IndexCorruptError(f"{path}: an entry lacks a field or has a wrong type ({exc})") from exc
-
-
-def read_manifest(folder: str | os.PathLike) -> dict | None:
-    """The manifest of the index in ``folder`` (``None`` if there is none), checked for its format."""
-    path = Path(folder) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise IndexCorruptError(f"{path}: cannot be read ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise IndexCorruptError(f"{path}: not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") not in tuple(KIND_FIELD):  # a tuple: no hashing of a bad value
-        raise IndexCorruptError(f"{path}: format version {manifest.get('format_version')}, this code reads "
-                                f"{' and '.join(map(str, KIND_FIELD))}; rebuild the index")
-    return manifest
-
-
-def _load_vectors(folder: Path, manifest: dict, preload: bool) -> np.ndarray:
-    """The vectors file the manifest names, mapped (or read, with ``preload``) and checked against it."""
-    dimension = manifest.get("dimension")
-    n_rows = int(manifest["counts"]["vectors"])
-    if manifest.get("vectors_file"):
-        path = folder / manifest["vectors_file"]
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
         try:
-            # "c" (copy-on-write): pages are shared with the page cache like "r", but the array is
-            # writable, which torch.from_numpy wants. Nothing ever writes to it.
-            vectors = np.load(path, mmap_mode=None if preload else "c", allow_pickle=False)
-        except FileNotFoundError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise IndexCorruptError(f"{path}: cannot be read as .npy ({exc})") from exc
-    else:
-        vectors = np.zeros((0, dimension or 0), dtype=np.float32)
-    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[0] != n_rows or (
-            n_rows and vectors.shape[1] != dimension):
-        raise IndexCorruptError(f"{folder}: vectors of shape {vectors.shape} ({vectors.dtype}), manifest "
-                                f"says {n_rows} × {dimension} float32")
-    return vectors
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-# Chosen so that tests can make a write fail between the data files and the manifest.
-def _write_manifest(path: Path, manifest: dict) -> None:
-    atomic_write_text(path, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+def _write_faiss(index: faiss.Index, path: Path) -> None:
+    """``index`` written to ``path`` atomically: a temporary name, fsync, rename."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        faiss.write_index(index, str(temporary))
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+    _fsync_dir(path.parent)
+
+
+def _flat_of(vectors: Iterable[np.ndarray], dimension: int) -> faiss.IndexFlatIP:
+    flat = faiss.IndexFlatIP(dimension)
+    for part in vectors:
+        if len(part):
+            flat.add(np.ascontiguousarray(part, dtype=np.float32))
+    return flat
+
+
+def _read_segment(path: Path) -> faiss.IndexFlatIP:
+    try:
+        # Memory-mapped, read-only: opening costs nothing, pages come from the page cache as searched.
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as exc:
+        if not path.exists():
+            raise FileNotFoundError(path) from exc
+        raise IndexCorruptError(f"{path}: not a readable FAISS file ({exc})") from exc
+
+
+def _bitmap_selector(mask: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
+    """A FAISS selector of the ids where ``mask`` is True, and the bitmap it points into (keep it alive
+    as long as the selector)."""
+    bits = np.packbits(mask.astype(bool), bitorder="little")
+    return faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits)), bits
+
+
+# ---------------------------------------------------------------------------- the database
+def _connect(folder: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(folder / DB_NAME, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                         check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _read_meta(db: sqlite3.Connection) -> dict[str, Any]:
+    try:
+        return {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+    except sqlite3.DatabaseError as exc:
+        raise IndexCorruptError(f"the index database cannot be read ({exc})") from exc
+
+
+def index_info(folder: str | os.PathLike) -> dict | None:
+    """What the index in ``folder`` says of itself (format version, model_key, dimension, root,
+    generation, counts, times), or ``None`` if there is none. Converts an index of the earlier format."""
+    folder = Path(folder)
+    meta = _read_meta_of(folder)
+    if not meta and (folder / LEGACY_MANIFEST).exists():
+        _convert_legacy(folder)
+        meta = _read_meta_of(folder)
+    return _checked_meta(folder, meta) if meta else None
+
+
+def _read_meta_of(folder: Path) -> dict:
+    if not (folder / DB_NAME).exists():
+        return {}
+    db = _connect(folder)
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return _read_meta(db) if "meta" in tables else {}  # a first write that crashed left no tables
+    except sqlite3.DatabaseError as exc:
+        raise IndexCorruptError(f"{folder / DB_NAME}: cannot be read ({exc})") from exc
+    finally:
+        db.close()
+
+
+def _checked_meta(folder: Path, meta: dict) -> dict:
+    if meta.get("format") != FORMAT_NAME:
+        raise IndexCorruptError(f"{folder / DB_NAME}: not a {FORMAT_NAME} database")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise IndexCorruptError(f"{folder / DB_NAME}: format version {meta.get('format_version')}, this code "
+                                f"reads {FORMAT_VERSION}; rebuild the index (--rebuild)")
+    return meta
+
+
+def wait_for_writer(folder: str | os.PathLike, timeout_s: float = 600.0, poll_s: float = 0.2) -> bool:
+    """Wait until no process holds the write lock of the index in ``folder``: True once free (or when
+    there is no index), False after ``timeout_s``. Readers never need it; a second writer does."""
+    path = Path(folder) / DB_NAME
+    if not path.exists():
+        return True
+    db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        db.close()
+
+
+@dataclass
+class _Segment:
+    first_vid: int
+    n_rows: int
+    file: str
+    flat: faiss.IndexFlatIP
+    live: np.ndarray | None  # None: every row is live
 
 
 class SearchIndex:
@@ -357,78 +399,100 @@ class SearchIndex:
     not for a search during an update of the same object.
     """
 
-    def __init__(self, folder: Path, manifest: dict, entries: list[IndexEntry], vectors: np.ndarray):
+    def __init__(self, folder: Path, model_key: str, root: str | None, db: sqlite3.Connection | None,
+                 replace_on_write: bool, generation: int = 0):
         self.folder = folder
-        self._manifest = manifest
-        self._entries = entries  # sorted by path
-        self._vectors = vectors  # (rows, D) float32, unit rows; usually a copy-on-write memory map
-        self._matrix = torch.from_numpy(vectors) if vectors.size else torch.zeros(vectors.shape)
+        self._model_key = model_key
+        self._root = root
+        self._db = db
+        self._lock = threading.RLock()
         self._token = secrets.token_hex(8)
-        # What the folder holds now: the generation this object was read at (an update refuses to
-        # write over a newer one), and whether it holds this object's version at all (False for a new
-        # or rebuilding index, which the first update must write even if it adds nothing).
-        self._disk_generation = int(manifest["generation"])
-        self._on_disk = manifest.get("updated") is not None
-        self._disk_root = manifest.get("root")
-        self._reset_caches()
+        # True for a new or rebuilding index: its first update writes (and replaces whatever is there)
+        # even if it adds nothing.
+        self._replace_on_write = replace_on_write
+        self._empty_generation = generation  # of an empty view: the version on disk when it was opened
+        self._load_view()
 
     # ----- opening ---------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, folder: str | os.PathLike, model_key: str, *, root: str | os.PathLike | None = None,
-             create: bool = True, rebuild: bool = False, preload: bool = False) -> SearchIndex:
+             create: bool = True, rebuild: bool = False) -> SearchIndex:
         """The index in ``folder`` for ``model_key``. Missing: an empty one (written by the first
         update) if ``create``, else ``FileNotFoundError``. Built with another key: ``ModelKeyMismatchError``
         unless ``rebuild`` (then an empty index that replaces it on the first update). ``root``, if
-        given, is recorded as the indexed folder at the next write. ``preload`` reads the vectors
-        into memory instead of mapping them (the map is faster to open; the first search pages it in)."""
+        given, is recorded as the indexed folder at the next write."""
         folder = Path(folder)
+        info = index_info(folder)
+        root_text = None if root is None else str(root)
+        if info is None:
+            if not create:
+                raise FileNotFoundError(f"no search index in {folder}")
+            return cls(folder, model_key, root_text, None, replace_on_write=True)
+        if info.get("model_key") != model_key:
+            if rebuild:
+                return cls(folder, model_key, root_text, None, replace_on_write=True,
+                           generation=int(info.get("generation", 0)))
+            raise ModelKeyMismatchError(
+                f"the search index in {folder} was built with model_key {info.get('model_key')!r}, "
+                f"not {model_key!r} (another model, adapter or setting): its vectors cannot be compared "
+                "with this model's. Rebuild it (rebuild=True / --rebuild) or use another index folder.")
         for attempt in range(3):
-            manifest = read_manifest(folder)
-            if manifest is None:
-                if not create:
-                    raise FileNotFoundError(f"no search index in {folder}")
-                return cls._empty(folder, model_key, root, generation=0, created=None)
-            if manifest.get("model_key") != model_key:
-                if rebuild:
-                    return cls._empty(folder, model_key, root, generation=int(manifest["generation"]),
-                                      created=None)
-                raise ModelKeyMismatchError(
-                    f"the search index in {folder} was built with model_key {manifest.get('model_key')!r}, "
-                    f"not {model_key!r} (another model, adapter or setting): its vectors cannot be compared "
-                    "with this model's. Rebuild it (rebuild=True / --rebuild) or use another index folder.")
             try:
-                index = cls._read(folder, manifest, preload)
+                return cls(folder, model_key, root_text, _connect(folder), replace_on_write=False)
             except FileNotFoundError:
                 if attempt == 2:
                     raise
-                continue  # an update replaced the files between our reading the manifest and them
-            if root is not None:
-                index._manifest["root"] = str(root)
-            return index
+                # a compaction removed a segment between our reading the tables and mapping it
         raise AssertionError("unreachable")
 
-    @classmethod
-    def _empty(cls, folder: Path, model_key: str, root: str | os.PathLike | None, generation: int,
-               created: str | None) -> SearchIndex:
-        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_key": model_key,
-                    "dimension": None, "root": None if root is None else str(root), "generation": generation,
-                    "vectors_file": None, "entries_file": None, "vector_dtype": "float32",
-                    "counts": {"files": 0, "vectors": 0, "failures": 0}, "failures": [],
-                    "created": created, "updated": None}
-        return cls(folder, manifest, [], np.zeros((0, 0), dtype=np.float32))
+    def _load_view(self) -> None:
+        """Read one committed version: meta, segments (mapped) and dead rows; hold it (a read
+        transaction) until the next write or ``refresh``."""
+        self._cache: dict[Any, Any] = {}
+        self._ann: faiss.Index | None = None
+        if self._db is None:
+            self._meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model_key": self._model_key,
+                          "dimension": None, "root": self._root, "generation": self._empty_generation, "next_vid": 0,
+                          "counts": {"files": 0, "vectors": 0, "failures": 0}, "created": None, "updated": None}
+            self._segments: list[_Segment] = []
+            return
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+            meta = _checked_meta(self.folder, _read_meta(self._db))
+            dead = np.fromiter((v for (v,) in self._db.execute("SELECT vid FROM dead")), dtype=np.int64)
+            segments = []
+            for first_vid, n_rows, name in self._db.execute(
+                    "SELECT first_vid, n_rows, file FROM segments ORDER BY first_vid"):
+                flat = _read_segment(self.folder / name)
+                if flat.ntotal != n_rows or flat.d != meta["dimension"]:
+                    raise IndexCorruptError(f"{self.folder / name}: {flat.ntotal} × {flat.d} vectors, the index "
+                                            f"says {n_rows} × {meta['dimension']}")
+                inside = dead[(dead >= first_vid) & (dead < first_vid + n_rows)] - first_vid
+                live = None
+                if len(inside):
+                    live = np.ones(n_rows, dtype=bool)
+                    live[inside] = False
+                segments.append(_Segment(first_vid, n_rows, name, flat, live))
+        self._meta, self._segments = meta, segments
 
-    @classmethod
-    def _read(cls, folder: Path, manifest: dict, preload: bool) -> SearchIndex:
-        vectors = _load_vectors(folder, manifest, preload)
-        n_rows = vectors.shape[0]
-        entries = (_parse_entries(folder / manifest["entries_file"], KIND_FIELD[manifest["format_version"]])
-                   if manifest.get("entries_file") else [])
-        if len(entries) != int(manifest["counts"]["files"]):
-            raise IndexCorruptError(f"{folder}: {len(entries)} entries, manifest says {manifest['counts']['files']}")
-        if any(not 0 <= e.row < n_rows for e in entries):
-            raise IndexCorruptError(f"{folder}: an entry points outside the {n_rows} vectors")
-        return cls(folder, manifest, entries, vectors)
+    def refresh(self) -> bool:
+        """Read the latest committed version if another process wrote one; True if it did."""
+        if self._db is None:
+            return False
+        latest = index_info(self.folder)
+        if latest is None or latest.get("generation") == self.generation:
+            return False
+        self._load_view()
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     @classmethod
     def build(cls, folder: str | os.PathLike, model_key: str, root: str | os.PathLike | None,
@@ -439,126 +503,118 @@ class SearchIndex:
         benchmark), where planning file by file is not needed. Files sharing a sha256 keep the first
         one's vector. An existing index is replaced only with ``replace_existing``."""
         folder = Path(folder)
-        existing = read_manifest(folder)
-        if existing is not None and not replace_existing:
+        if index_info(folder) is not None and not replace_existing:
             raise SearchIndexError(f"{folder} already holds a search index (pass replace_existing=True)")
         vectors = np.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[0] != len(files):
             raise ValueError(f"{len(files)} files but vectors of shape {vectors.shape}")
-        first_row: dict[str, int] = {}
-        source_rows: list[int] = []
-        entries = []
-        seen_paths = set()
+        first_of: dict[str, int] = {}
+        rows: list[tuple[str, str, int, int, str]] = []
+        seen: set[str] = set()
         for i, item in enumerate(files):
             get = item.__getitem__ if isinstance(item, Mapping) else lambda name, item=item: getattr(item, name)
-            path, sha = normalise_relpath(get("path")), get("sha256")
-            if path in seen_paths:
+            path, sha = normalise_relpath(get("path")), str(get("sha256"))
+            if path in seen:
                 raise ValueError(f"{path} is given twice")
-            seen_paths.add(path)
-            row = first_row.get(sha)
-            if row is None:
-                row = first_row[sha] = len(source_rows)
-                source_rows.append(i)
-            entries.append(IndexEntry(path, sha, int(get("size")), int(get("mtime_ns")), str(get("kind")), row))
-        entries.sort(key=lambda e: e.path)
-        index = cls._empty(folder, model_key, root, generation=int(existing["generation"]) if existing else 0,
-                           created=None)
-        sources = np.asarray(source_rows, dtype=np.int64)
+            seen.add(path)
+            first_of.setdefault(sha, i)
+            rows.append((path, sha, int(get("size")), int(get("mtime_ns")), str(get("kind"))))
+        sources = np.fromiter(first_of.values(), dtype=np.int64, count=len(first_of))
 
         def parts() -> Iterator[np.ndarray]:
-            for start in range(0, len(sources), _COPY_ROWS):
-                chunk = sources[start:start + _COPY_ROWS]
-                yield _unit_rows(vectors[chunk], f"vectors[{start}:]")
+            for start in range(0, len(sources), _ADD_ROWS):
+                yield _unit_rows(vectors[sources[start:start + _ADD_ROWS]], f"vectors[{start}:]")
 
-        index._commit(entries, (len(sources), int(vectors.shape[1]), parts), failures={}, check_disk=False)
+        index = cls(folder, model_key, None if root is None else str(root), None, replace_on_write=True)
+        index._write(upsert=rows, delete=[], new_shas=list(first_of), new_vectors=parts,
+                     dimension=int(vectors.shape[1]), failures={}, check_generation=False)
         return index
 
     # ----- facts -----------------------------------------------------------------------------------
 
     @property
     def model_key(self) -> str:
-        return self._manifest["model_key"]
+        return self._model_key
 
     @property
     def dimension(self) -> int | None:
-        return self._manifest["dimension"]
+        return self._meta.get("dimension")
 
     @property
     def root(self) -> str | None:
-        return self._manifest["root"]
+        return self._root if self._root is not None else self._meta.get("root")
 
     @property
     def generation(self) -> int:
-        return int(self._manifest["generation"])
+        return int(self._meta["generation"])
 
     @property
-    def manifest(self) -> dict:
-        return json.loads(json.dumps(self._manifest))
-
-    @property
-    def entries(self) -> list[IndexEntry]:
-        """Every indexed file, in path order."""
-        return list(self._entries)
+    def info(self) -> dict:
+        """The index's own description (what ``index_info`` reads)."""
+        return dict(self._meta)
 
     @property
     def n_vectors(self) -> int:
-        """Distinct contents (rows of the vector matrix)."""
-        return int(self._vectors.shape[0])
+        """Distinct contents indexed (live vectors)."""
+        return int(self._meta["counts"]["vectors"])
+
+    def __len__(self) -> int:
+        return int(self._meta["counts"]["files"])
+
+    def _query(self, sql: str, parameters: Sequence = ()) -> list[tuple]:
+        if self._db is None:
+            return []
+        with self._lock:
+            return self._db.execute(sql, parameters).fetchall()
+
+    @property
+    def entries(self) -> list[IndexEntry]:
+        """Every indexed file, in path order (read from the table when first asked)."""
+        if "entries" not in self._cache:
+            self._cache["entries"] = [IndexEntry(*row) for row in self._query(
+                "SELECT f.path, f.sha256, f.size, f.mtime_ns, f.kind, v.vid FROM files f "
+                "JOIN vectors v USING (sha256) ORDER BY f.path")]
+        return self._cache["entries"]
 
     @property
     def failures(self) -> dict[str, dict]:
-        """Files left out because they could not be embedded: path -> {sha256, size, mtime_ns, reason}."""
-        return {f["path"]: dict(f) for f in self._manifest.get("failures", [])}
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        """Files the embedder could not embed: path -> {path, sha256, size, mtime_ns, reason}."""
+        if "failures" not in self._cache:
+            self._cache["failures"] = {
+                path: {"path": path, "sha256": sha, "size": size, "mtime_ns": mtime_ns, "reason": reason}
+                for path, sha, size, mtime_ns, reason in self._query(
+                    "SELECT path, sha256, size, mtime_ns, reason FROM failures ORDER BY path")}
+        return self._cache["failures"]
 
     def entry(self, path: str | os.PathLike) -> IndexEntry | None:
-        return self._by_path().get(normalise_relpath(path))
+        rows = self._query("SELECT f.path, f.sha256, f.size, f.mtime_ns, f.kind, v.vid FROM files f "
+                           "JOIN vectors v USING (sha256) WHERE f.path = ?", (normalise_relpath(path),))
+        return IndexEntry(*rows[0]) if rows else None
+
+    def _vector_of_vid(self, vid: int) -> np.ndarray:
+        starts = [s.first_vid for s in self._segments]
+        segment = self._segments[bisect.bisect_right(starts, vid) - 1]
+        with self._lock:
+            return np.array(segment.flat.reconstruct(vid - segment.first_vid), dtype=np.float32)
 
     def vector(self, path: str | os.PathLike) -> np.ndarray | None:
         """The stored (unit) vector of an indexed file: a music→music query on an indexed file needs
         no embedding."""
         entry = self.entry(path)
-        return None if entry is None else np.array(self._vectors[entry.row])
+        return None if entry is None else self._vector_of_vid(entry.row)
 
     def vector_for_sha256(self, sha256: str) -> np.ndarray | None:
-        row = self._row_of_sha().get(sha256)
-        return None if row is None else np.array(self._vectors[row])
+        vid = self._vids_of([sha256]).get(sha256)
+        return None if vid is None else self._vector_of_vid(vid)
 
-    # ----- caches (derived from entries; rebuilt after every commit) --------------------------------
-
-    def _reset_caches(self) -> None:
-        self._cache: dict[str, Any] = {}
-
-    def _by_path(self) -> dict[str, IndexEntry]:
-        if "by_path" not in self._cache:
-            self._cache["by_path"] = {e.path: e for e in self._entries}
-        return self._cache["by_path"]
-
-    def _row_of_sha(self) -> dict[str, int]:
-        if "row_of_sha" not in self._cache:
-            self._cache["row_of_sha"] = {e.sha256: e.row for e in self._entries}
-        return self._cache["row_of_sha"]
-
-    def _row_members(self) -> tuple[np.ndarray, np.ndarray]:
-        """Entry indices grouped by row (each group in path order) and each row's start in them."""
-        if "members" not in self._cache:
-            rows = np.fromiter((e.row for e in self._entries), dtype=np.int64, count=len(self._entries))
-            order = np.argsort(rows, kind="stable")  # entries are in path order, so groups are too
-            starts = np.searchsorted(rows[order], np.arange(self.n_vectors + 1))
-            self._cache["members"] = (order, starts)
-        return self._cache["members"]
-
-    def _kind_mask(self, kinds: frozenset[str]) -> tuple[torch.Tensor, np.ndarray]:
-        """Rows with at least one file of these kinds, and which entries have them."""
-        key = ("kinds", kinds)
-        if key not in self._cache:
-            wanted = np.fromiter((e.kind in kinds for e in self._entries), dtype=bool, count=len(self._entries))
-            rows = np.zeros(self.n_vectors, dtype=bool)
-            rows[np.fromiter((e.row for e in self._entries), dtype=np.int64, count=len(self._entries))[wanted]] = True
-            self._cache[key] = (torch.from_numpy(rows), wanted)
-        return self._cache[key]
+    def _vids_of(self, shas: Iterable[str]) -> dict[str, int]:
+        shas = list(dict.fromkeys(shas))
+        found: dict[str, int] = {}
+        for start in range(0, len(shas), 900):  # SQLite's bound on parameters per statement
+            chunk = shas[start:start + 900]
+            found.update(self._query(f"SELECT sha256, vid FROM vectors WHERE sha256 IN ({','.join('?' * len(chunk))})",
+                                     chunk))
+        return found
 
     # ----- updating --------------------------------------------------------------------------------
 
@@ -567,23 +623,21 @@ class SearchIndex:
         """Compare the folder's files (relative path -> ``FileFacts`` or ``(size, mtime_ns, sha256 or a
         callable giving it)``) with the index. A file is unchanged if its size and mtime are, or else
         if its sha256 is (the sha is computed only then); a new or changed file whose content is
-        indexed under the same extension reuses that row; the others are ``to_embed``; indexed files
-        not in ``files`` are removed. Files that failed before and are unchanged are skipped unless
-        ``retry_failed``."""
+        indexed under the same extension reuses that vector; the others are ``to_embed``; indexed
+        files not in ``files`` are removed. Files that failed before and are unchanged are skipped
+        unless ``retry_failed``."""
         facts = {normalise_relpath(p): _as_facts(f) for p, f in files.items()}
-        current = self._by_path()
+        current = {path: (size, mtime_ns, sha, kind) for path, size, mtime_ns, sha, kind in self._query(
+            "SELECT path, size, mtime_ns, sha256, kind FROM files")}
         old_failures = self.failures
-        donors: dict[tuple[str, str], IndexEntry] = {}
-        for e in self._entries:
-            donors.setdefault((e.sha256, _suffix(e.path)), e)
         plan = UpdatePlan(base_generation=self.generation, to_embed=[], keep={}, facts={}, added=[], updated=[],
                           removed=[], unchanged=[], reused=[], skipped_failed=[], failures={},
                           index_token=self._token)
+        candidates: list[str] = []
         for path in sorted(facts):
             fact = facts[path]
             old = current.get(path)
-            if old is not None and old.size == fact.size and old.mtime_ns == fact.mtime_ns:
-                plan.keep[path] = old
+            if old is not None and old[0] == fact.size and old[1] == fact.mtime_ns:
                 plan.unchanged.append(path)
                 continue
             failure = old_failures.get(path) if old is None else None
@@ -594,8 +648,8 @@ class SearchIndex:
                 continue
             sha = fact.digest()
             plan.facts[path] = (fact.size, fact.mtime_ns, sha)
-            if old is not None and old.sha256 == sha:
-                plan.keep[path] = replace(old, size=fact.size, mtime_ns=fact.mtime_ns)  # touched, not changed
+            if old is not None and old[2] == sha:
+                plan.keep[path] = IndexEntry(path, sha, fact.size, fact.mtime_ns, old[3], -1)  # touched only
                 plan.unchanged.append(path)
                 continue
             if failure is not None and not retry_failed and failure["sha256"] == sha:
@@ -603,13 +657,26 @@ class SearchIndex:
                 plan.failures[path] = {**failure, "size": fact.size, "mtime_ns": fact.mtime_ns}
                 continue
             (plan.added if old is None else plan.updated).append(path)
+            candidates.append(path)
+        # A content indexed under the same extension is reused; the first such file (in path order)
+        # gives its kind.
+        donors: dict[tuple[str, str], tuple[str, int]] = {}
+        wanted = sorted({plan.facts[p][2] for p in candidates})
+        removed = set(current) - set(facts)
+        for shas in (wanted[i:i + 900] for i in range(0, len(wanted), 900)):
+            for path, sha, kind, vid in self._query(
+                    "SELECT f.path, f.sha256, f.kind, v.vid FROM files f JOIN vectors v USING (sha256) "
+                    f"WHERE f.sha256 IN ({','.join('?' * len(shas))}) ORDER BY f.path", shas):
+                donors.setdefault((sha, _suffix(path)), (kind, vid))
+        for path in candidates:
+            size, mtime_ns, sha = plan.facts[path]
             donor = donors.get((sha, _suffix(path)))
             if donor is not None:
-                plan.keep[path] = IndexEntry(path, sha, fact.size, fact.mtime_ns, donor.kind, donor.row)
+                plan.keep[path] = IndexEntry(path, sha, size, mtime_ns, donor[0], donor[1])
                 plan.reused.append(path)
             else:
                 plan.to_embed.append(path)
-        plan.removed = sorted(set(current) - set(facts))
+        plan.removed = sorted(removed)
         return plan
 
     def apply(self, plan: UpdatePlan, results: Mapping[str, EmbedResult | BaseException]) -> UpdateSummary:
@@ -621,12 +688,11 @@ class SearchIndex:
         summary = UpdateSummary(added=list(plan.added), updated=list(plan.updated), removed=list(plan.removed),
                                 unchanged=list(plan.unchanged), reused=list(plan.reused),
                                 skipped_failed=list(plan.skipped_failed))
-        entries = dict(plan.keep)
         failures = dict(plan.failures)
         dimension = self.dimension
-        row_of_sha = self._row_of_sha()
-        new_rows: dict[str, np.ndarray] = {}  # sha -> unit vector, in order of first use
-        pending: dict[str, tuple[str, int, int, str]] = {}
+        upsert = [(e.path, e.sha256, e.size, e.mtime_ns, e.kind) for e in plan.keep.values()]
+        new_vectors: dict[str, np.ndarray] = {}  # sha -> unit vector, in order of first use
+        known = self._vids_of(plan.facts[p][2] for p in plan.to_embed)
         for path in plan.to_embed:
             size, mtime_ns, planned_sha = plan.facts[path]
             result = results.get(path)
@@ -653,43 +719,21 @@ class SearchIndex:
                 continue
             dimension = int(unit.shape[0])
             summary.embedded.append(path)
-            if sha not in row_of_sha and sha not in new_rows:
-                new_rows[sha] = unit
-            pending[path] = (sha, size, mtime_ns, str(kind))
+            if sha not in known and sha not in new_vectors:
+                new_vectors[sha] = unit
+            upsert.append((path, sha, size, mtime_ns, str(kind)))
         summary.added = [p for p in summary.added if p not in summary.failed]
         summary.updated = [p for p in summary.updated if p not in summary.failed]
-
-        # Compact: keep the old rows some entry still uses (in their order), then the new ones.
-        used_old = sorted({e.row for e in entries.values()} | {row_of_sha[s] for s, *_ in pending.values()
-                                                               if s in row_of_sha})
-        remap = {old: new for new, old in enumerate(used_old)}
-        new_row_of_sha = {sha: len(used_old) + i for i, sha in enumerate(new_rows)}
-        final = []
-        for path in sorted(set(entries) | set(pending)):
-            if path in entries:
-                final.append(replace(entries[path], row=remap[entries[path].row]))
-            else:
-                sha, size, mtime_ns, kind = pending[path]
-                row = remap[row_of_sha[sha]] if sha in row_of_sha else new_row_of_sha[sha]
-                final.append(IndexEntry(path, sha, size, mtime_ns, kind, row))
-
-        vectors_same = not new_rows and len(used_old) == self.n_vectors
-        vectors_plan = None
-        if not vectors_same:
-            old_rows = np.asarray(used_old, dtype=np.int64)
-            fresh = np.stack(list(new_rows.values())) if new_rows else None
-
-            def parts() -> Iterator[np.ndarray]:
-                for start in range(0, len(old_rows), _COPY_ROWS):
-                    yield self._vectors[old_rows[start:start + _COPY_ROWS]]
-                if fresh is not None:
-                    yield fresh
-
-            vectors_plan = (len(used_old) + len(new_rows), dimension, parts)
-        if (self._on_disk and vectors_same and final == self._entries and failures == self.failures
-                and self._manifest.get("root") == self._disk_root):
+        # A changed file whose new content failed is no longer indexed under its old content.
+        delete = list(plan.removed) + [p for p in plan.updated if p in summary.failed]
+        root_changed = self._root is not None and self._root != self._meta.get("root")
+        if (not self._replace_on_write and not upsert and not delete and not new_vectors
+                and failures == self.failures and not root_changed):
             return summary
-        self._commit(final, vectors_plan, failures)
+        fresh = list(new_vectors.values())
+        self._write(upsert=upsert, delete=delete, new_shas=list(new_vectors),
+                    new_vectors=lambda: iter([np.stack(fresh)] if fresh else []),
+                    dimension=dimension, failures=failures, check_generation=True, base=plan.base_generation)
         summary.written = True
         return summary
 
@@ -716,90 +760,281 @@ class SearchIndex:
                 progress(min(start + step, len(todo)), len(todo))
         return self.apply(plan, results)
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
+    # ----- writing ---------------------------------------------------------------------------------
+
+    def _write(self, *, upsert: list[tuple[str, str, int, int, str]], delete: list[str], new_shas: list[str],
+               new_vectors: Callable[[], Iterator[np.ndarray]], dimension: int | None,
+               failures: Mapping[str, dict], check_generation: bool, base: int | None = None) -> None:
+        """One new version in one transaction: the new vectors as a new segment, the file table's
+        changes, the vectors no file uses any more marked dead, a compaction if due."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / LOCK_NAME, "a") as handle:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError as exc:
-                    raise IndexBusyError(f"another process is updating the search index in {self.folder}") from exc
+        with self._lock:
+            if self._db is not None and self._db.in_transaction:
+                self._db.execute("COMMIT")  # end this object's read snapshot
+            db = self._db if self._db is not None else _connect(self.folder)
             try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise IndexBusyError(f"another process is updating the search index in {self.folder}") from exc
+            obsolete: list[str] = []
+            try:
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                disk = _read_meta(db)
+                disk_generation = int(disk.get("generation", 0)) if disk else 0
+                if disk and disk.get("format") != FORMAT_NAME:
+                    raise IndexCorruptError(f"{self.folder / DB_NAME}: not a {FORMAT_NAME} database")
+                if check_generation and disk_generation != (base if base is not None else self.generation):
+                        raise IndexChangedError(f"the search index in {self.folder} was updated by another "
+                                                "process since it was opened; open it again")
+                referenced = {name for (name,) in db.execute("SELECT file FROM segments")}
+                referenced |= {disk.get("ann_file")} if disk.get("ann_file") else set()
+                self._remove_orphans(referenced)
+                if self._replace_on_write:
+                    obsolete.extend(referenced)
+                    for table in ("files", "vectors", "segments", "dead", "failures"):
+                        db.execute(f"DELETE FROM {table}")
+                    disk = {**disk, "next_vid": 0, "ann_file": None, "dimension": None,
+                            "created": None}
+                next_vid = int(disk.get("next_vid") or 0)
+                dimension = dimension if dimension is not None else disk.get("dimension")
+                # The new segment, under the lock (so that no other writer counts it an orphan).
+                flat = _flat_of(new_vectors(), int(dimension or 0)) if new_shas else None
+                if flat is not None:
+                    if flat.ntotal != len(new_shas):
+                        raise AssertionError(f"{flat.ntotal} vectors for {len(new_shas)} contents")
+                    name = f"vectors-{next_vid:012d}-{secrets.token_hex(4)}.faiss"
+                    _write_faiss(flat, self.folder / name)
+                    db.execute("INSERT INTO segments VALUES (?, ?, ?)", (next_vid, len(new_shas), name))
+                    db.executemany("INSERT INTO vectors VALUES (?, ?)",
+                                   zip(new_shas, range(next_vid, next_vid + len(new_shas)), strict=True))
+                    next_vid += len(new_shas)
+                db.execute("CREATE TEMP TABLE IF NOT EXISTS gone (sha256 TEXT PRIMARY KEY)")
+                db.execute("DELETE FROM gone")
+                changing = delete + [row[0] for row in upsert]
+                for start in range(0, len(changing), 900):
+                    chunk = changing[start:start + 900]
+                    db.execute("INSERT OR IGNORE INTO gone SELECT sha256 FROM files WHERE path IN "
+                               f"({','.join('?' * len(chunk))})", chunk)
+                db.executemany("DELETE FROM files WHERE path = ?", ((p,) for p in delete))
+                db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", upsert)
+                db.execute("INSERT OR IGNORE INTO dead SELECT v.vid FROM vectors v JOIN gone g USING (sha256) "
+                           "WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.sha256 = v.sha256)")
+                db.execute("DELETE FROM vectors WHERE sha256 IN (SELECT sha256 FROM gone) AND NOT EXISTS "
+                           "(SELECT 1 FROM files f WHERE f.sha256 = vectors.sha256)")
+                db.execute("DELETE FROM failures")
+                db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?, ?)",
+                               ((f["path"], f["sha256"], f["size"], f["mtime_ns"], f["reason"])
+                                for f in (failures[p] for p in sorted(failures))))
+                n_dead = db.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+                n_segments = db.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+                n_stored = db.execute("SELECT COALESCE(SUM(n_rows), 0) FROM segments").fetchone()[0]
+                ann_file = disk.get("ann_file")
+                if n_segments > MAX_SEGMENTS or n_dead > COMPACT_DEAD_FRACTION * n_stored:
+                    obsolete.extend(self._compact(db, int(dimension or 0)))
+                    next_vid = db.execute("SELECT COALESCE(SUM(n_rows), 0) FROM segments").fetchone()[0]
+                    if ann_file:
+                        obsolete.append(ann_file)
+                    ann_file = None
+                now = _now()
+                counts = {"files": db.execute("SELECT COUNT(*) FROM files").fetchone()[0],
+                          "vectors": db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0],
+                          "failures": len(failures)}
+                meta = {**disk, "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                        "model_key": self._model_key, "dimension": dimension,
+                        "root": self._root if self._root is not None else disk.get("root"),
+                        "generation": max(disk_generation, self.generation) + 1, "next_vid": next_vid,
+                        "counts": counts, "created": disk.get("created") or now, "updated": now,
+                        "ann_file": ann_file}
+                if not ann_file:
+                    meta.pop("ann_covers", None)
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                               ((key, json.dumps(value)) for key, value in meta.items()))
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                if self._db is None:
+                    db.close()
+                raise
+            self._db, self._replace_on_write = db, False
+            for name in obsolete:  # named by no version any more; a reader that mapped one keeps it
+                with contextlib.suppress(FileNotFoundError):
+                    (self.folder / name).unlink()
+            self._load_view()
 
-    def _commit(self, entries: list[IndexEntry], vectors_plan: tuple[int, int, Callable] | None,
-                failures: Mapping[str, dict], check_disk: bool = True) -> None:
-        """Write a new version: data files under new names, then the manifest naming them, then remove
-        what no manifest names. ``vectors_plan``: ``(rows, dimension, parts)`` for new vectors, or None
-        to keep the current file."""
-        with self._lock():
-            on_disk = read_manifest(self.folder)
-            disk_generation = int(on_disk["generation"]) if on_disk else 0
-            if check_disk and disk_generation != self._disk_generation:
-                raise IndexChangedError(f"the search index in {self.folder} was updated by another process "
-                                        "since it was opened; open it again")
-            generation = max(disk_generation, self.generation) + 1
-            tag = f"{generation:06d}-{secrets.token_hex(4)}"
-            # An index read at an older version is written at this one, entries file included.
-            upgrade = self._manifest.get("format_version") != FORMAT_VERSION
-            manifest = dict(self._manifest, format_version=FORMAT_VERSION)
-            if vectors_plan is not None:
-                n_rows, dimension, parts = vectors_plan
-                name = f"vectors-{tag}.npy"
-                atomic_write(self.folder / name, lambda f: _write_npy_rows(f, parts(), n_rows, dimension),
-                             binary=True)
-                manifest.update(vectors_file=name, dimension=dimension)
-            else:
-                n_rows = self.n_vectors
-            if entries != self._entries or not manifest.get("entries_file") or upgrade:
-                name = f"entries-{tag}.jsonl"
-                atomic_write_text(self.folder / name, _entries_text(entries))
-                manifest["entries_file"] = name
-            now = _now()
-            manifest.update(generation=generation, created=manifest.get("created") or now, updated=now,
-                            counts={"files": len(entries), "vectors": n_rows, "failures": len(failures)},
-                            failures=[failures[p] for p in sorted(failures)])
-            _write_manifest(self.folder / MANIFEST_NAME, manifest)
-            # The new version is in place; from here on, only this object's view and the cleanup.
-            # The entries are already in memory: only the vectors are mapped again (from the new file).
-            vectors = _load_vectors(self.folder, manifest, preload=False) if vectors_plan is not None else self._vectors
-            self._manifest, self._entries, self._vectors = manifest, list(entries), vectors
-            self._matrix = torch.from_numpy(vectors) if vectors.size else torch.zeros(vectors.shape)
-            self._disk_generation, self._on_disk, self._disk_root = generation, True, manifest.get("root")
-            self._reset_caches()
-            self._remove_unreferenced(manifest)
+    def _compact(self, db: sqlite3.Connection, dimension: int) -> list[str]:
+        """Rewrite the live vectors as one segment, vids renumbered from 0 in their old order. Returns
+        the names of the segment files it replaced."""
+        old = [(first, n, name) for first, n, name in db.execute(
+            "SELECT first_vid, n_rows, file FROM segments ORDER BY first_vid")]
+        dead = np.fromiter((v for (v,) in db.execute("SELECT vid FROM dead")), dtype=np.int64)
 
-    def _remove_unreferenced(self, manifest: dict) -> None:
-        keep = {manifest.get("vectors_file"), manifest.get("entries_file")}
+        def live_parts() -> Iterator[np.ndarray]:
+            for first, n, name in old:
+                flat = _read_segment(self.folder / name)
+                inside = dead[(dead >= first) & (dead < first + n)] - first
+                keep = None
+                if len(inside):
+                    keep = np.ones(n, dtype=bool)
+                    keep[inside] = False
+                for start in range(0, n, _ADD_ROWS):
+                    stop = min(start + _ADD_ROWS, n)
+                    block = flat.reconstruct_n(start, stop - start)
+                    yield block if keep is None else block[keep[start:stop]]
+
+        flat = _flat_of(live_parts(), dimension)
+        name = f"vectors-{0:012d}-{secrets.token_hex(4)}.faiss"
+        _write_faiss(flat, self.folder / name)
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS renumber (vid INTEGER PRIMARY KEY, new_vid INTEGER)")
+        db.execute("DELETE FROM renumber")
+        db.execute("INSERT INTO renumber SELECT vid, ROW_NUMBER() OVER (ORDER BY vid) - 1 FROM vectors")
+        # Through negative ids first: the UNIQUE constraint holds at every step.
+        db.execute("UPDATE vectors SET vid = -1 - (SELECT new_vid FROM renumber r WHERE r.vid = vectors.vid)")
+        db.execute("UPDATE vectors SET vid = -1 - vid")
+        db.execute("DELETE FROM segments")
+        db.execute("DELETE FROM dead")
+        if flat.ntotal:
+            db.execute("INSERT INTO segments VALUES (0, ?, ?)", (flat.ntotal, name))
+        else:
+            (self.folder / name).unlink()
+        return [name for _, _, name in old]
+
+    def _remove_orphans(self, referenced: set[str]) -> None:
+        """Files of this index that no version names: left by a writer that crashed (called under the
+        write lock, so no other writer is writing one now)."""
         for path in self.folder.iterdir():
             name = path.name
-            ours = (name.startswith(("vectors-", "entries-", ".vectors-", ".entries-"))
-                    and name.endswith((".npy", ".jsonl", ".tmp")))
-            if ours and name not in keep:
-                # A reader that has the old vectors mapped keeps them (POSIX unlink semantics).
+            ours = (name.startswith(("vectors-", "ann-")) and name.endswith(".faiss")) or (
+                name.startswith((".vectors-", ".ann-")) and name.endswith(".tmp"))
+            if ours and name not in referenced:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
+    # ----- the approximate index -------------------------------------------------------------------
+
+    def build_ann(self, n_lists: int | None = None, seed: int = 0,
+                  say: Callable[[str], None] | None = None) -> dict:
+        """Build (or rebuild) the approximate index: FAISS ``IndexIVFFlat`` over every live vector,
+        ``n_lists`` clusters (default about 4·√N) trained on a sample of at most 64 vectors per
+        cluster. Returns what it built (n_lists, vectors, seconds). Written beside the segments and
+        named in the tables; an update keeps it (new vectors are searched exactly beside it), a
+        compaction drops it."""
+        started = time.perf_counter()
+        total = self.n_vectors
+        if not total or self.dimension is None:
+            raise SearchIndexError(f"the search index in {self.folder} is empty: nothing to build an approximate "
+                                   "index of")
+        n_lists = int(n_lists or max(1, min(65536, round(4 * np.sqrt(total)))))
+        n_lists = max(1, min(n_lists, total))
+        vids, parts = [], []
+        for segment in self._segments:
+            local = np.arange(segment.n_rows) if segment.live is None else np.flatnonzero(segment.live)
+            vids.append(local + segment.first_vid)
+            parts.append(local)
+        all_vids = np.concatenate(vids) if vids else np.zeros(0, np.int64)
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(all_vids, size=min(len(all_vids), 40 * n_lists), replace=False))
+        if say is not None:
+            say(f"approximate index: training {n_lists} clusters on {len(sample)} of {len(all_vids)} vectors")
+        quantizer = faiss.IndexFlatIP(self.dimension)
+        ann = faiss.IndexIVFFlat(quantizer, self.dimension, n_lists, faiss.METRIC_INNER_PRODUCT)
+        ann.cp.seed = seed
+        ann.train(self._vectors_of_vids(sample))
+        for segment, local in zip(self._segments, parts, strict=True):
+            for start in range(0, len(local), _ADD_ROWS):
+                chunk = local[start:start + _ADD_ROWS]
+                block = segment.flat.reconstruct_n(int(chunk[0]), int(chunk[-1] - chunk[0] + 1))
+                block = block[chunk - chunk[0]]
+                ann.add_with_ids(np.ascontiguousarray(block), (chunk + segment.first_vid).astype(np.int64))
+        name = f"ann-{secrets.token_hex(4)}.faiss"
+        _write_faiss(ann, self.folder / name)
+        covers = int(self._meta["next_vid"])
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                disk = _read_meta(self._db)
+                if int(disk["generation"]) != self.generation:
+                    raise IndexChangedError(f"the search index in {self.folder} changed while its approximate "
+                                            "index was built; build it again")
+                previous = disk.get("ann_file")
+                meta = {"ann_file": name, "ann_covers": covers, "ann_lists": n_lists,
+                        "generation": self.generation + 1}
+                self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                     ((k, json.dumps(v)) for k, v in meta.items()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                with contextlib.suppress(FileNotFoundError):
+                    (self.folder / name).unlink()
+                raise
+        if previous:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / previous).unlink()
+        self._load_view()
+        return {"n_lists": n_lists, "vectors": int(len(all_vids)), "seconds": time.perf_counter() - started}
+
+    def _vectors_of_vids(self, vids: np.ndarray) -> np.ndarray:
+        out = np.empty((len(vids), self.dimension), dtype=np.float32)
+        starts = np.array([s.first_vid for s in self._segments])
+        where = np.searchsorted(starts, vids, side="right") - 1
+        for number, segment in enumerate(self._segments):
+            chosen = np.flatnonzero(where == number)
+            for start in range(0, len(chosen), _ADD_ROWS):
+                part = chosen[start:start + _ADD_ROWS]
+                local = vids[part] - segment.first_vid
+                block = segment.flat.reconstruct_n(int(local[0]), int(local[-1] - local[0] + 1))
+                out[part] = block[local - local[0]]
+        return out
+
+    @property
+    def has_ann(self) -> bool:
+        return bool(self._meta.get("ann_file"))
+
+    def _ann_index(self) -> faiss.Index:
+        if self._ann is None:
+            path = self.folder / self._meta["ann_file"]
+            try:
+                self._ann = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            except RuntimeError:
+                self._ann = faiss.read_index(str(path))
+        return self._ann
+
     # ----- searching -------------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray | torch.Tensor, k: int = 10, *,
+    def _allowed_vids(self, kinds: frozenset[str]) -> np.ndarray | None:
+        """Vids with at least one file of these kinds (None: every vid has one)."""
+        key = ("kinds", kinds)
+        if key not in self._cache:
+            present = {kind for (kind,) in self._query("SELECT DISTINCT kind FROM files")}
+            if present <= kinds:
+                self._cache[key] = None
+            else:
+                wanted = sorted(kinds)
+                self._cache[key] = np.fromiter(
+                    (vid for (vid,) in self._query(
+                        f"SELECT DISTINCT v.vid FROM files f JOIN vectors v USING (sha256) "
+                        f"WHERE f.kind IN ({','.join('?' * len(wanted))})", wanted)), dtype=np.int64)
+        return self._cache[key]
+
+    def search(self, queries: np.ndarray | Any, k: int = 10, *,
                exclude_sha256: str | Iterable[str] | None = None,
                exclude_per_query: Sequence[str | Iterable[str] | None] | None = None,
                dedupe: bool = True, kinds: Iterable[str] | None = None,
-               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> list[list[Hit]]:
+               approximate: bool = False, n_probe: int = 32) -> list[list[Hit]]:
         """The ``k`` best files for each query (``(Q, D)``, or one ``(D,)`` vector: still a list of one
         list), by cosine similarity, best first, equal scores in path order. ``dedupe``: identical
         contents are one hit (``duplicates`` names the other paths). ``exclude_sha256``: contents left
         out of every query's results (a music→music query leaves out the query file, and its copies);
-        ``exclude_per_query``: the same, one item per query. ``kinds``: only files of these kinds."""
+        ``exclude_per_query``: the same, one item per query. ``kinds``: only files of these kinds.
+        ``approximate``: through the IVF index (``build_ann``; built now if missing), probing
+        ``n_probe`` clusters."""
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
-        matrix = torch.as_tensor(np.asarray(queries) if not isinstance(queries, torch.Tensor) else queries)
-        matrix = matrix.detach().to(dtype=torch.float32, device="cpu")
+        matrix = np.asarray(queries.detach().cpu() if hasattr(queries, "detach") else queries, dtype=np.float32)
         if matrix.ndim == 1:
             matrix = matrix[None]
         n_queries = matrix.shape[0]
@@ -808,93 +1043,186 @@ class SearchIndex:
                              f"{self.dimension}")
         if exclude_per_query is not None and len(exclude_per_query) != n_queries:
             raise ValueError(f"{len(exclude_per_query)} exclude_per_query items for {n_queries} queries")
-        if not len(self._entries) or not n_queries:
+        if not len(self) or not n_queries:
             return [[] for _ in range(n_queries)]
-        units = torch.from_numpy(_unit_rows(matrix.numpy(), "queries"))
+        units = _unit_rows(matrix, "queries")
 
         def shas(item: str | Iterable[str] | None) -> set[str]:
             return set() if item is None else {item} if isinstance(item, str) else set(item)
 
-        row_of_sha = self._row_of_sha() if exclude_sha256 is not None or exclude_per_query is not None else {}
-        common = {row_of_sha[s] for s in shas(exclude_sha256) if s in row_of_sha}
-        excluded = [common | ({row_of_sha[s] for s in shas(exclude_per_query[q]) if s in row_of_sha}
-                              if exclude_per_query is not None else set()) for q in range(n_queries)]
-        row_mask, entry_ok = (None, None)
-        if kinds is not None:
-            row_mask, entry_ok = self._kind_mask(frozenset(kinds))
-        # Each row holds at least one allowed path, so k rows (plus the excluded) give k hits.
-        k_rows = min(k + max(len(e) for e in excluded), self.n_vectors)
-        candidates = _top_rows(self._matrix, units, k_rows, row_mask, chunk_rows)
-        order, starts = self._row_members()
-        results = []
-        for q, (rows, scores) in enumerate(candidates):
-            hits: list[tuple[float, str, IndexEntry, tuple[str, ...]]] = []
-            for row, score in zip(rows.tolist(), scores.tolist(), strict=True):
-                if row in excluded[q]:
-                    continue
-                members = [self._entries[i] for i in order[starts[row]:starts[row + 1]]
-                           if entry_ok is None or entry_ok[i]]
-                paths = [m.path for m in members]
-                if dedupe:
-                    hits.append((score, paths[0], members[0], tuple(paths[1:])))
-                else:
-                    hits.extend((score, m.path, m, tuple(p for p in paths if p != m.path)) for m in members)
-            hits.sort(key=lambda h: (-h[0], h[1]))
-            results.append([Hit(rank, score, path, entry.sha256, entry.kind, duplicates)
-                            for rank, (score, path, entry, duplicates) in enumerate(hits[:k], 1)])
-        return results
+        common = shas(exclude_sha256)
+        per_query = [common | shas(exclude_per_query[q]) if exclude_per_query is not None else common
+                     for q in range(n_queries)]
+        vid_of = self._vids_of(set().union(*per_query)) if any(per_query) else {}
+        allowed = self._allowed_vids(frozenset(kinds)) if kinds is not None else None
+        if allowed is not None and not len(allowed):
+            return [[] for _ in range(n_queries)]
+        if approximate and not self.has_ann:
+            self.build_ann()
+        # Queries that exclude the same contents are searched together.
+        groups: dict[frozenset[int], list[int]] = {}
+        for q in range(n_queries):
+            groups.setdefault(frozenset(vid_of[s] for s in per_query[q] if s in vid_of), []).append(q)
+        candidates: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n_queries
+        for excluded, members in groups.items():
+            found = self._top_vids(units[members], k, np.fromiter(excluded, np.int64, len(excluded)), allowed,
+                                   approximate, n_probe)
+            for q, result in zip(members, found, strict=True):
+                candidates[q] = result
+        return [self._hits(vids, scores, k, dedupe, None if kinds is None else frozenset(kinds))
+                for vids, scores in candidates]
 
-    def search_one(self, query: np.ndarray | torch.Tensor, k: int = 10, **options: Any) -> list[Hit]:
+    def search_one(self, query: np.ndarray | Any, k: int = 10, **options: Any) -> list[Hit]:
         """``search`` for one ``(D,)`` query vector: its list of hits."""
-        return self.search(np.asarray(query).reshape(1, -1) if not isinstance(query, torch.Tensor)
-                           else query.reshape(1, -1), k, **options)[0]
+        return self.search(np.asarray(query.detach().cpu() if hasattr(query, "detach") else query).reshape(1, -1),
+                           k, **options)[0]
+
+    def _top_vids(self, units: np.ndarray, k: int, excluded: np.ndarray, allowed: np.ndarray | None,
+                  approximate: bool, n_probe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, the vids scoring at least the k-th best score (every vid tied with the k-th is in,
+        so ordering by path afterwards is exact), with their float32 scores, best first."""
+        parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(units))]
+        segments = self._segments
+        if approximate:
+            covers = int(self._meta.get("ann_covers") or 0)
+            segments = [s for s in segments if s.first_vid >= covers]
+            ann = self._ann_index()
+            dead = np.fromiter((v for s in self._segments if s.live is not None and s.first_vid < covers
+                                for v in np.flatnonzero(~s.live) + s.first_vid), dtype=np.int64)
+            mask = np.ones(covers, dtype=bool)
+            mask[dead] = False
+            mask[excluded[excluded < covers]] = False
+            if allowed is not None:
+                keep = np.zeros(covers, dtype=bool)
+                keep[allowed[allowed < covers]] = True
+                mask &= keep
+            selector, bits = _bitmap_selector(mask)
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=max(1, n_probe))
+            with self._lock:
+                scores, ids = ann.search(units, k, params=params)
+            del bits
+            for q in range(len(units)):
+                ok = ids[q] >= 0
+                parts[q].append((ids[q][ok].astype(np.int64), scores[q][ok]))
+        for segment in segments:
+            mask = None if segment.live is None else segment.live.copy()
+            inside = excluded[(excluded >= segment.first_vid) & (excluded < segment.first_vid + segment.n_rows)]
+            if len(inside) or allowed is not None:
+                mask = np.ones(segment.n_rows, dtype=bool) if mask is None else mask
+                mask[inside - segment.first_vid] = False
+                if allowed is not None:
+                    keep = np.zeros(segment.n_rows, dtype=bool)
+                    local = allowed[(allowed >= segment.first_vid) & (allowed < segment.first_vid + segment.n_rows)]
+                    keep[local - segment.first_vid] = True
+                    mask &= keep
+            n_live = segment.n_rows if mask is None else int(mask.sum())
+            if not n_live:
+                continue
+            selector, bits = _bitmap_selector(mask) if mask is not None else (None, None)
+            params = faiss.SearchParameters(sel=selector) if selector is not None else None
+            todo = list(range(len(units)))
+            fetch = min(k + 1, n_live)
+            while todo:
+                with self._lock:
+                    scores, ids = segment.flat.search(units[todo], fetch, params=params)
+                again = []
+                for row, q in enumerate(todo):
+                    ok = ids[row] >= 0
+                    got_ids, got_scores = ids[row][ok], scores[row][ok]
+                    # FAISS breaks ties at the cut arbitrarily: while the last fetched row ties with
+                    # the k-th, fetch more (rare), so that every tied row is seen.
+                    if fetch < n_live and len(got_scores) > k and got_scores[-1] == got_scores[k - 1]:
+                        again.append(q)
+                        continue
+                    parts[q].append((got_ids.astype(np.int64) + segment.first_vid, got_scores))
+                todo = again
+                fetch = min(fetch * 2, n_live)
+            del bits
+        out = []
+        for q in range(len(units)):
+            vids = np.concatenate([p[0] for p in parts[q]]) if parts[q] else np.zeros(0, np.int64)
+            scores = np.concatenate([p[1] for p in parts[q]]) if parts[q] else np.zeros(0, np.float32)
+            order = np.lexsort((vids, -scores))
+            vids, scores = vids[order], scores[order]
+            if len(scores) > k:
+                keep = scores >= scores[k - 1]
+                vids, scores = vids[keep], scores[keep]
+            out.append((vids, scores.astype(np.float32)))
+        return out
+
+    def _hits(self, vids: np.ndarray, scores: np.ndarray, k: int, dedupe: bool,
+              kinds: frozenset[str] | None) -> list[Hit]:
+        if not len(vids):
+            return []
+        members: dict[int, list[tuple[str, str, str]]] = {}
+        listed = vids.tolist()
+        for start in range(0, len(listed), 900):
+            chunk = listed[start:start + 900]
+            for vid, path, sha, kind in self._query(
+                    "SELECT v.vid, f.path, f.sha256, f.kind FROM vectors v JOIN files f USING (sha256) "
+                    f"WHERE v.vid IN ({','.join('?' * len(chunk))}) ORDER BY f.path", chunk):
+                if kinds is None or kind in kinds:
+                    members.setdefault(vid, []).append((path, sha, kind))
+        hits: list[tuple[float, str, str, str, tuple[str, ...]]] = []
+        for vid, score in zip(listed, scores.tolist(), strict=True):
+            group = members.get(vid, [])
+            paths = [m[0] for m in group]
+            if not group:
+                continue
+            if dedupe:
+                hits.append((score, *group[0], tuple(paths[1:])))
+            else:
+                hits.extend((score, *m, tuple(p for p in paths if p != m[0])) for m in group)
+        hits.sort(key=lambda h: (-h[0], h[1]))
+        return [Hit(rank, score, path, sha, kind, duplicates)
+                for rank, (score, path, sha, kind, duplicates) in enumerate(hits[:k], 1)]
 
 
-def _top_rows(matrix: torch.Tensor, queries: torch.Tensor, k: int, row_mask: torch.Tensor | None,
-              chunk_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per query, the rows scoring at least the k-th best score (so every row tied with the k-th is
-    in: the caller's final order by path is then exact), with their float32 scores. Rows outside
-    ``row_mask`` never appear."""
-    n_rows = matrix.shape[0]
-    n_queries = queries.shape[0]
-    found_rows: list[list[np.ndarray]] = [[] for _ in range(n_queries)]
-    found_scores: list[list[np.ndarray]] = [[] for _ in range(n_queries)]
-    # Bound the (queries × chunk) score buffer at 128 MB for large query batches.
-    chunk_rows = max(1, min(chunk_rows, max(8192, (1 << 25) // max(n_queries, 1))))
-    queries_t = queries.T.contiguous()
-    with torch.no_grad():
-        for start in range(0, n_rows, chunk_rows):
-            stop = min(start + chunk_rows, n_rows)
-            # (chunk × D) @ (D × Q), then transposed: measured faster than queries @ chunk.T for
-            # batches of queries (the same for one), see bench/bench_search.py.
-            sims = (matrix[start:stop] @ queries_t).T.contiguous()  # (Q, chunk)
-            if row_mask is not None:
-                sims.masked_fill_(~row_mask[start:stop], float("-inf"))
-            width = stop - start
-            kk = min(k + 1, width)
-            values, indices = torch.topk(sims, kk, dim=1, sorted=True)
-            values_np, indices_np = values.numpy(), indices.numpy()
-            # topk breaks ties arbitrarily. Only when the (k+1)-th best equals the k-th can a tie
-            # cross the cut; then (rarely) take every row of the chunk reaching the k-th score.
-            tied = ((values_np[:, k] == values_np[:, k - 1]) & np.isfinite(values_np[:, k - 1])
-                    if kk > k else np.zeros(n_queries, dtype=bool))
-            for q in range(n_queries):
-                if tied[q]:
-                    where = torch.nonzero(sims[q] >= values[q, k - 1], as_tuple=True)[0]
-                    rows_q, scores_q = where.numpy(), sims[q, where].numpy()
-                else:
-                    rows_q, scores_q = indices_np[q, :k], values_np[q, :k]
-                finite = np.isfinite(scores_q)
-                found_rows[q].append(rows_q[finite].astype(np.int64) + start)
-                found_scores[q].append(scores_q[finite].astype(np.float32))
-    out = []
-    for q in range(n_queries):
-        rows = np.concatenate(found_rows[q]) if found_rows[q] else np.zeros(0, np.int64)
-        scores = np.concatenate(found_scores[q]) if found_scores[q] else np.zeros(0, np.float32)
-        order = np.lexsort((rows, -scores))
-        rows, scores = rows[order], scores[order]
-        if len(scores) > k:
-            keep = scores >= scores[k - 1]
-            rows, scores = rows[keep], scores[keep]
-        out.append((rows, scores))
-    return out
+# ---------------------------------------------------------------------------- the earlier format
+def _convert_legacy(folder: Path) -> None:
+    """Convert an index of the home-made format (manifest.json + entries JSONL + vectors .npy, versions
+    1 and 2) to this one, in place, keeping its files, vectors, failures and generation; then remove
+    the old files. Nothing is embedded again."""
+    manifest_path = folder / LEGACY_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # another process converted it meanwhile
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IndexCorruptError(f"{manifest_path}: cannot be read ({exc})") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME or version not in (1, 2):
+        raise IndexCorruptError(f"{manifest_path}: not a {FORMAT_NAME} manifest this code can convert "
+                                f"(format version {version}); rebuild the index")
+    kind_field = LEGACY_KIND_FIELD[version]
+    entries = []
+    try:
+        lines = (folder / manifest["entries_file"]).read_text(encoding="utf-8").splitlines() \
+            if manifest.get("entries_file") else []
+        vectors = (np.load(folder / manifest["vectors_file"], mmap_mode="r") if manifest.get("vectors_file")
+                   else np.zeros((0, manifest.get("dimension") or 0), np.float32))
+    except FileNotFoundError:
+        return  # another process converted it meanwhile
+    for line in lines:
+        if line.strip():
+            row = json.loads(line)
+            entries.append({"path": row["path"], "sha256": row["sha256"], "size": row["size"],
+                            "mtime_ns": row["mtime_ns"], "kind": row[kind_field], "row": int(row["row"])})
+    index = SearchIndex(folder, manifest["model_key"], manifest.get("root"), None, replace_on_write=True,
+                        generation=int(manifest.get("generation", 0)))
+    by_row = sorted(entries, key=lambda e: e["row"])
+    first_of: dict[str, int] = {}
+    for e in by_row:
+        first_of.setdefault(e["sha256"], e["row"])
+    rows = np.fromiter(first_of.values(), dtype=np.int64, count=len(first_of))
+    failures = {f["path"]: f for f in manifest.get("failures", [])}
+    index._write(upsert=[(e["path"], e["sha256"], e["size"], e["mtime_ns"], e["kind"]) for e in entries],
+                 delete=[], new_shas=list(first_of),
+                 new_vectors=lambda: (np.asarray(vectors[rows[s:s + _ADD_ROWS]], dtype=np.float32)
+                                      for s in range(0, len(rows), _ADD_ROWS)),
+                 dimension=manifest.get("dimension"), failures=failures, check_generation=False)
+    index.close()
+    for name in (LEGACY_MANIFEST, manifest.get("entries_file"), manifest.get("vectors_file"), ".lock"):
+        if name:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()

@@ -207,7 +207,7 @@ def test_an_index_of_another_folder_is_refused_and_kept(tmp_path, scores, word_t
     assert search_main(arguments(tmp_path, word_tokenizer, adapters, "w1 w2", str(other))) == 2
     error = capsys.readouterr().err
     assert str(scores.resolve()) in error and str(other.resolve()) in error
-    index = search_index.SearchIndex.open(tmp_path / "index", search_index.read_manifest(tmp_path / "index")["model_key"])
+    index = search_index.SearchIndex.open(tmp_path / "index", search_index.index_info(tmp_path / "index")["model_key"])
     assert len(index.entries) == indexed  # the other folder's index is as it was
 
 
