@@ -1,4 +1,4 @@
-"""CLaMP 3 features of a folder of raw files: sheet music, MIDI, text, MERT features.
+"""CLaMP 3 features of a folder of raw files: sheet music, MIDI, text, audio, MERT features.
 
     python clamp3_embd.py INPUT_DIR OUTPUT_DIR [--get_global] [--no_adapter] [--weights PATH]
                           [--model_config FILE] [--abc_mode MODE] [--cache_dir DIR] [--error_log FILE]
@@ -6,10 +6,12 @@
 
 The official raw-file wrapper's job, in one process: every file under INPUT_DIR is read by its
 extension (.txt text; .abc; .xml/.mxl/.musicxml -> ABC -> interleaved ABC; .mid/.midi -> MTF;
-.mtf; .npy MERT features), converted with this project's converters and embedded, and OUTPUT_DIR
-gets one .npy per file at the mirrored path (name.ext -> name.npy): (1, D) with --get_global,
-(1, N, hidden) otherwise. Sheet music goes through the ABC adapter and MIDI through the MTF adapter
-when they exist (--no_adapter for the base). Without the C2 checkpoint, the embedded default's
+.mtf; .npy MERT features; .wav/.mp3/.flac/.ogg audio -> MERT features with MERT_MODEL_PATH, as
+the official extract_mert.py --mean_features makes them), converted with this project's converters
+and embedded, and OUTPUT_DIR gets one .npy per file at the mirrored path (name.ext -> name.npy):
+(1, D) with --get_global, (1, N, hidden) otherwise. Sheet music goes through the ABC adapter and
+MIDI through the MTF adapter when they exist (--no_adapter for the base); text and audio through
+the base. Audio under 1 s has no MERT window and fails with that reason. Without the C2 checkpoint, the embedded default's
 models (make demo) are used, and the output says so.
 
 Re-running is cheap: conversions and features are cached by content (RAWFILE_CACHE_DIR), an

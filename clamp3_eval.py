@@ -6,8 +6,9 @@
                           [--config FILE] [--KEY=value ...]
 
 Both folders are embedded as ``clamp3_embd.py --get_global`` does (any mix of .txt, .abc,
-.xml/.mxl/.musicxml, .mid/.midi, .mtf and MERT .npy files; sheet music through the ABC adapter, MIDI
-through the MTF adapter, the base with --no_adapter), into feature folders in the cache, and
+.xml/.mxl/.musicxml, .mid/.midi, .mtf, MERT .npy and .wav/.mp3/.flac/.ogg audio files; sheet
+music through the ABC adapter, MIDI through the MTF adapter, the base with --no_adapter), into
+feature folders in the cache, and
 ``inference/clamp3_eval.py`` ranks them: a query's correct reference is the file with the same key
 (folder + name up to the first dot), e.g. ``tune1.txt`` -> ``tune1.abc``. It prints MRR, Hit@1,
 Hit@10 and Hit@100 and writes retrieval_ranks.jsonl (unmatched_files.jsonl and exit status 1 when

@@ -6,8 +6,9 @@
                            [--config FILE] [--KEY=value ...]
 
 Both folders are embedded as ``clamp3_embd.py --get_global`` does (any mix of .txt, .abc,
-.xml/.mxl/.musicxml, .mid/.midi, .mtf and MERT .npy files; sheet music through the ABC adapter, MIDI
-through the MTF adapter, the base with --no_adapter), into feature folders in the cache, and
+.xml/.mxl/.musicxml, .mid/.midi, .mtf, MERT .npy and .wav/.mp3/.flac/.ogg audio files; sheet
+music through the ABC adapter, MIDI through the MTF adapter, the base with --no_adapter), into
+feature folders in the cache, and
 ``inference/clamp3_score.py`` scores them. Pairwise (default): each query file with the reference
 of the same key (folder + name up to the first dot); the mean cosine, and
 pairwise_similarities.jsonl. ``--group``: the cosine between the mean query and the mean reference

@@ -4,7 +4,7 @@
         [--template "a {label}"] [--label_from name|folder] [--report FILE] [--no_adapter]
         [--weights PATH] [--model_config FILE] [--cache_dir DIR] [--quiet] [--config FILE] [--KEY=value ...]
 
-Every file under INPUT_DIR (.abc, .xml/.mxl/.musicxml, .mid/.midi, .mtf, MERT .npy; see
+Every file under INPUT_DIR (.abc, .xml/.mxl/.musicxml, .mid/.midi, .mtf, MERT .npy, .wav/.mp3/.flac/.ogg; see
 ``clamp3_embd.py``) is embedded as ``clamp3_embd.py --get_global`` does, each label becomes a text
 (``--template``, e.g. "a {label}" -> "a reel") embedded by the text tower, and the file's label is the
 most cosine-similar one. OUTPUT_FILE is JSON ``{file: label}`` as ``inference_cls.py`` writes, plus

@@ -5,11 +5,15 @@ or ``--weights``) when it exists, otherwise the embedded default's models (``mak
 ``demo.layout`` says they are), and the output says which. Sheet music (ABC, MusicXML) goes through
 the ABC adapter and MIDI/MTF through the MTF adapter when the adapter folder holds one; text and MERT
 features through the base (adapters live on the symbolic side only, so text features are the base's
-whatever the adapter).
+whatever the adapter). Audio files first become MERT features (``code/audio/``, the official
+``--mean_features`` form) with the MERT model of ``MERT_MODEL_PATH``, loaded when the first audio
+file comes; without it every audio file fails with the one-line reason and the fix, and the rest go on.
 
 The **cache** (``RAWFILE_CACHE_DIR``) is keyed by content: conversions by the file's SHA-256 and
-the converter version; features by the SHA-256 of the model input and the model key (weights,
-model sizes, adapter files, the settings that change features). A changed file has a new hash and is
+the converter version; MERT features of audio by the file's SHA-256 and the MERT key (the MERT
+model's files, MERT_DTYPE, the audio steps' version); features by the SHA-256 of the model input
+and the model key (weights, model sizes, adapter files, the settings that change features), so an
+audio file and the ``.npy`` of its MERT features share one feature. A changed file has a new hash and is
 converted and embedded again; an unchanged file is never converted or embedded twice, wherever it
 lives. Everything in the cache can be deleted at any time.
 """
@@ -30,13 +34,14 @@ import runconfig
 from demo import layout as demo_layout
 from features import FeatureExtractor, load_text_tokenizer
 from fileio import REPO_ROOT, DropLog, atomic_save_npy, atomic_write_text, file_sha256, repo_path
-from formats import FORMAT_OF_KIND, FORMATS, MODALITY_OF_KIND
+from formats import AUDIO_EXTENSIONS, FORMAT_OF_KIND, FORMATS, MODALITY_OF_KIND
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, resolve_device
 from rawfiles import (
     ABC_MODES,
     CONVERTER_VERSION,
     RawFileError,
     kind_of,
+    mert_digest,
     mert_input,
     model_input_text,
     sha256_text,
@@ -47,6 +52,8 @@ from rawfiles import (
 BASE = "base"
 # Settings that change a feature (beyond weights, sizes and adapter), part of every model key.
 FEATURE_SETTINGS = ("PATCH_LENGTH", "MAX_TEXT_LENGTH", "MAX_AUDIO_LENGTH", "TEXT_MODEL_NAME", "EXTRACT_DTYPE")
+# Bump when the steps from an audio file to its MERT features change, so cached MERT features are made again.
+MERT_STEPS_VERSION = 1
 
 
 class ModelsNotFoundError(FileNotFoundError):
@@ -163,7 +170,7 @@ class Embedded:
     kind: str
     format: str | None
     modality: str
-    model_key: str
+    model_key: str  # for audio, the CLaMP 3 key and the MERT key
     input_sha256: str  # of the model input (the converted text, or the MERT array)
     feature: np.ndarray  # (1, D) global or (1, N, hidden)
     cached: bool
@@ -202,6 +209,9 @@ class Embedder:
         self._extractors: dict[str, FeatureExtractor] = {}
         self._tokenizer: Any = None
         self._model_keys: dict[str, str] = {}
+        self._mert: Any = None
+        self._mert_error: Exception | None = None
+        self._mert_key: str | None = None
 
     # -------------------------------------------------------------- models
     def adapter_of(self, fmt: str | None) -> Path | None:
@@ -237,6 +247,100 @@ class Embedder:
         self._load_base()
         if text:
             self.tokenizer()
+
+    def mert(self) -> Any:
+        """The ``audio.mert_features.MertExtractor`` of ``MERT_MODEL_PATH`` on this device, loaded once;
+        ``audio.mert_model.MertModelError`` (one line, with the fix) when it is missing or does not fit
+        the audio tower, raised again for every later audio file without trying again."""
+        if self._mert is None and self._mert_error is None:
+            from audio.mert_features import MertExtractor
+            from audio.mert_model import MertModelError
+
+            try:
+                mert = MertExtractor.load(self.cfg["MERT_MODEL_PATH"], device=self.device,
+                                          dtype=self.cfg["MERT_DTYPE"],
+                                          windows_per_batch=self.cfg["MERT_WINDOWS_PER_BATCH"])
+                width = int(self.choice.model_config.audio["hidden_size"])
+                if mert.width != width:
+                    raise MertModelError(f"the MERT model in {mert.folder} gives {mert.width}-wide features but the "
+                                         f"CLaMP 3 audio tower reads {width}-wide ones (MERT-v1-95M: 768)")
+                self._mert = mert
+            except (MertModelError, ValueError) as exc:
+                self._mert_error = exc
+        if self._mert_error is not None:
+            raise self._mert_error
+        return self._mert
+
+    def mert_key(self) -> str:
+        """A digest of what makes the MERT features of an audio file: the MERT model's files, MERT_DTYPE
+        and the audio steps' version."""
+        if self._mert_key is None:
+            from audio.mert_model import mert_files
+
+            folder = self.mert().folder
+            facts = {"files": {f.name: self.fingerprints.sha256(f) for f in mert_files(folder) if f.is_file()},
+                     "dtype": self.cfg["MERT_DTYPE"], "steps": MERT_STEPS_VERSION}
+            self._mert_key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode("utf-8")).hexdigest()[:20]
+        return self._mert_key
+
+    def _mert_path(self, sha: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / "mert" / self.mert_key() / sha[:2] / f"{sha}.npy"
+
+    def audio_inputs(self, paths: Sequence[Path]) -> list[tuple[str, np.ndarray] | RawFileError]:
+        """(file SHA-256, MERT features ``(1, windows, width)``) of each audio file, or why it has none;
+        from the cache where made before, the rest decoded and run through MERT together. A file under
+        1 s (no window) and a file that does not decode are remembered, like failed conversions."""
+        from audio.decode import AudioDecodeError
+        from audio.mert_features import mean_features
+        from audio.windows import TooShortError
+
+        results: list[tuple[str, np.ndarray] | RawFileError | None] = [None] * len(paths)
+        try:
+            mert = self.mert()
+        except Exception as exc:  # noqa: BLE001 - MertModelError/ValueError: every audio file fails with it
+            return [RawFileError(path, "mert", f"needs the MERT model: {exc}") for path in paths]
+        todo: list[tuple[int, str, np.ndarray, Path | None]] = []
+        for index, path in enumerate(paths):
+            try:
+                sha = file_sha256(path)
+            except OSError as exc:
+                results[index] = RawFileError(path, "read", f"cannot read: {exc.strerror or exc}")
+                continue
+            cached = self._mert_path(sha)
+            failed = cached.with_name(cached.name + ".error.json") if cached else None
+            if cached is not None and cached.is_file():
+                try:
+                    results[index] = (sha, np.load(cached, allow_pickle=False))
+                    continue
+                except (OSError, ValueError):
+                    pass  # a damaged entry is made again
+            if failed is not None and failed.is_file():
+                record = json.loads(failed.read_text(encoding="utf-8"))
+                results[index] = RawFileError(path, record["stage"], record["reason"] + " (remembered from an earlier run)")
+                continue
+            try:
+                todo.append((index, sha, mert.waveform(path), cached))
+            except (AudioDecodeError, OSError) as exc:
+                results[index] = self._remember(failed, RawFileError(path, "decode", str(exc)))
+        features = mert.features([waveform for _, _, waveform, _ in todo]) if todo else []
+        for (index, sha, _, cached), result in zip(todo, features, strict=True):
+            if isinstance(result, TooShortError):
+                failed = cached.with_name(cached.name + ".error.json") if cached else None
+                results[index] = self._remember(failed, RawFileError(paths[index], "mert", str(result)))
+                continue
+            array = mean_features(result)
+            if cached is not None:
+                atomic_save_npy(cached, array)
+            results[index] = (sha, array)
+        return results  # type: ignore[return-value] - every item is set
+
+    @staticmethod
+    def _remember(failed: Path | None, error: RawFileError) -> RawFileError:
+        if failed is not None:
+            atomic_write_text(failed, json.dumps({"stage": error.stage, "reason": error.reason}) + "\n")
+        return error
 
     def extractor(self, fmt: str | None, needs_tokenizer: bool = False) -> FeatureExtractor:
         slot = self._slot(fmt)
@@ -296,18 +400,24 @@ class Embedder:
         return text
 
     # -------------------------------------------------------------- files
-    def _prepare(self, path: Path, get_global: bool) -> tuple[Embedded, Any, str]:
+    def _prepare(self, path: Path, get_global: bool,
+                 audio: tuple[str, np.ndarray] | RawFileError | None = None) -> tuple[Embedded, Any, str]:
         """(the entry of one file, a cache hit or still to embed; its model input, None for a hit; its
-        cache file, "" without a cache); raises RawFileError."""
+        cache file, "" without a cache); raises RawFileError. ``audio``: an audio file's
+        ``audio_inputs`` result."""
         kind = kind_of(path)
+        if isinstance(audio, RawFileError):
+            raise audio
         try:
-            sha = file_sha256(path)
+            sha = audio[0] if audio is not None else file_sha256(path)
         except OSError as exc:
             raise RawFileError(path, "read", f"cannot read: {exc.strerror or exc}") from exc
         fmt = FORMAT_OF_KIND.get(kind)
         modality = MODALITY_OF_KIND[kind]
         model_input: Any
-        if modality == "audio":
+        if audio is not None:
+            model_input, input_sha = audio[1], mert_digest(audio[1])
+        elif modality == "audio":
             model_input, input_sha = mert_input(path)
         else:
             text = self.converted_text(path, sha, kind)
@@ -316,14 +426,18 @@ class Embedder:
             model_input, input_sha = text, sha256_text(text)
         key = self.model_key(fmt)
         cache_file = self._feature_path(key, modality, input_sha, get_global)
+        # An audio file's feature depends on the MERT model too: its entry says so (a manifest then
+        # sees a changed MERT model), while the cached feature is the one of its MERT features.
+        entry_key = f"{key}+mert-{self.mert_key()}" if audio is not None else key
         if cache_file is not None and cache_file.is_file():
             try:
                 feature = np.load(cache_file, allow_pickle=False)
-                hit = Embedded(path, sha, kind, fmt, modality, key, input_sha, feature, cached=True)
+                hit = Embedded(path, sha, kind, fmt, modality, entry_key, input_sha, feature, cached=True)
                 return hit, None, str(cache_file)
             except (OSError, ValueError):
                 pass  # a damaged cache entry is embedded again and overwritten
-        pending = Embedded(path, sha, kind, fmt, modality, key, input_sha, np.zeros(0, np.float32), cached=False)
+        pending = Embedded(path, sha, kind, fmt, modality, entry_key, input_sha, np.zeros(0, np.float32),
+                           cached=False)
         return pending, model_input, str(cache_file) if cache_file else ""
 
     def _model_inputs(self, extractor: Any, modality: str, raw: Any) -> Any:
@@ -354,10 +468,13 @@ class Embedder:
 
         for start in range(0, len(paths), batch_files):
             groups: dict[tuple[str | None, str], list[tuple[int, Embedded, Any, str]]] = {}
-            for index in range(start, min(start + batch_files, len(paths))):
+            chunk = range(start, min(start + batch_files, len(paths)))
+            audio_files = [index for index in chunk if Path(paths[index]).suffix.lower() in AUDIO_EXTENSIONS]
+            audio = dict(zip(audio_files, self.audio_inputs([Path(paths[i]) for i in audio_files]), strict=True))
+            for index in chunk:
                 path = Path(paths[index])
                 try:
-                    entry, raw, cache_file = self._prepare(path, get_global)
+                    entry, raw, cache_file = self._prepare(path, get_global, audio.get(index))
                 except RawFileError as exc:
                     fail(index, exc.stage, exc.reason)
                     continue

@@ -3,7 +3,8 @@
 * **format**: the notation a symbolic piece is written in for the model, ``abc`` (interleaved ABC,
   sheet music) or ``mtf`` (MIDI text). One LoRA adapter per format.
 * **kind**: what a raw file is, read from its extension: ``text``, ``abc``, ``musicxml``,
-  ``midi``, ``mtf``, ``mert``. Each symbolic kind becomes one format before the model reads it.
+  ``midi``, ``mtf``, ``mert`` (MERT features, ``.npy``), ``audio`` (``.wav``/``.mp3``/``.flac``/``.ogg``,
+  which become MERT features first). Each symbolic kind becomes one format before the model reads it.
 * **modality**: the tower that encodes a kind: ``text``, ``symbolic`` or ``audio``.
 * **system**: what an evaluation compares: the stock weights (``baseline``) against the same
   weights with the format's adapter (``lora``).
@@ -14,11 +15,14 @@ from __future__ import annotations
 FORMATS = ("abc", "mtf")
 
 KIND_OF_EXTENSION = {".txt": "text", ".abc": "abc", ".xml": "musicxml", ".mxl": "musicxml", ".musicxml": "musicxml",
-                     ".mid": "midi", ".midi": "midi", ".mtf": "mtf", ".npy": "mert"}
+                     ".mid": "midi", ".midi": "midi", ".mtf": "mtf", ".npy": "mert",
+                     ".wav": "audio", ".mp3": "audio", ".flac": "audio", ".ogg": "audio"}
 FORMAT_OF_KIND = {"abc": "abc", "musicxml": "abc", "midi": "mtf", "mtf": "mtf"}  # symbolic kinds only
 KINDS_OF_FORMAT = {fmt: tuple(kind for kind, of in FORMAT_OF_KIND.items() if of == fmt) for fmt in FORMATS}
-MODALITY_OF_KIND = {"text": "text", "mert": "audio", **{kind: "symbolic" for kind in FORMAT_OF_KIND}}
+MODALITY_OF_KIND = {"text": "text", "mert": "audio", "audio": "audio", **{kind: "symbolic" for kind in FORMAT_OF_KIND}}
 MUSIC_KINDS = frozenset(FORMAT_OF_KIND)
+# Audio files, read through MERT (code/audio/); the containers whose decoding is tested.
+AUDIO_EXTENSIONS = tuple(ext for ext, kind in KIND_OF_EXTENSION.items() if kind == "audio")
 
 BASELINE, LORA = "baseline", "lora"
 SYSTEMS = (BASELINE, LORA)

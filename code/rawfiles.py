@@ -2,13 +2,13 @@
 
 Each file's **kind** comes from its extension (``formats.KIND_OF_EXTENSION``): ``.txt`` text; ``.abc``
 ABC; ``.xml``/``.mxl``/``.musicxml`` MusicXML; ``.mid``/``.midi`` MIDI; ``.mtf`` MTF; ``.npy`` MERT
-features. MusicXML goes through the project's converters to interleaved ABC (xml2abc, then
+features; ``.wav``/``.mp3``/``.flac``/``.ogg`` audio, which ``embedder`` turns into MERT features
+(``code/audio/``, the model named by ``MERT_MODEL_PATH``). MusicXML goes through the project's converters to interleaved ABC (xml2abc, then
 interleaving, as the official pipeline does), MIDI to MTF with ``--m3_compatible``. An ``.abc`` file
 that is already interleaved (body lines start with ``[V:``, what this project's converters write) is
 read as it is; plain ABC is normalised first (ABC → MusicXML → ABC → interleaved, see
 ``preprocess.abc_normalise``), so it reaches the model in the layout the model was trained on.
-Audio files are refused with the step this project does not run (MERT features), images with the
-caption route.
+Other audio containers are refused with the conversion to make, images with the caption route.
 
 The models, the cache and ``Embedder`` are in ``embedder``; folders, the scripts' options and the
 two-folder tools in ``rawfile_tools``.
@@ -26,10 +26,11 @@ from formats import FORMAT_OF_KIND, KIND_OF_EXTENSION
 from preprocess import abc_normalise, interleave, midi_mtf, xml2abc
 from preprocess.errors import ConversionError, describe_exception
 
-AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".aif", ".aiff", ".opus"})
+# Audio in containers whose decoding is not checked here: refused with the conversion to make.
+OTHER_AUDIO_EXTENSIONS = frozenset({".m4a", ".aac", ".aif", ".aiff", ".opus", ".wma"})
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"})
 # Every extension a folder walk looks at: the supported ones, and those refused with a reason.
-SEEN_EXTENSIONS = tuple(sorted(set(KIND_OF_EXTENSION) | AUDIO_EXTENSIONS | IMAGE_EXTENSIONS))
+SEEN_EXTENSIONS = tuple(sorted(set(KIND_OF_EXTENSION) | OTHER_AUDIO_EXTENSIONS | IMAGE_EXTENSIONS))
 # Bump when a conversion's output changes, so cached conversions are made again.
 CONVERTER_VERSION = 1
 ABC_MODES = ("auto", "as_is", "interleave", "normalise")
@@ -44,14 +45,14 @@ class RawFileError(ValueError):
 
 
 def kind_of(path: str | os.PathLike) -> str:
-    """The kind of a file from its extension; audio, images and unknown types raise ``RawFileError``."""
+    """The kind of a file from its extension; other audio containers, images and unknown types raise
+    ``RawFileError``."""
     suffix = Path(path).suffix.lower()
     if suffix in KIND_OF_EXTENSION:
         return KIND_OF_EXTENSION[suffix]
-    if suffix in AUDIO_EXTENSIONS:
-        raise RawFileError(path, "kind", f"audio ({suffix}) needs MERT features first, a step this project does "
-                           "not run: extract them with the official CLaMP 3 repository's "
-                           "preprocessing/audio/extract_mert.py and pass the .npy files")
+    if suffix in OTHER_AUDIO_EXTENSIONS:
+        raise RawFileError(path, "kind", f"audio in {suffix} is not read here: convert it to .flac, .wav, .mp3 or "
+                           f".ogg (e.g. ffmpeg -i {Path(path).name} {Path(path).stem}.flac)")
     if suffix in IMAGE_EXTENSIONS:
         raise RawFileError(path, "kind", f"an image ({suffix}) is searched through its caption: pass a caption "
                            "text file or --caption \"...\" (clamp3_search.py --help, 'Image to music')")
@@ -60,7 +61,7 @@ def kind_of(path: str | os.PathLike) -> str:
 
 
 def format_of(path: str | os.PathLike) -> str | None:
-    """``abc`` for sheet music, ``mtf`` for MIDI/MTF, None for text and MERT features."""
+    """``abc`` for sheet music, ``mtf`` for MIDI/MTF, None for text, MERT features and audio."""
     return FORMAT_OF_KIND.get(kind_of(path))
 
 
@@ -108,8 +109,14 @@ def mert_input(path: str | os.PathLike) -> tuple[np.ndarray, str]:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise RawFileError(path, "read", f"not a readable .npy array of MERT features: {exc}") from exc
+    return array, mert_digest(array)
+
+
+def mert_digest(array: np.ndarray) -> str:
+    """The digest of MERT features (values and shape): the same for a ``.npy`` file and the audio it
+    was extracted from, so both share one cached CLaMP 3 feature."""
     values = np.ascontiguousarray(array, dtype=np.float32).tobytes()
-    return array, hashlib.sha256(values + str(array.shape).encode()).hexdigest()
+    return hashlib.sha256(values + str(array.shape).encode()).hexdigest()
 
 
 def sha256_text(text: str) -> str:

@@ -51,12 +51,13 @@ def mixed_folder(tmp_path: Path) -> Path:
 
 def test_kind_of_each_extension_and_clear_refusals():
     assert [rawfiles.kind_of(f"x{ext}") for ext in (".txt", ".abc", ".XML", ".mxl", ".musicxml", ".mid", ".MIDI",
-                                                    ".mtf", ".npy")] == [
-        "text", "abc", "musicxml", "musicxml", "musicxml", "midi", "midi", "mtf", "mert"]
+                                                    ".mtf", ".npy", ".wav", ".MP3", ".flac", ".ogg")] == [
+        "text", "abc", "musicxml", "musicxml", "musicxml", "midi", "midi", "mtf", "mert", "audio", "audio", "audio",
+        "audio"]
     assert rawfiles.format_of("a.mxl") == "abc" and rawfiles.format_of("a.mid") == "mtf"
-    assert rawfiles.format_of("a.txt") is None
-    with pytest.raises(rawfiles.RawFileError, match="MERT"):
-        rawfiles.kind_of("song.wav")
+    assert rawfiles.format_of("a.txt") is None and rawfiles.format_of("a.wav") is None
+    with pytest.raises(rawfiles.RawFileError, match="convert it to .flac"):
+        rawfiles.kind_of("song.m4a")
     with pytest.raises(rawfiles.RawFileError, match="caption"):
         rawfiles.kind_of("cover.png")
     with pytest.raises(rawfiles.RawFileError, match="unsupported file type '.pdf'"):

@@ -13,10 +13,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+from formats import AUDIO_EXTENSIONS
 
-# The containers this project decodes and tests (tests/test_mert_*.py); FFmpeg reads more, but a
-# format is accepted here only once its decoding has been checked.
-AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg")
+# AUDIO_EXTENSIONS: the containers this project decodes and tests (tests/test_mert_*.py); FFmpeg reads
+# more, but a format is accepted only once its decoding has been checked.
+__all__ = ["AUDIO_EXTENSIONS", "AudioDecodeError", "decode_audio"]
 
 # Integer sample formats to float: the full scale of each (FFmpeg's own conversion divides by it).
 _FULL_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2.0**31, np.dtype(np.uint8): 128.0}
