@@ -18,6 +18,14 @@ MIDI through the MTF adapter (--no_adapter for the base); without the C2 checkpo
 default's models (make demo). Prints the K best: rank, cosine, kind (abc, musicxml, midi, mtf,
 mert) and file (copies with identical content are one result, their other paths listed); --json
 prints one JSON object.
+
+    python clamp3_search.py --serve FOLDER [--host HOST] [--port PORT] [--max_upload_mb MB] [--soundfont SF2]
+
+serves a search page for FOLDER (http://127.0.0.1:8765/ by default; only this machine can reach it
+unless --host is given): a text or an uploaded music file as the query, the format and the model
+(the adapters or the base) chosen per query, each hit's score drawn (Verovio) and its sound played
+(FluidSynth with a General MIDI soundfont where installed, else a built-in synthesiser), and "more
+like this" on every hit.
 """
 
 from __future__ import annotations
@@ -37,8 +45,8 @@ from tqdm import tqdm
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("query", help="a music file, a .txt file, an image, or the text to search for")
-    parser.add_argument("folder", help="folder of music to search (searched recursively)")
+    parser.add_argument("query", nargs="?", help="a music file, a .txt file, an image, or the text to search for")
+    parser.add_argument("folder", nargs="?", help="folder of music to search (searched recursively)")
     parser.add_argument("--top_k", type=int, default=10, help="how many results (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
     parser.add_argument("--format", choices=formats.FORMATS, help="only sheet music (abc) or only MIDI (mtf)")
@@ -46,12 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--index", help="the index folder (default: one under SEARCH_INDEX_DIR per FOLDER)")
     parser.add_argument("--no_update", action="store_true", help="search the index as it is, without checking FOLDER")
     rawfile_tools.add_model_arguments(parser, "clamp3_search")
+    page = parser.add_argument_group("the search page (--serve)")
+    page.add_argument("--serve", metavar="FOLDER", help="serve a search page for FOLDER instead of one search")
+    page.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default: %(default)s, this machine only)")
+    page.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
+    page.add_argument("--max_upload_mb", type=float, default=5.0,
+                      help="largest music file a query may upload (default: %(default)s MB)")
+    page.add_argument("--soundfont", help="General MIDI soundfont for FluidSynth (default: $SOUNDFONT or the "
+                      "distribution's, e.g. /usr/share/sounds/sf2/FluidR3_GM.sf2)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, cfg = runconfig.parse_args(parser, argv)
+    if args.serve:
+        if args.query is not None:
+            parser.error("--serve FOLDER takes no QUERY or FOLDER argument (queries come from the page)")
+        if args.max_upload_mb <= 0 or not 0 < args.port < 65536:
+            parser.error("--max_upload_mb must be positive and --port between 1 and 65535")
+        import search_page  # the page's server and the models: after the arguments
+
+        return search_page.serve(args, cfg)
+    if args.query is None or args.folder is None:
+        parser.error("give QUERY and FOLDER, or --serve FOLDER")
     if args.top_k < 1:
         parser.error(f"--top_k must be positive, got {args.top_k}")
 

@@ -1,0 +1,448 @@
+"""``clamp3_search.py --serve FOLDER``: a search page for one folder of music, in the browser.
+
+A query is a text (any language the text tower reads) or an uploaded music file (music → music);
+the page lists the best hits with their cosine and file name, each with its score drawn
+(``music_render``: Verovio for sheet music, a piano roll for MIDI), a player of its synthesised
+sound, and "more like this" (a music → music query with the hit's stored vector, nothing embedded).
+A format filter (sheet music, MIDI) and the model (the adapters, or the base, to compare) are
+chosen per query.
+
+**Models and indexes.** The models are the raw-file tools' (``embedder.choose_models``: the C2
+checkpoint, else the demo's). With adapters, the page offers two models: ``adapters`` (sheet music
+through the ABC adapter, MIDI through the MTF adapter, as ``clamp3_search.py`` does, in the same
+index folder) and ``base`` (``--no_adapter``), whose index lives beside it (``<index>-base``) so the
+two never rebuild each other. The default model's index is brought up to date at start; the other's
+on its first query.
+
+**Safe by default.** The server binds 127.0.0.1 unless a host is given, and then answers only
+requests addressed to a loopback name (``TrustedHostMiddleware``: a web page elsewhere cannot reach it
+by a DNS rebinding). It serves the page's own files and files of the indexed folder only: a path is
+served when it is a file the index holds, inside the folder once symbolic links are resolved; any
+other path (``..``, absolute, outside, not indexed) is refused with 404. Uploads are limited to
+``max_upload_bytes`` (413) and read into a private temporary folder; a file the converters cannot
+read comes back as a message, never as a traceback (those go to the server's log only). A text
+query is always a text: a typed path is never opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import re
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import folder_search
+import formats
+import music_render
+import numpy as np
+import rawfile_tools
+import rawfiles
+from embedder import Embedder
+from fileio import DropLog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
+
+PAGE_DIR = Path(__file__).resolve().parent / "webpage"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_MAX_UPLOAD_MB = 5.0
+MAX_TOP_K = 100
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# What a user may upload as a music query: every symbolic kind (MERT arrays are not music a person has).
+UPLOAD_EXTENSIONS = tuple(sorted(ext for ext, kind in formats.KIND_OF_EXTENSION.items()
+                                 if kind in formats.MUSIC_KINDS))
+RENDER_CACHE_ITEMS = 64
+ADAPTERS, BASE = "adapters", "base"
+
+log = logging.getLogger("clamp3_search.page")
+
+
+class PageError(Exception):
+    """A request the page answers with a message: its HTTP status and the text shown to the user."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ---------------------------------------------------------------------------- models and their indexes
+@dataclass
+class PageModel:
+    """One model the page can search with: its embedder, its index folder, the index once opened."""
+
+    name: str
+    label: str
+    embedder: Embedder
+    index_dir: Path
+    index: Any = None
+
+
+@dataclass
+class SearchSession:
+    """What the page searches: the folder, the models, and a lock that serialises the model and the
+    index (one query is embedded at a time; renders run beside it)."""
+
+    folder: Path
+    models: dict[str, PageModel]
+    default_model: str
+    synthesiser: music_render.Synthesiser
+    max_upload_bytes: int
+    say: Callable[[str], None] = print
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def index(self, name: str) -> Any:
+        """The model's index, opened (and brought up to date) on first use."""
+        if name not in self.models:
+            raise PageError(400, f"unknown model {name!r}; this page has: {', '.join(self.models)}")
+        model = self.models[name]
+        if model.index is None:
+            bars: dict[str, float] = {"last": 0.0}
+
+            def progress(done: int, total: int) -> None:
+                if time.monotonic() - bars["last"] > 5 or done == total:
+                    bars["last"] = time.monotonic()
+                    self.say(f"index ({model.name}): embedded {done}/{total} files")
+
+            model.index = folder_search.open_folder_index(model.embedder, self.folder, model.index_dir,
+                                                          update=True, drops=DropLog("search_page"),
+                                                          say=self.say, progress=progress)
+        return model.index
+
+    def default_index(self) -> Any:
+        return self.index(self.default_model)
+
+
+def page_models(args: argparse.Namespace, cfg: dict[str, Any], folder: Path) -> tuple[dict[str, PageModel], str]:
+    """The models the page offers (see the module docstring) and the default one's name."""
+    first = rawfile_tools.embedder_from_args(args, cfg)
+    index_dir = Path(args.index) if args.index else folder_search.default_index_dir(first.cfg, folder)
+    adapters = {fmt: path for fmt, path in first.choice.adapters.items() if path}
+    if not adapters:
+        why = "--no_adapter" if args.no_adapter else "no adapter found"
+        return {BASE: PageModel(BASE, f"base model ({why})", first, index_dir)}, BASE
+    no_adapter = copy.copy(args)
+    no_adapter.no_adapter = True
+    base = rawfile_tools.embedder_from_args(no_adapter, cfg)
+    label = "adapters (" + ", ".join(f"{fmt.upper()}: {path.name}" for fmt, path in adapters.items()) + ")"
+    return {ADAPTERS: PageModel(ADAPTERS, label, first, index_dir),
+            BASE: PageModel(BASE, "base model, no adapter", base, index_dir.with_name(index_dir.name + "-base"))}, \
+        ADAPTERS
+
+
+# ---------------------------------------------------------------------------- files of the folder
+def indexed_file(session: SearchSession, relpath: str) -> tuple[Path, Any]:
+    """The file of the folder that ``relpath`` names and its index entry; 404 for anything else:
+    a path outside the folder (``..``, absolute, a link out), a file the index does not hold."""
+    refused = PageError(404, f"not a file of the indexed folder: {relpath!r}")
+    if not relpath or "\x00" in relpath or relpath.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relpath):
+        raise refused
+    root = session.folder.resolve()
+    path = (root / relpath).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise refused
+    with session.lock:
+        entry = session.default_index().entry(path.relative_to(root).as_posix())
+    if entry is None:
+        raise refused
+    return path, entry
+
+
+class RenderCache:
+    """The last few renders (scores, sounds) by file, its size and mtime, so a changed file is drawn again."""
+
+    def __init__(self, items: int = RENDER_CACHE_ITEMS):
+        self.items = items
+        self._store: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._store:
+                self._store.move_to_end(key)
+                return self._store[key]
+        value = make()
+        with self._lock:
+            self._store[key] = value
+            while len(self._store) > self.items:
+                self._store.popitem(last=False)
+        return value
+
+
+def _render_key(what: str, path: Path) -> tuple:
+    stat = path.stat()
+    return what, str(path), stat.st_size, stat.st_mtime_ns
+
+
+# ---------------------------------------------------------------------------- queries
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise PageError(400, f"{name} must be a whole number, got {value!r}") from None
+    if not low <= number <= high:
+        raise PageError(400, f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
+def _kinds(request: Request) -> tuple[str, ...] | None:
+    fmt = request.query_params.get("format") or "all"
+    if fmt == "all":
+        return None
+    if fmt not in formats.FORMATS:
+        raise PageError(400, f"format must be all, {' or '.join(formats.FORMATS)}; got {fmt!r}")
+    return formats.KINDS_OF_FORMAT[fmt]
+
+
+def _results(session: SearchSession, name: str, vector: np.ndarray, k: int, kinds: tuple[str, ...] | None,
+             exclude: str | None, query: dict[str, Any]) -> dict[str, Any]:
+    index = session.index(name)
+    started = time.perf_counter()
+    hits = index.search(vector, k, exclude_sha256=exclude, kinds=kinds)[0]
+    seconds = time.perf_counter() - started
+    return {"query": query, "model": name, "model_label": session.models[name].label,
+            "n_indexed": len(index), "search_ms": round(seconds * 1000, 2),
+            "results": [hit.to_dict() for hit in hits]}
+
+
+def _query_options(session: SearchSession, request: Request) -> tuple[str, int, tuple[str, ...] | None]:
+    name = request.query_params.get("model") or session.default_model
+    if name not in session.models:
+        raise PageError(400, f"unknown model {name!r}; this page has: {', '.join(session.models)}")
+    return name, _int_param(request, "k", 10, 1, MAX_TOP_K), _kinds(request)
+
+
+def text_search(session: SearchSession, request: Request) -> dict[str, Any]:
+    text = (request.query_params.get("q") or "").strip()
+    if not text:
+        raise PageError(400, "type a text to search for, or choose a music file")
+    name, k, kinds = _query_options(session, request)
+    with session.lock:
+        vector = session.models[name].embedder.embed_texts([text])[0]
+        return _results(session, name, vector, k, kinds, None, {"source": "text", "text": text})
+
+
+def similar_search(session: SearchSession, request: Request) -> dict[str, Any]:
+    relpath = request.query_params.get("path") or ""
+    _, entry = indexed_file(session, relpath)
+    name, k, kinds = _query_options(session, request)
+    with session.lock:
+        vector = session.index(name).vector(entry.path)
+        if vector is None:
+            raise PageError(404, f"{entry.path} is not in the {name} index")
+        return _results(session, name, vector, k, kinds, entry.sha256,
+                        {"source": "more like this", "path": entry.path})
+
+
+def _upload_name(raw: str) -> str:
+    """The uploaded file's name reduced to a safe base name (letters, digits, ``._-``), extension kept."""
+    name = Path(raw.replace("\\", "/")).name
+    stem, suffix = Path(name).stem, Path(name).suffix.lower()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:80].strip("._") or "upload"
+    return stem + suffix
+
+
+async def _read_upload(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = PageError(413, f"the file is larger than the upload limit of {limit / 1e6:.1f} MB")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_big
+    return bytes(body)
+
+
+def music_search(session: SearchSession, request: Request, data: bytes) -> dict[str, Any]:
+    name = _upload_name(request.query_params.get("name") or "")
+    suffix = Path(name).suffix
+    if suffix not in UPLOAD_EXTENSIONS:
+        raise PageError(400, f"{name}: a music query is a file of type {' '.join(UPLOAD_EXTENSIONS)}"
+                        + (f", not {suffix}" if suffix else ""))
+    if not data:
+        raise PageError(400, f"{name}: the file is empty")
+    model, k, kinds = _query_options(session, request)
+    with tempfile.TemporaryDirectory(prefix="clamp3_upload_") as folder:
+        path = Path(folder) / name
+        path.write_bytes(data)
+        with session.lock:
+            try:
+                vector, sha = folder_search.query_vector(session.models[model].embedder,
+                                                         folder_search.Query(f"uploaded {name}", path=path))
+            except rawfiles.RawFileError as exc:
+                raise PageError(400, f"{name} could not be read as music ({exc.stage}): {exc.reason}") from exc
+            return _results(session, model, vector, k, kinds, sha, {"source": "music file", "name": name})
+
+
+# ---------------------------------------------------------------------------- the app
+def build_app(session: SearchSession, allowed_hosts: list[str] | None = None) -> Starlette:
+    """The page's web app for ``session``. ``allowed_hosts``: the Host names it answers (None: any)."""
+    renders = RenderCache()
+
+    def info(request: Request) -> JSONResponse:
+        with session.lock:
+            index = session.default_index()
+            n_indexed, failures = len(index), len(index.failures)
+        return JSONResponse({
+            "folder": str(session.folder), "n_indexed": n_indexed, "n_failed": failures,
+            "models": [{"name": m.name, "label": m.label} for m in session.models.values()],
+            "default_model": session.default_model, "describe": session.models[session.default_model]
+            .embedder.choice.describe(), "synthesiser": session.synthesiser.describe(),
+            "formats": [{"name": "all", "label": "all music"}, {"name": "abc", "label": "sheet music (ABC, MusicXML)"},
+                        {"name": "mtf", "label": "MIDI (MIDI, MTF)"}],
+            "upload_extensions": list(UPLOAD_EXTENSIONS), "max_upload_bytes": session.max_upload_bytes,
+            "max_top_k": MAX_TOP_K})
+
+    async def search(request: Request) -> JSONResponse:
+        from starlette.concurrency import run_in_threadpool
+
+        if request.method == "POST":
+            data = await _read_upload(request, session.max_upload_bytes)
+            return JSONResponse(await run_in_threadpool(music_search, session, request, data))
+        return JSONResponse(await run_in_threadpool(text_search, session, request))
+
+    def similar(request: Request) -> JSONResponse:
+        return JSONResponse(similar_search(session, request))
+
+    def score(request: Request) -> Response:
+        path, entry = indexed_file(session, request.query_params.get("path") or "")
+        try:
+            drawn = renders.get(_render_key("score", path), lambda: music_render.score(path, entry.kind))
+        except music_render.RenderError as exc:
+            raise PageError(422, str(exc)) from exc
+        return Response(drawn.svg, media_type="image/svg+xml",
+                        headers={"X-Notation": "score" if drawn.notation else "piano-roll",
+                                 "X-Score-Pages": str(drawn.pages), "Cache-Control": "no-cache"})
+
+    def audio(request: Request) -> Response:
+        path, entry = indexed_file(session, request.query_params.get("path") or "")
+
+        def make() -> bytes:
+            return session.synthesiser.wav(music_render.file_midi(path, entry.kind))
+
+        try:
+            wav = renders.get(_render_key("audio", path), make)
+        except music_render.RenderError as exc:
+            raise PageError(422, str(exc)) from exc
+        return Response(wav, media_type="audio/wav", headers={"Cache-Control": "no-cache"})
+
+    def raw_file(request: Request) -> FileResponse:
+        path, _ = indexed_file(session, request.query_params.get("path") or "")
+        return FileResponse(path, filename=path.name)
+
+    def page(request: Request) -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def page_error(request: Request, exc: PageError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the server's log; the page gets a message without one.
+        log.error("%s %s failed:\n%s", request.method, request.url.path,
+                  "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return JSONResponse({"error": f"the server could not answer ({type(exc).__name__}: {exc}); "
+                             "the details are in the server's log"}, status_code=500)
+
+    routes = [Route("/", page), Route("/api/info", info), Route("/api/search", search, methods=["GET", "POST"]),
+              Route("/api/similar", similar), Route("/api/score", score), Route("/api/audio", audio),
+              Route("/api/file", raw_file)]
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={PageError: page_error, HTTPException: http_error, Exception: unexpected})
+    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
+    return app
+
+
+def allowed_hosts_for(host: str) -> list[str] | None:
+    """Loopback names only when bound to loopback (see the module docstring); any when bound elsewhere."""
+    return ["127.0.0.1", "localhost", "[::1]", "::1"] if host in LOOPBACK_HOSTS else None
+
+
+def open_session(args: argparse.Namespace, cfg: dict[str, Any], say: Callable[[str], None] = print) -> SearchSession:
+    """The page's session for ``args.serve``: models chosen, the default model's index brought up to
+    date. Raises ``FileNotFoundError``/``ValueError``/``RuntimeError`` with the reason."""
+    folder = Path(args.serve)
+    rawfile_tools.folder_inputs(folder, "search")
+    models, default = page_models(args, cfg, folder)
+    synthesiser = music_render.Synthesiser.detect(getattr(args, "soundfont", None))
+    session = SearchSession(folder=folder, models=models, default_model=default, synthesiser=synthesiser,
+                            max_upload_bytes=int(args.max_upload_mb * 1e6), say=say)
+    for line in models[default].embedder.choice.describe():
+        say(line)
+    index = session.default_index()
+    if not len(index):
+        raise FileNotFoundError(f"no music file in {folder} could be indexed (searched recursively for "
+                                f"{' '.join(folder_search.INDEXED_EXTENSIONS)})")
+    say(f"sound: {synthesiser.describe()}")
+    return session
+
+
+class BackgroundServer:
+    """The app served by uvicorn in a thread (tests, and anything else that needs the page running
+    beside it); ``stop`` ends it."""
+
+    def __init__(self, app: Starlette, host: str, port: int):
+        import uvicorn
+
+        self.url = f"http://{host}:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                     lifespan="off"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the search page did not start on {self.url}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
+    """``clamp3_search.py --serve``: the session opened, then served until interrupted."""
+    import uvicorn
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        session = open_session(args, cfg, say=say)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(session, allowed_hosts_for(args.host))
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"search page: http://{shown}:{args.port}/  ({len(session.default_index())} pieces of {session.folder}; "
+          "Ctrl-C stops it)", flush=True)
+    if args.host not in LOOPBACK_HOSTS:
+        print(f"note: --host {args.host} makes the page (and the folder's files) reachable from other machines",
+              flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
