@@ -6,6 +6,8 @@ unzipped here) as it is, ABC through the project's ABC → MusicXML converter
 notation (quantising a performance into notes would be a guess), so they are drawn as a piano roll
 (time across, pitch up, one colour per channel), and the caption says so (``Score.notation``).
 
+Recordings (audio files) have no score and are played as they are.
+
 **Sound.** MIDI and MTF files are played from their own messages (MTF back to MIDI through
 ``preprocess.midi_mtf``); sheet music from the MIDI Verovio writes for the engraved score. The MIDI
 goes through FluidSynth with a General MIDI soundfont when both are installed (``find_soundfont``),
@@ -85,6 +87,8 @@ class Score:
 # ---------------------------------------------------------------------------- file kinds
 SHEET_KINDS = frozenset({"abc", "musicxml"})
 PERFORMANCE_KINDS = frozenset({"midi", "mtf"})
+RECORDING_KINDS = frozenset({"audio"})  # played as they are; no score
+NO_SCORE = {"audio": "a recording has no score to draw", "mert": "MERT features are not music a person can read"}
 
 
 def musicxml_text(path: Path) -> str:
@@ -177,7 +181,9 @@ def file_midi(path: Path, kind: str) -> bytes:
         return performance_midi(path, kind)
     if kind in SHEET_KINDS:
         return _verovio(sheet_musicxml(path, kind), path.name)[2]
-    raise RenderError(f"{path.name}: {kind} files cannot be played (MERT features are not music)")
+    if kind in RECORDING_KINDS:
+        raise RenderError(f"{path.name}: a recording is played as it is, not through MIDI")
+    raise RenderError(f"{path.name}: {kind} files cannot be played (MERT features are not sound)")
 
 
 def score(path: Path, kind: str) -> Score:
@@ -187,7 +193,7 @@ def score(path: Path, kind: str) -> Score:
         return Score(svg, notation=True, pages=pages)
     if kind in PERFORMANCE_KINDS:
         return Score(piano_roll_svg(midi_notes(performance_midi(path, kind))), notation=False)
-    raise RenderError(f"{path.name}: {kind} files have no score (MERT features are not music)")
+    raise RenderError(f"{path.name}: {NO_SCORE.get(kind, f'{kind} files have no score')}")
 
 
 # ---------------------------------------------------------------------------- MIDI → notes

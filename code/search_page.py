@@ -64,9 +64,15 @@ DEFAULT_PORT = 8765
 DEFAULT_MAX_UPLOAD_MB = 5.0
 MAX_TOP_K = 100
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-# What a user may upload as a music query: every symbolic kind (MERT arrays are not music a person has).
+# What a user may upload as a music query: sheet music, MIDI and recordings (MERT arrays are not
+# music a person has).
 UPLOAD_EXTENSIONS = tuple(sorted(ext for ext, kind in formats.KIND_OF_EXTENSION.items()
-                                 if kind in formats.MUSIC_KINDS))
+                                 if kind in formats.MUSIC_KINDS or kind in music_render.RECORDING_KINDS))
+# The format filter: the two symbolic formats, and recordings (audio files and MERT features).
+AUDIO = "audio"
+RECORDING_KINDS = tuple(sorted(kind for kind, modality in formats.MODALITY_OF_KIND.items() if modality == "audio"))
+FILTERS = {fmt: formats.KINDS_OF_FORMAT[fmt] for fmt in formats.FORMATS} | {AUDIO: RECORDING_KINDS}
+AUDIO_MEDIA_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 RENDER_CACHE_ITEMS = 64
 ADAPTERS, BASE = "adapters", "base"
 
@@ -207,9 +213,9 @@ def _kinds(request: Request) -> tuple[str, ...] | None:
     fmt = request.query_params.get("format") or "all"
     if fmt == "all":
         return None
-    if fmt not in formats.FORMATS:
-        raise PageError(400, f"format must be all, {' or '.join(formats.FORMATS)}; got {fmt!r}")
-    return formats.KINDS_OF_FORMAT[fmt]
+    if fmt not in FILTERS:
+        raise PageError(400, f"format must be all, {' or '.join(FILTERS)}; got {fmt!r}")
+    return FILTERS[fmt]
 
 
 def _results(session: SearchSession, name: str, vector: np.ndarray, k: int, kinds: tuple[str, ...] | None,
@@ -309,7 +315,8 @@ def build_app(session: SearchSession, allowed_hosts: list[str] | None = None) ->
             "default_model": session.default_model, "describe": session.models[session.default_model]
             .embedder.choice.describe(), "synthesiser": session.synthesiser.describe(),
             "formats": [{"name": "all", "label": "all music"}, {"name": "abc", "label": "sheet music (ABC, MusicXML)"},
-                        {"name": "mtf", "label": "MIDI (MIDI, MTF)"}],
+                        {"name": "mtf", "label": "MIDI (MIDI, MTF)"},
+                        {"name": AUDIO, "label": "recordings (audio, MERT features)"}],
             "upload_extensions": list(UPLOAD_EXTENSIONS), "max_upload_bytes": session.max_upload_bytes,
             "max_top_k": MAX_TOP_K})
 
@@ -336,6 +343,8 @@ def build_app(session: SearchSession, allowed_hosts: list[str] | None = None) ->
 
     def audio(request: Request) -> Response:
         path, entry = indexed_file(session, request.query_params.get("path") or "")
+        if entry.kind in music_render.RECORDING_KINDS:  # a recording is its own sound
+            return FileResponse(path, media_type=AUDIO_MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream"))
 
         def make() -> bytes:
             return session.synthesiser.wav(music_render.file_midi(path, entry.kind))

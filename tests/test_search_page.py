@@ -35,7 +35,8 @@ def model_arguments(root: Path, tokenizer: Path, adapters: dict[str, Path]) -> l
     return ["--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--cache_dir",
             str(root / "cache"), "--index", str(root / "index"), f"--TEXT_MODEL_NAME={tokenizer}",
             "--EXTRACT_DEVICE=cpu", f"--LORA_ABC_ADAPTER_DIR={adapters['abc']}",
-            f"--LORA_MTF_ADAPTER_DIR={adapters['mtf']}", "--error_log", str(root / "failures.jsonl")]
+            f"--LORA_MTF_ADAPTER_DIR={adapters['mtf']}", f"--MERT_MODEL_PATH={OFFICIAL / 'mert' / 'model'}",
+            "--error_log", str(root / "failures.jsonl")]
 
 
 def make_folder(folder: Path) -> Path:
@@ -46,6 +47,8 @@ def make_folder(folder: Path) -> Path:
     for name in ("m21write_bach_bwv315.mid", "m21write_demos_drum_sample.mid"):
         shutil.copy(OFFICIAL / "inputs" / "mid" / name, folder / "midi")
     shutil.copy(OFFICIAL / "outputs" / "mtf" / "m21test_test01.mtf", folder / "midi" / "tune.mtf")
+    (folder / "recordings").mkdir()  # a recording, through the tiny MERT model
+    shutil.copy(OFFICIAL / "mert" / "inputs" / "s02_chord_stereo_44k1_5p0s.wav", folder / "recordings" / "chord.wav")
     (folder / "notes.txt").write_text("w5 w6\n", encoding="utf-8")  # not music: not indexed, not served
     return folder
 
@@ -112,7 +115,7 @@ def page(tmp_path_factory, word_tokenizer, adapters):
 
 def test_the_page_answers_as_the_index_does(page, word_tokenizer, adapters):
     status, info = page.api("/api/info")
-    assert status == 200 and info["n_indexed"] == 8 and info["default_model"] == "adapters"
+    assert status == 200 and info["n_indexed"] == 9 and info["default_model"] == "adapters"
     assert [m["name"] for m in info["models"]] == ["adapters", "base"]
     status, answer = page.api("/api/search?q=w1%20w2%20w3&k=50")
     assert status == 200 and answer["query"] == {"source": "text", "text": "w1 w2 w3"}
@@ -126,10 +129,12 @@ def test_the_page_answers_as_the_index_does(page, word_tokenizer, adapters):
     index = folder_search.open_folder_index(embedder, page.folder, page.root / "index", update=False,
                                             say=lambda _: None)
     expected = index.search(embedder.embed_texts(["w1 w2 w3"])[0], 50)[0]
-    assert answer["results"] == [hit.to_dict() for hit in expected] and len(expected) == 8
+    assert answer["results"] == [hit.to_dict() for hit in expected] and len(expected) == 9
     # The format filter, and the base model (its own index, beside the adapters').
     _, midi = page.api("/api/search?q=w1%20w2%20w3&format=mtf")
     assert {hit["kind"] for hit in midi["results"]} == {"midi", "mtf"} and len(midi["results"]) == 3
+    _, recordings = page.api("/api/search?q=w1%20w2%20w3&format=audio")
+    assert [hit["path"] for hit in recordings["results"]] == ["recordings/chord.wav"]
     _, base = page.api("/api/search?q=w1%20w2%20w3&model=base&k=50")
     assert {h["path"] for h in base["results"]} == {h["path"] for h in answer["results"]}
     assert [h["score"] for h in base["results"]] != [h["score"] for h in answer["results"]]
@@ -170,6 +175,11 @@ def test_scores_and_sounds_of_every_kind(page):
         assert status == 200 and kind == "audio/wav" and sound[:4] == b"RIFF", path
         with wave.open(io.BytesIO(sound)) as read:
             assert read.getnframes() / read.getframerate() > 0.5, path
+    # A recording is played as it is, and has no score.
+    status, kind, sound = get(f"{page.url}/api/audio?path=recordings/chord.wav")
+    assert status == 200 and kind == "audio/wav" and sound == (page.folder / "recordings" / "chord.wav").read_bytes()
+    status, _, body = get(f"{page.url}/api/score?path=recordings/chord.wav")
+    assert status == 422 and "a recording has no score" in json.loads(body)["error"]
 
 
 def test_uploads_are_limited_and_bad_ones_get_a_message(page):
@@ -187,7 +197,7 @@ def test_uploads_are_limited_and_bad_ones_get_a_message(page):
         assert got == 400 and message in answer["error"], query
     # A typed path is a text, never a file that is opened.
     _, answer = page.api(f"/api/search?q={page.folder / 'bach_bwv1.6.abc'}")
-    assert answer["query"]["source"] == "text" and len(answer["results"]) == 8
+    assert answer["query"]["source"] == "text" and len(answer["results"]) == 9
     assert page.process.poll() is None  # and the server is still up
 
 
@@ -245,19 +255,21 @@ def test_a_browser_runs_a_text_and_a_music_query(page):
             view.on("pageerror", lambda exc: errors.append(str(exc)))
             view.goto(page.url + "/")
             view.wait_for_function("document.querySelectorAll('#model option').length == 2")
-            assert "8 pieces" in view.text_content("#about")
+            assert "9 pieces" in view.text_content("#about")
 
             def hits(expected: int) -> list[str]:
                 view.wait_for_function(f"document.querySelectorAll('#hits li.hit').length == {expected}")
+                kinds = view.eval_on_selector_all("#hits li.hit .kind", "items => items.map(i => i.textContent)")
+                drawn = sum(kind not in ("audio", "mert") for kind in kinds)  # a recording has no score
                 # every score drawn: an SVG image that loaded (a score that failed says so in its note)
                 view.wait_for_function(f"[...document.querySelectorAll('#hits li.hit')].filter(li => "
                                        f"[...li.querySelectorAll('.sheet img')].some(img => img.complete && "
                                        f"img.naturalWidth > 0) || li.querySelector('.note').textContent"
-                                       f".startsWith('no score')).length == {expected}", timeout=120_000)
+                                       f".startsWith('no score')).length == {drawn}", timeout=120_000)
                 failed = view.eval_on_selector_all("#hits .note", "notes => notes.map(n => n.textContent)"
                                                    ".filter(t => t.startsWith('no score'))")
                 assert not failed, failed
-                assert view.locator("#hits li.hit audio[controls]").count() == expected
+                assert view.locator("#hits li.hit audio[controls]").count() == expected - kinds.count("mert")
                 return view.eval_on_selector_all("#hits li.hit", "items => items.map(i => i.dataset.path)")
 
             view.fill("#text", "w1 w2 w3")
@@ -265,7 +277,7 @@ def test_a_browser_runs_a_text_and_a_music_query(page):
             view.click("#go")
             text_hits = hits(4)
             assert view.locator("#message").is_hidden()
-            assert "4 best of 8 pieces" in view.text_content("#status")
+            assert "4 best of 9 pieces" in view.text_content("#status")
             # The first hit's sound is a WAV the browser can play.
             ready = view.evaluate("""async () => {
                 const audio = document.querySelector('#hits audio');

@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 let info = null;
+const RECORDINGS = ["audio", "mert"];  // kinds without a score
 
 function showMessage(text) {
   $("message").textContent = text;
@@ -73,18 +74,25 @@ function hitElement(hit) {
                                            `more like ${hit.path}`));
   item.appendChild(head);
 
-  const sheet = document.createElement("div");
-  sheet.className = "sheet";
-  item.appendChild(sheet);
   const note = document.createElement("div");
   note.className = "note";
-  item.appendChild(note);
-  drawScore(hit, sheet, note);
-  const audio = document.createElement("audio");
-  audio.controls = true;
-  audio.preload = "none";
-  audio.src = fileUrl("audio", hit.path);
-  item.appendChild(audio);
+  if (RECORDINGS.includes(hit.kind)) {
+    note.textContent = hit.kind === "audio" ? "a recording: no score to draw" : "MERT features: no score, no sound";
+    item.appendChild(note);
+  } else {
+    const sheet = document.createElement("div");
+    sheet.className = "sheet";
+    item.appendChild(sheet);
+    item.appendChild(note);
+    drawScore(hit, sheet, note);
+  }
+  if (hit.kind !== "mert") {
+    const audio = document.createElement("audio");
+    audio.controls = true;
+    audio.preload = "none";
+    audio.src = fileUrl("audio", hit.path);
+    item.appendChild(audio);
+  }
   return item;
 }
 
