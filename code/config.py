@@ -140,11 +140,14 @@ run_control_keys = frozenset({
     "WANDB_ENABLED", "WANDB_PROJECT", "WANDB_MODE", "TEXT_CACHE_DIR", "DIST_TIMEOUT_MINUTES",
     "LORA_KEEP_CHECKPOINTS", "LORA_CHECKPOINT_STEPS", "TRAIN_LOG_EVERY_STEPS", "EXTRACT_DEVICE", "EXTRACT_DTYPE",
     "EXTRACT_TOKENS_PER_BATCH", "EXTRACT_MAX_PADDING", "EXTRACT_FILES_PER_CHUNK",
-    "MERT_MODEL_PATH", "MERT_DTYPE", "MERT_WINDOWS_PER_BATCH",  # audio only: training never reads them
+    "MERT_MODEL_PATH", "MERT_DTYPE", "MERT_WINDOWS_PER_BATCH", "AUDIO_TEST_JSONL",  # training never reads them
 })
 
 # ---------------------------------------------------------------- evaluation
 TEST_DATA_DIR = "data/test/"
+# An audio test set (JSONL of recordings with the pair_id of their test pieces; evaluation/audio_retrieval.py):
+# adds sheet/MIDI <-> audio and text <-> audio rows to evaluate_*.py through MERT_MODEL_PATH. Empty: none.
+AUDIO_TEST_JSONL = ""
 
 # ---------------------------------------------------------------- evaluation reports (evaluate_*.py, compare_results.py)
 RESULTS_DIR = "results/"  # reports, per-query ranks, summaries and plots/

@@ -23,6 +23,8 @@ def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", help="where the report and its companions go (default: RESULTS_DIR)")
     parser.add_argument("--format", choices=[*FORMATS, "both"], default="both",
                         help="which test sets to evaluate (default: %(default)s, i.e. those present)")
+    parser.add_argument("--audio_test", help="audio test set JSONL (default: AUDIO_TEST_JSONL; none when empty): "
+                        "adds sheet/MIDI <-> audio and text <-> audio rows, through MERT_MODEL_PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 

@@ -20,8 +20,13 @@ import runconfig
 from fileio import atomic_write_text, repo_path
 from formats import BASELINE, LORA
 
+from evaluation.audio_retrieval import audio_summary
 from evaluation.plots import write_plots
 from evaluation.results import (
+    AUDIO_CROSS_DIRECTIONS,
+    AUDIO_PAIR_FIELD,
+    AUDIO_SET,
+    AUDIO_TEXT_DIRECTIONS,
     CROSS_DIRECTIONS,
     CROSS_FORMAT_SET,
     HEADLINE_TIE_RULE,
@@ -56,6 +61,12 @@ def check_same_test_sets(baseline: SystemResults, lora: SystemResults) -> list[s
         fields_b = {f: v["n_pairs"] for f, v in b["fields"].items()}
         if fields_a != fields_b:
             problems.append(f"set {name!r}: fields and their N differ: {fields_a} against {fields_b}")
+    audio_a, audio_b = baseline.report.get("audio"), lora.report.get("audio")
+    if bool(audio_a) != bool(audio_b):
+        problems.append(f"only the {'baseline' if audio_a else 'LoRA'} report has the audio block: run both "
+                        "evaluate_baseline.py and evaluate_lora.py with the same --audio_test")
+    elif audio_a and (audio_a["ids_sha256"] != audio_b["ids_sha256"] or audio_a["n_pieces"] != audio_b["n_pieces"]):
+        problems.append(f"the audio test sets differ: {audio_a['n_pieces']} recordings against {audio_b['n_pieces']}")
     if set(baseline.ranks) != set(lora.ranks):
         problems.append("the per-query rank files hold different set/field/level/direction entries")
     else:
@@ -91,6 +102,8 @@ def summary_of(report: dict[str, Any], key: RankKey) -> dict[str, Any]:
     set_name, field_name, level, direction = key
     if set_name == CROSS_FORMAT_SET:
         return report["cross_format"][direction]
+    if set_name == AUDIO_SET:
+        return audio_summary(report, field_name, direction)
     entry = report["sets"][set_name]["fields"][field_name]
     return entry[direction] if level == "pair" else entry["caption_level"][direction]
 
@@ -136,6 +149,7 @@ def compare_retrieval(baseline: SystemResults, lora: SystemResults, n_resamples:
                    "fields": {f: v["n_pairs"] for f, v in entry["fields"].items()}}
             for name, entry in baseline.report["sets"].items()}
     cross = baseline.report.get("cross_format")
+    audio = baseline.report.get("audio")
     return {
         "baseline_report": str(baseline.path), "lora_report": str(lora.path),
         "difference": "LoRA − baseline, per query, over the same queries and pool",
@@ -146,6 +160,8 @@ def compare_retrieval(baseline: SystemResults, lora: SystemResults, n_resamples:
                  "multiple_comparisons": "p-values are per comparison, not corrected for the number of comparisons"},
         "tie_rules": metrics.TIE_RULES, "headline_tie_rule": HEADLINE_TIE_RULE,
         "sets": sets, "cross_format_pairs": cross["n_pairs"] if cross else 0,
+        "audio": {"jsonl": audio["jsonl"], "n_recordings": audio["n_pieces"], "mert_model": audio["mert_model"],
+                  "pairs": {fmt: block["n_pairs"] for fmt, block in audio["cross"].items()}} if audio else None,
         "weights": {"baseline": baseline.report.get("weights"), "lora": lora.report.get("weights")},
         "adapters": lora.report.get("adapters", {}),
         "results": results, "pair_cosines": pair_cosines,
@@ -156,15 +172,16 @@ def compare_retrieval(baseline: SystemResults, lora: SystemResults, n_resamples:
 
 def ordered_keys(ranks: dict[RankKey, Any]) -> list[RankKey]:
     """Sets in report order, levels pair before caption, directions in their natural order."""
-    direction_order = {d: i for i, d in enumerate(TEXT_DIRECTIONS + CROSS_DIRECTIONS)}
+    audio_directions = AUDIO_TEXT_DIRECTIONS + tuple(d for pair in AUDIO_CROSS_DIRECTIONS.values() for d in pair)
+    direction_order = {d: i for i, d in enumerate(TEXT_DIRECTIONS + CROSS_DIRECTIONS + audio_directions)}
     level_order = {name: i for i, name in enumerate(LEVELS)}
     first_seen = {key: i for i, key in enumerate(ranks)}
 
     def sort_key(key: RankKey) -> tuple:
         set_name, field_name, level, direction = key
         first_of_field = min(i for k, i in first_seen.items() if k[:2] == key[:2])
-        return (set_name == CROSS_FORMAT_SET, first_of_field, level_order.get(level, 9),
-                direction_order.get(direction, 9))
+        return (set_name == CROSS_FORMAT_SET or set_name == AUDIO_SET, set_name == AUDIO_SET, first_of_field,
+                level_order.get(level, 9), direction_order.get(direction, 9))
 
     return sorted(ranks, key=sort_key)
 
@@ -216,6 +233,12 @@ def format_summary(comparison: dict[str, Any]) -> str:
         lines.append(f"  {name} ({info['source']}): {info['n_pieces']} pieces; {fields}")
     if comparison["cross_format_pairs"]:
         lines.append(f"  pieces in both formats (same pair_id): {comparison['cross_format_pairs']}")
+    audio = comparison.get("audio")
+    if audio:
+        pairs = ", ".join(f"{fmt} {n}" for fmt, n in audio["pairs"].items()) or "none"
+        lines.append(f"  recordings ({audio['jsonl']}): {audio['n_recordings']}, with a test piece of the same "
+                     f"pair_id: {pairs}; MERT model {audio['mert_model']} (text and audio towers are the base's in "
+                     "both systems: only the sheet/MIDI side of the audio rows can move)")
     lines += [f"warning: {warning}" for warning in comparison.get("warnings", [])]
     lines += ["", f"Tie rule shown: '{rule}' ({comparison['tie_rules'][rule]}); both rules are in the JSON report.",
               f"Intervals: {test['interval']} ({test['n_resamples']} resamples, seed {test['seed']}).",
@@ -227,7 +250,7 @@ def format_summary(comparison: dict[str, Any]) -> str:
         for field_name, by_level in by_field.items():
             for direction, entry in by_level.get("pair", {}).items():
                 row = entry[rule]["mrr"]
-                where = "pieces" if set_name == CROSS_FORMAT_SET else field_name
+                where = _where(set_name, field_name)
                 lines.append(f"  {set_name}/{where} {direction.replace('_', ' ')}: {row['baseline']:.4f} → "
                              f"{row['lora']:.4f}, Δ {row['delta']:+.4f} {_interval(row['delta_ci'], 4)}, "
                              f"p {row['p_value']:.3f}, N={entry['n_queries']}: {row['verdict']}")
@@ -238,7 +261,7 @@ def format_summary(comparison: dict[str, Any]) -> str:
                 if level == "caption" and not _caption_level_differs(by_direction, by_level.get("pair", {})):
                     continue
                 for direction, entry in by_direction.items():
-                    where = "pieces" if set_name == CROSS_FORMAT_SET else field_name
+                    where = _where(set_name, field_name)
                     label = f"[{set_name} / {where}] {direction.replace('_', ' ')}"
                     if level == "caption":
                         label += " (caption level)"
@@ -251,6 +274,15 @@ def format_summary(comparison: dict[str, Any]) -> str:
     if comparison.get("plots"):
         lines += ["", "Plots:"] + [f"  {path}" for path in comparison["plots"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _where(set_name: str, field_name: str) -> str:
+    """How a row names what it pairs: a text field, or pieces (sheet/MIDI) and recordings by pair_id."""
+    if set_name == CROSS_FORMAT_SET:
+        return "pieces"
+    if set_name == AUDIO_SET and field_name == AUDIO_PAIR_FIELD:
+        return "recordings"
+    return field_name
 
 
 def _caption_level_differs(caption: dict[str, Any], pair: dict[str, Any]) -> bool:

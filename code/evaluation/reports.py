@@ -4,6 +4,8 @@ For every test set (one per format, written by ``prepare_test_data.py``) and eve
 system's text and music features are ranked both ways with ``metrics.retrieval_report`` (both tie
 rules, bootstrap intervals, the random baseline, caption-level metrics where pieces share a text).
 Pieces present in both formats (the same ``pair_id``) are also ranked sheet→MIDI and MIDI→sheet.
+With an audio test set (``--audio_test``), recordings of the pieces are ranked against their sheet
+music and MIDI and against their texts (``audio_retrieval``: the report's ``audio`` block).
 
 One run writes, under the output folder (``RESULTS_DIR`` by default):
 
@@ -37,8 +39,11 @@ from formats import BASELINE, FORMATS, LORA, SYSTEMS
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, resolve_device
 from records import same_text_key
 
-from evaluation import testsets
+from evaluation import audio_retrieval, testsets
 from evaluation.results import (
+    AUDIO_CROSS_DIRECTIONS,
+    AUDIO_SET,
+    AUDIO_TEXT_DIRECTIONS,
     CROSS_DIRECTIONS,
     CROSS_FORMAT_FIELD,
     CROSS_FORMAT_SET,
@@ -301,11 +306,24 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
     for fmt in sorted(set(formats) - {s.fmt for s in test_sets}):
         log(f"no {testsets.TEST_FILES[fmt]} in {repo_path(cfg['TEST_DATA_DIR'])}: the {fmt} set is skipped")
     adapters = {s.fmt: adapter_info(cfg, s.fmt) for s in test_sets} if system == LORA else {}
+    audio_set = None
+    if args.audio_test or cfg["AUDIO_TEST_JSONL"]:
+        audio_jsonl = Path(args.audio_test) if args.audio_test else repo_path(cfg["AUDIO_TEST_JSONL"])
+        try:
+            audio_set = audio_retrieval.load_audio_test_set(audio_jsonl)
+        except audio_retrieval.AudioTestSetError as exc:
+            raise EvaluationError(str(exc)) from exc
     try:
         check_dtype(cfg["EXTRACT_DTYPE"])
         tokenizer = load_text_tokenizer(cfg["TEXT_MODEL_NAME"])
         model_config = ModelConfig.resolve(cfg, runconfig.model_config_path(args.model_config, cfg))
         device = resolve_device(cfg["EXTRACT_DEVICE"])
+        mert = None
+        if audio_set is not None:
+            from audio.mert_features import MertExtractor
+
+            mert = MertExtractor.load(cfg["MERT_MODEL_PATH"], device=device, dtype=cfg["MERT_DTYPE"],
+                                      windows_per_batch=cfg["MERT_WINDOWS_PER_BATCH"])
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         raise EvaluationError(str(exc)) from exc
     # Absolute, so the report names the checkpoint wherever it is read from.
@@ -335,9 +353,21 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
         except (ValueError, RuntimeError) as exc:
             raise EvaluationError(f"[{test_set.name}] feature extraction failed: {exc}") from exc
         del model, extractor
+    audio_features = None
+    if audio_set is not None:  # the base's audio and text towers: the same for every system
+        extractor = FeatureExtractor.from_config(base, cfg, tokenizer=tokenizer, device=device)
+        try:
+            audio_features = audio_retrieval.extract_audio_set(audio_set, extractor, mert, log)
+        except (ValueError, RuntimeError) as exc:
+            raise EvaluationError(f"[audio] {exc}") from exc
     log("ranking and bootstrapping")
     output = evaluate_features(features, int(cfg["EVAL_BOOTSTRAP"]), int(cfg["SEED"]),
                                int(cfg["EVAL_SIMILARITY_SAMPLE"]))
+    if audio_features is not None:
+        symbolic = {f.test_set.fmt: ([piece.pair_id for piece in f.test_set.pieces], f.music) for f in features}
+        output.report["audio"] = audio_retrieval.evaluate_audio(
+            audio_features, symbolic, int(cfg["EVAL_BOOTSTRAP"]), int(cfg["SEED"]), int(cfg["EVAL_SIMILARITY_SAMPLE"]),
+            output.ranks_file_rows, output.similarities, similarity_sample)
 
     names = companion_names(system)
     weights_info = {"path": str(weights), "sha256": file_sha256(weights)}
@@ -386,6 +416,11 @@ def report_notes(system: str, report: dict[str, Any]) -> list[str]:
     if system == LORA:
         notes.append("Each set's music (and text) features come from the base with that format's adapter; the "
                      "adapters touch only the symbolic encoder, so text features equal the baseline's.")
+    if report.get("audio"):
+        notes.append("audio: recordings through MERT (mert_model) and the base's audio tower, texts through the base's "
+                     "text tower, in every system; so text_to_audio/audio_to_text equal the baseline's by "
+                     "construction, and only the sheet/MIDI side of the sheet_to_audio, audio_to_sheet, "
+                     "midi_to_audio and audio_to_midi rows (pieces with the same pair_id) can move with an adapter.")
     return notes
 
 
@@ -406,4 +441,11 @@ def headline_lines(report: dict[str, Any]) -> list[str]:
     if report.get("cross_format"):
         for direction in CROSS_DIRECTIONS:
             lines.append(line(f"{CROSS_FORMAT_SET} {direction}", report["cross_format"][direction]))
+    audio = report.get("audio") or {}
+    for name, field_report in audio.get("fields", {}).items():
+        for direction in AUDIO_TEXT_DIRECTIONS:
+            lines.append(line(f"{AUDIO_SET}/{name} {direction}", field_report[direction]))
+    for fmt, block in audio.get("cross", {}).items():
+        for direction in AUDIO_CROSS_DIRECTIONS[fmt]:
+            lines.append(line(f"{AUDIO_SET} {direction}", block[direction]))
     return lines

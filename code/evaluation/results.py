@@ -36,6 +36,12 @@ CROSS_FORMAT_FIELD = "pair_id"
 LEVELS = ("pair", "caption")
 TEXT_DIRECTIONS = ("text_to_music", "music_to_text")
 CROSS_DIRECTIONS = ("sheet_to_midi", "midi_to_sheet")
+# The optional audio block (an audio test set given): its set name in the ranks file, the field of its
+# score <-> recording rows, and the directions, per symbolic format for the cross-modal ones.
+AUDIO_SET = "audio"
+AUDIO_PAIR_FIELD = "pair_id"
+AUDIO_TEXT_DIRECTIONS = ("text_to_audio", "audio_to_text")
+AUDIO_CROSS_DIRECTIONS = {"abc": ("sheet_to_audio", "audio_to_sheet"), "mtf": ("midi_to_audio", "audio_to_midi")}
 # The tie rule the summary leads with: the official rule counts every tie in the correct item's
 # favour, which flatters a model that maps many pieces to one point; both are in every report.
 HEADLINE_TIE_RULE = "expected"
