@@ -21,7 +21,10 @@ converted files under --data_dir:
 Each line is an official-format record:
   {{"id": "<piece id>", "filepaths": ["../abc_interleaved/0/00/<id>.abc"], "title": "...",
    "artists": [...], "genres": [...], "tags": [...], ...}}
-filepaths are relative to the JSONL's own folder; every other key is a text field.
+filepaths are relative to the JSONL's own folder; every other key is a text field, except
+pair_id: a piece written in both formats has "pair_id": "<piece id>" in its ABC and MTF records
+(sheet music and MIDI of one piece, for the trainer's ALIGN_WEIGHT objective). The official loader
+would read pair_id as text: --no_pair_ids writes records for the official trainer.
 
 The train/valid split is by piece, from a hash of (--seed, id): a piece is in the same split in
 the ABC and MTF files and on every run. A referenced file that does not exist is dropped (unless
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42, help="seed of the split hash (default: 42)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes for checking files (default: all cores)")
+    parser.add_argument("--no_pair_ids", action="store_true",
+                        help="write no pair_id (records for the official trainer, which reads it as text)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             metadata, data_dir, output_dir, verify_files=args.verify_files,
             valid_fraction=args.valid_fraction, exclude_titles=args.exclude_titles, seed=args.seed,
             allow_missing=args.allow_missing, workers=args.workers, progress=not args.quiet,
+            pair_ids=not args.no_pair_ids,
         )
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

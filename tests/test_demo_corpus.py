@@ -188,11 +188,18 @@ def test_build_writes_the_training_jsonls_and_music(built):
         expected = {"id", "filepaths", *PLAN.training_fields()}
         if fmt == "mtf":
             expected |= set(PLAN.content_training_fields())
+        if role == "adapt":  # a tune in both formats' files of the split is one pair (its id as pair_id)
+            other = "abc" if fmt == "mtf" else "mtf"
+            partners = {r["id"] for r in read_jsonl(root / f"{name.rsplit('_', 1)[0]}_{other}.jsonl")}
         for record in records:
-            assert set(record) == expected  # no held-out family, language or content in any training record
+            paired = role == "adapt" and record["id"] in partners
+            assert record.get("pair_id", None) == (record["id"] if paired else None)
+            # no held-out family, language or content in any training record
+            assert set(record) - {"pair_id"} == expected
             assert record["filepaths"] == [f"{fmt}/{record['id']}.{fmt}"]
             assert (root / record["filepaths"][0]).is_file()
             assert COLLECTIONS[record["id"].split("-", 1)[0]][1] == role
+        assert role == "base" or any("pair_id" in record for record in records)
 
 
 def test_build_writes_test_sets_in_the_reader_format(built):

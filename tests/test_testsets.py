@@ -177,3 +177,31 @@ def test_the_demo_corpus_is_a_source_of_both_formats_with_pair_ids(tmp_path):
     assert sorted(r["id"] for r in abc) == ["abc-t0", "abc-t2"] and len(mtf) == 3
     assert {r["pair_id"] for r in mtf} == {"t0", "t1", "t2"}
     assert all(r["source"] == "demo" and set(r["texts"]) == {"caption_en", "caption_de"} for r in abc + mtf)
+
+
+def test_the_guard_refuses_a_test_piece_whose_other_format_is_in_training(tmp_path):
+    """A demo-style source of both formats: t0's MIDI is in training as a paired record (its
+    pair_id), t1's sheet music is there under its bare id after losing its partner, and a training
+    record with pair_id "abc-t2" names t2's sheet music as one member of a pair. Each of those
+    test pieces is refused as "other format in training data"; what shares nothing stays."""
+    demo = tmp_path / "demo_test"
+    for fmt, folder, names in (("abc", ABC_FIXTURES, ABC_FILES[:4]), ("mtf", MTF_FIXTURES, MTF_FILES[:4])):
+        (demo / fmt).mkdir(parents=True)
+        rows = []
+        for number, name in enumerate(names):
+            shutil.copyfile(folder / f"{name}.{fmt}", demo / fmt / f"t{number}.{fmt}")
+            rows.append({"id": f"{fmt}-t{number}", "filepaths": [f"{fmt}/t{number}.{fmt}"], "source": "demo",
+                         "texts": {"caption_en": f"tune {number}"}, "pair_id": f"t{number}"})
+        write_jsonl(demo / testsets.TEST_FILES[fmt], rows)
+    training = tmp_path / "train.jsonl"
+    write_jsonl(training, [{"id": "midi-of-t0", "filepaths": [], "pair_id": "t0"},
+                           {"id": "t1", "filepaths": []},
+                           {"id": "score-of-t2", "filepaths": [], "pair_id": "abc-t2"}])
+    plan = testsets.plan_test_set(testsets.demo_sources(demo), {"abc": 10, "mtf": 10}, [training], seed=42)
+    refused = {(row["id"], row["reason"]) for row in plan.refused.rows}
+    other = testsets.REFUSED_PAIR
+    assert refused == {("abc-t0", other), ("mtf-t0", other), ("abc-t1", other), ("mtf-t1", other),
+                       ("abc-t2", other)}
+    assert sorted(c.id for c in plan.selected["abc"]) == ["abc-t3"]
+    assert sorted(c.id for c in plan.selected["mtf"]) == ["mtf-t2", "mtf-t3"]
+    assert plan.refused_by_reason()["abc"] == {other: 3}

@@ -267,6 +267,25 @@ def test_held_out_split_is_deterministic_and_by_piece(tmp_path):
     assert held_out_split(records, 0.0, seed=3)[1] == []
 
 
+def test_a_pair_id_is_read_kept_out_of_the_text_and_keeps_a_pair_on_one_side(tmp_path):
+    """``pair_id`` names one piece across the two formats' JSONLs: the record keeps it, no text
+    line ever holds it, and the held-out split follows it (records of one pair with other ids
+    land together); a record without one splits by its id as before."""
+    shutil.copy(ABC_DIR / "bach_bwv1.6.abc", tmp_path / "a.abc")
+    rows = [{"id": f"r{i}", "filepaths": ["a.abc"], "title": f"w{i}", "pair_id": f"piece{i // 2}"}
+            for i in range(400)] + [{"id": "single", "filepaths": ["a.abc"], "title": "w400"}]
+    records = load(write_records(tmp_path, rows))
+    assert [r.pair_id for r in records[:3]] == ["piece0", "piece0", "piece1"] and records[-1].pair_id is None
+    assert "piece0" not in validation_text(records[0].fields)
+    assert all("piece" not in text_dropout(r.fields, random.Random(n)) for n, r in enumerate(records))
+    train, held = held_out_split(records, 0.2, seed=3)
+    assert 50 < len(held) < 110
+    assert not {r.pair_id for r in train} & {r.pair_id for r in held}
+    without = load(write_records(tmp_path, [{k: v for k, v in row.items() if k != "pair_id"} for row in rows],
+                                 "plain.jsonl"))
+    assert [r.id for r in held_out_split(without, 0.2, seed=3)[1]] != [r.id for r in held]
+
+
 # ----------------------------------------------------------------------------- text
 
 

@@ -125,6 +125,33 @@ def test_split_is_by_piece_deterministic_and_shared_by_formats(tree, tmp_path):
     assert split_ids(tmp_path / "seed7")[("abc", "valid")] != first[("abc", "valid")]
 
 
+def test_a_piece_written_in_both_formats_has_one_pair_id_on_one_side_of_the_split(tree):
+    """Both records of a piece with both files carry its id as ``pair_id`` (in the same split,
+    since the split is by piece); a piece that lost one format to the file check has none, and
+    ``pair_ids=False`` writes records the official loader reads as they were."""
+    (tree / "abc_interleaved/0/00/Qm0001x.abc").unlink()
+    summary = generate(tree)
+    out = tree / "training"
+    rows = {(f, s): read(out / training_jsonl.output_name(f, s)) for f in FORMATS for s in training_jsonl.SPLITS}
+    pairs = {(f, s): {r["id"]: r.get("pair_id") for r in found} for (f, s), found in rows.items()}
+    for split in training_jsonl.SPLITS:
+        abc, mtf = pairs[("abc", split)], pairs[("mtf", split)]
+        assert {i: p for i, p in mtf.items() if i != piece_id(1)} == abc == {i: i for i in abc}
+        assert summary.pairs[split] == len(abc)
+    assert piece_id(1) in pairs[("mtf", "train")] | pairs[("mtf", "valid")]
+    assert (pairs[("mtf", "train")] | pairs[("mtf", "valid")])[piece_id(1)] is None
+    assert sum(summary.pairs.values()) == N_PIECES - 1
+    assert any(line.startswith("pairs (both formats, pair_id): train ") for line in summary.lines())
+    first = next(r for r in rows[("mtf", "train")] + rows[("mtf", "valid")] if r["id"] == piece_id(0))
+    assert list(first)[:3] == ["id", "filepaths", "pair_id"] and "pair_id" not in first["title"]
+    info = json.loads((out / training_jsonl.SUMMARY_NAME).read_text(encoding="utf-8"))
+    assert info["pair_ids"] is True and sum(info["pairs"].values()) == N_PIECES - 1
+
+    generate(tree, pair_ids=False)
+    assert not any("pair_id" in r for f in FORMATS for s in training_jsonl.SPLITS
+                   for r in read(out / training_jsonl.output_name(f, s)))
+
+
 def test_split_of_fraction_is_about_right():
     ids = [f"piece{i}" for i in range(4000)]
     share = sum(training_jsonl.split_of(i, 0.02) == "valid" for i in ids) / len(ids)

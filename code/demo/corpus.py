@@ -19,8 +19,9 @@ Layout under ``root``::
 
     abc/<id>.abc  mtf/<id>.mtf                 training music (interleaved ABC, MTF)
     base_{train,valid}_abc.jsonl               training records: {"id", "filepaths": ["abc/<id>.abc"],
-    adapt_{train,valid}_{abc,mtf}.jsonl         "caption_<lang>" per training language, and
-                                               "content_<lang>" where the tune has MIDI}
+    adapt_{train,valid}_{abc,mtf}.jsonl         "pair_id" where the tune is in both formats' files
+                                               of the split, "caption_<lang>" per training language,
+                                               and "content_<lang>" where the tune has MIDI}
     test/abc/<id>.abc  test/mtf/<id>.mtf       the test set, in prepare_test_data.py's format
     test/test_abc.jsonl  test/test_mtf.jsonl
     corpus_summary.json  corpus_drops.jsonl    counts, failures with reasons, seconds
@@ -423,8 +424,11 @@ def _content_facts(tune: Tune, work: Path) -> dict[str, Any] | None:
     return mtf_facts(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _training_record(tune: Tune, fmt: str, seed: int, plan: CaptionPlan, work: Path) -> dict[str, Any]:
-    record = {"id": tune.id, "filepaths": [f"{fmt}/{tune.id}.{fmt}"],
+def _training_record(tune: Tune, fmt: str, seed: int, plan: CaptionPlan, work: Path,
+                     paired: bool = False) -> dict[str, Any]:
+    """A training record; ``paired``: the tune is in both formats' files of its split, as sheet
+    music and as MIDI, and gets its id as ``pair_id`` (the trainer's ``ALIGN_WEIGHT`` objective)."""
+    record = {"id": tune.id, "filepaths": [f"{fmt}/{tune.id}.{fmt}"], **({"pair_id": tune.id} if paired else {}),
               **captions_for(tune_metadata(tune.text, tune.collection), f"{seed}:{tune.id}", plan.training_fields())}
     facts = _content_facts(tune, work) if fmt == "mtf" else None
     if facts:
@@ -509,11 +513,15 @@ def build_corpus(root: str | Path, size: str | CorpusSize = "quick", seed: int =
     for fmt in FORMATS:
         _publish({t.id: work / fmt / f"{t.id}.{fmt}" for t in chosen["test"]}, root / "test" / fmt, f".{fmt}")
         _write_if_changed(root / "test" / f"test_{fmt}.jsonl", _jsonl_bytes([records[fmt] for records in test_records]))
+    # A tune in both formats' files of one split (adapt train, adapt valid) is one pair.
+    paired: set[str] = set()
+    for stage in ("train", "valid"):
+        paired |= {t.id for t in chosen[f"adapt_{stage}_abc"]} & {t.id for t in chosen[f"adapt_{stage}_mtf"]}
     for split in TRAINING_SPLITS:
         fmt = "mtf" if split.endswith("_mtf") else "abc"
         name = f"{split}_abc" if split.startswith("base") else split
-        _write_if_changed(root / f"{name}.jsonl",
-                          _jsonl_bytes([_training_record(t, fmt, seed, plan, work) for t in chosen[split]]))
+        _write_if_changed(root / f"{name}.jsonl", _jsonl_bytes(
+            [_training_record(t, fmt, seed, plan, work, t.id in paired) for t in chosen[split]]))
 
     for split in SPLITS:
         if len(chosen[split]) < getattr(sizes, split):

@@ -12,7 +12,9 @@ files. The folder is built beside its target and swapped in whole, so a reader n
 two runs and a smaller second run leaves no file of a larger first one behind.
 
 The leakage guard refuses a piece whose id, music bytes (SHA-256) or normalised title also occurs in
-a training JSONL: retrieval on pieces the adapter was trained on would measure memory, not skill.
+a training JSONL, and a piece whose other format is there (its ``pair_id`` is a training record's
+``pair_id`` or id, or its id a training record's ``pair_id``): retrieval on pieces the adapter was
+trained on would measure memory, not skill.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ MIDICAPS_TEXT_FIELDS = ("caption",)
 REFUSED_ID = "id in training data"
 REFUSED_CONTENT = "content in training data"
 REFUSED_TITLE = "title in training data"
-LEAKAGE_REASONS = (REFUSED_ID, REFUSED_CONTENT, REFUSED_TITLE)
+REFUSED_PAIR = "other format in training data"
+LEAKAGE_REASONS = (REFUSED_ID, REFUSED_CONTENT, REFUSED_TITLE, REFUSED_PAIR)
 
 HOW_TO_MAKE = {
     "wikimt": "python preprocessing/prepare_wikimt.py --input wikimt-x.jsonl",
@@ -173,9 +176,11 @@ def default_sources(wikimt_dir: Path, midicaps_test: Path) -> list[Source]:
 
 @dataclass
 class TrainingIndex:
-    """What the training data holds: ids, normalised titles and the SHA-256 of its music files."""
+    """What the training data holds: ids, pair ids (one piece in both formats), normalised titles and
+    the SHA-256 of its music files."""
 
     ids: set[str] = field(default_factory=set)
+    pair_ids: set[str] = field(default_factory=set)
     titles: set[str] = field(default_factory=set)
     digests: set[str] = field(default_factory=set)
     read: list[str] = field(default_factory=list)  # JSONL files indexed
@@ -198,6 +203,8 @@ def index_training_data(jsonls: Iterable[str | os.PathLike], sizes: set[int] | N
             index.records += 1
             if isinstance(record.get("id"), str) and record["id"]:
                 index.ids.add(record["id"])
+            if isinstance(record.get("pair_id"), str) and record["pair_id"]:
+                index.pair_ids.add(record["pair_id"])
             for key in ("title", "song_name"):
                 values = record.get(key)
                 for value in values if isinstance(values, list) else [values]:
@@ -218,7 +225,10 @@ def index_training_data(jsonls: Iterable[str | os.PathLike], sizes: set[int] | N
 
 
 def leakage(candidate: Candidate, digest: str, index: TrainingIndex) -> list[str]:
-    """Every leakage reason of one candidate, in the order id, content, title."""
+    """Every leakage reason of one candidate, in the order id, content, title, other format. The
+    other format of a piece is in training when the candidate's ``pair_id`` is a training record's
+    ``pair_id`` or id (a record of the other format that lost its partner keeps its id), or the
+    candidate's id is a training record's ``pair_id``."""
     reasons = []
     if candidate.id in index.ids:
         reasons.append(REFUSED_ID)
@@ -226,6 +236,9 @@ def leakage(candidate: Candidate, digest: str, index: TrainingIndex) -> list[str
         reasons.append(REFUSED_CONTENT)
     if candidate.title and normalise_title(candidate.title) in index.titles:
         reasons.append(REFUSED_TITLE)
+    if (candidate.pair_id and (candidate.pair_id in index.pair_ids or candidate.pair_id in index.ids)) \
+            or candidate.id in index.pair_ids:
+        reasons.append(REFUSED_PAIR)
     return reasons
 
 

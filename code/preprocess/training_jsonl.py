@@ -6,12 +6,18 @@ A record follows the official ``TextMusicDataset`` format::
      "title": "...", "artists": [...], "genres": [...], "tags": [...], ...}
 
 ``filepaths`` are relative to the folder of the JSONL file, as the official loader expects. Every
-key other than ``id`` and ``filepaths`` is a text field (a string or a list of strings), which the
-official ``text_dropout`` samples from.
+key other than ``id``, ``filepaths`` and ``pair_id`` is a text field (a string or a list of
+strings), which the official ``text_dropout`` samples from.
+
+A piece written in both formats carries ``"pair_id": <its id>`` in its ABC and its MTF record (the
+same piece as sheet music and as MIDI, for the trainer's sheet <-> MIDI objective,
+``ALIGN_WEIGHT``); a piece of which only one format survived the file checks has none. The
+official loader reads every key but ``id``, ``filepaths``, ``language`` and ``translations`` as
+text, so ``pair_ids=False`` (``--no_pair_ids``) writes records for the official trainer.
 
 The split is decided per piece from a hash of (seed, id), never from the order of the rows, so a
-piece lands in the same split in the ABC and the MTF files, on every run, whatever else is in the
-metadata.
+piece lands in the same split in the ABC and the MTF files (both members of a pair on the same
+side), on every run, whatever else is in the metadata.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ CONVERTED_FILES: dict[str, ConvertedFiles] = {
 SPLITS = ("train", "valid")
 DROPPED_NAME = "training_jsonl_dropped.jsonl"
 SUMMARY_NAME = "training_jsonl_summary.json"
-RESERVED_KEYS = {"id", "filepaths"}
+RESERVED_KEYS = {"id", "filepaths", "pair_id"}
 
 
 def output_name(format: str, split: str) -> str:
@@ -205,6 +211,7 @@ def relative_to(path: str | os.PathLike, folder: str | os.PathLike) -> str:
 class TrainingJsonlSummary:
     pieces: int = 0
     written: Counter = field(default_factory=Counter)  # (format, split) -> records
+    pairs: Counter = field(default_factory=Counter)  # split -> pieces written in both formats (pair_id)
     # One row per piece or file left out; "format" is "abc", "mtf", or "piece" for both at once.
     drops: DropLog = field(default_factory=lambda: DropLog("training_jsonl"))
 
@@ -217,6 +224,7 @@ class TrainingJsonlSummary:
         for format in FORMATS:
             counts = ", ".join(f"{split} {self.written[(format, split)]}" for split in SPLITS)
             out.append(f"{format}: {counts}")
+        out.append("pairs (both formats, pair_id): " + ", ".join(f"{split} {self.pairs[split]}" for split in SPLITS))
         if self.drops:
             out.append(f"dropped: {len(self.drops)}")
             out += [f"  [{f}] {reason}: {n}" for (f, reason), n in sorted(self.dropped_by_format().items())]
@@ -245,8 +253,10 @@ def generate(
     allow_missing: bool = False,
     workers: int = 1,
     progress: bool = True,
+    pair_ids: bool = True,
 ) -> TrainingJsonlSummary:
-    """Write the four JSONL files, the dropped-row log and a summary into ``output_dir``."""
+    """Write the four JSONL files, the dropped-row log and a summary into ``output_dir``; with
+    ``pair_ids`` a piece written in both formats gets its id as ``pair_id`` in both records."""
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"--valid_fraction must be in [0, 1), got {valid_fraction}")
     records = load_metadata(metadata)
@@ -292,13 +302,22 @@ def generate(
         reasons = check_files([j[4] for j in jobs], verify_files, workers, progress)
 
     outputs: dict[tuple[str, str], list[dict]] = {(f, s): [] for f in FORMATS for s in SPLITS}
-    for (format, pid, text, split, file), reason in zip(jobs, reasons, strict=True):
+    usable = list(zip(jobs, reasons, strict=True))
+    formats_of: dict[str, set[str]] = {}
+    for (format, pid, *_), reason in usable:
+        if reason is None:
+            formats_of.setdefault(pid, set()).add(format)
+    paired = {pid for pid, found in formats_of.items() if pair_ids and found == set(FORMATS)}
+    for (format, pid, text, split, file), reason in usable:
         if reason is not None:
             drops.add(reason, id=pid, format=format, file=str(file))
             continue
-        record = {"id": pid, "filepaths": [relative_to(file, output_dir)], **text}
+        record = {"id": pid, "filepaths": [relative_to(file, output_dir)],
+                  **({"pair_id": pid} if pid in paired else {}), **text}
         outputs[(format, split)].append(record)
         summary.written[(format, split)] += 1
+        if pid in paired and format == FORMATS[0]:
+            summary.pairs[split] += 1
 
     for (format, split), rows in outputs.items():
         write_jsonl(output_dir / output_name(format, split), rows)
@@ -308,6 +327,7 @@ def generate(
         "valid_fraction": valid_fraction, "seed": seed, "verify_files": verify_files,
         "exclude_titles": str(exclude_titles) if exclude_titles else None, "pieces": summary.pieces,
         "written": {output_name(f, s): n for (f, s), n in sorted(summary.written.items())},
+        "pair_ids": pair_ids, "pairs": {split: summary.pairs[split] for split in SPLITS},
         "dropped": {f"{f}: {r}": n for (f, r), n in sorted(summary.dropped_by_format().items())},
     }
     atomic_write_text(output_dir / SUMMARY_NAME, json.dumps(info, indent=2, ensure_ascii=False) + "\n")

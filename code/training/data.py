@@ -68,7 +68,8 @@ class TrainingRecord:
     has none; ``fields`` are its text fields; ``music_files`` the paths of its files of the format
     (resolved against the JSONL's folder) and ``music_keys`` their content hashes; ``length`` the
     patches of its longest file (special patches included) capped at the patch length;
-    ``text_key`` the hash of its normalised full text.
+    ``text_key`` the hash of its normalised full text; ``pair_id`` the record's ``pair_id`` (the
+    same piece in the other format's JSONL, ``training.pairs``), None without one.
     """
 
     index: int
@@ -78,6 +79,7 @@ class TrainingRecord:
     music_keys: tuple[int, ...]
     length: int
     text_key: int
+    pair_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -300,20 +302,27 @@ def load_records(jsonl_path: str | os.PathLike, fmt: str, patchilizer: M3Patchil
             music_keys=tuple(check.key for _, check in good),
             length=min(max(check.patches for _, check in good), patchilizer.patch_length),
             text_key=normalised_text_key(validation_text(fields)),
+            pair_id=_pair_id(fields),
         ))
     return records
 
 
+def _pair_id(fields: dict[str, Any]) -> str | None:
+    value = fields.get("pair_id")
+    return str(value) if isinstance(value, str | int) and not isinstance(value, bool) and str(value) else None
+
+
 def held_out_split(records: Sequence[TrainingRecord], fraction: float,
                    seed: int) -> tuple[list[TrainingRecord], list[TrainingRecord]]:
-    """``(train, held_out)``: a record is held out when the hash of ``(seed, id)`` falls in the
-    first ``fraction`` of the hash range, so the split is by piece and the same on every run."""
+    """``(train, held_out)``: a record is held out when the hash of ``(seed, pair_id or id)``
+    falls in the first ``fraction`` of the hash range, so the split is by piece (both members of a
+    pair on the same side) and the same on every run."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
     threshold = fraction * 2.0**64
     train, held_out = [], []
     for record in records:
-        position = stable_hash("held-out", seed, record.id) & 0xFFFF_FFFF_FFFF_FFFF
+        position = stable_hash("held-out", seed, record.pair_id or record.id) & 0xFFFF_FFFF_FFFF_FFFF
         (held_out if position < threshold else train).append(record)
     return train, held_out
 

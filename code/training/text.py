@@ -20,7 +20,8 @@ import torch
 from records import same_text_key
 
 TEXT_SEPARATOR = "</s>"  # the literal the official code joins text lines with (XLM-R id 2)
-NON_TEXT_KEYS = frozenset({"id", "filepaths", "language", "translations"})
+# The official loader's non-text keys, and pair_id (one piece in both formats, training.pairs).
+NON_TEXT_KEYS = frozenset({"id", "filepaths", "language", "translations", "pair_id"})
 TRANSLATION_P = 0.5  # official: translated fields are the candidates half of the time
 KEEP_LINE_P = 0.5
 TRUNCATIONS = ("head", "tail", "middle")
