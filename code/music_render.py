@@ -26,9 +26,9 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import wave
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,9 @@ MAX_ROLL_NOTES = 20000
 ROLL_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
                 "#bcbd22", "#7f7f7f")
 
-_verovio_lock = threading.Lock()  # the one Verovio toolkit, used by one thread at a time
-_abc2xml_lock = threading.Lock()  # abc2xml keeps its state in module globals: one conversion at a time
+# Sheet music is engraved on one thread: abc2xml keeps its state in module globals, and Verovio's
+# element ids come from a generator of the thread (a fixed seed gives the same SVG on the same thread).
+_ENGRAVER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="music_render_engraver")
 _TOOLKIT: Any = None
 
 
@@ -119,8 +120,7 @@ def sheet_musicxml(path: Path, kind: str) -> str:
         return musicxml_text(path)
     if kind == "abc":
         try:
-            with _abc2xml_lock:
-                return abc2xml.convert_file(path).decode("utf-8")
+            return abc2xml.convert_file(path).decode("utf-8")
         except ConversionError as exc:
             raise RenderError(f"{path.name}: ABC → MusicXML failed: {exc.reason}") from exc
         except Exception as exc:  # noqa: BLE001 - the vendored converter's own crash is this file's failure
@@ -129,8 +129,8 @@ def sheet_musicxml(path: Path, kind: str) -> str:
 
 
 def _toolkit() -> Any:
-    """The process's one Verovio toolkit (made on first use; call under ``_verovio_lock``). One is
-    kept: a toolkit made after another has gone can fail to load its fonts."""
+    """The process's one Verovio toolkit (made on first use, on the engraver's thread). One is kept:
+    a toolkit made after another has gone can fail to load its fonts."""
     global _TOOLKIT
     if _TOOLKIT is None:
         try:
@@ -145,22 +145,27 @@ def _toolkit() -> Any:
     return _TOOLKIT
 
 
-def _verovio(musicxml: str, name: str) -> tuple[str, int, bytes]:
-    """Verovio's SVG of the first page, the number of pages, and its MIDI rendering of the whole
-    score. The element ids come from a fixed seed, so one file always gives the same SVG."""
+def _engrave_here(path: Path, kind: str) -> tuple[str, int, bytes]:
     import base64
 
-    with _verovio_lock:
-        toolkit = _toolkit()
-        toolkit.resetXmlIdSeed(1)
-        if not toolkit.loadData(musicxml) or toolkit.getPageCount() < 1:
-            raise RenderError(f"{name}: Verovio could not read the score")
-        svg = toolkit.renderToSVG(1)
-        pages = int(toolkit.getPageCount())
-        midi = base64.b64decode(toolkit.renderToMIDI() or "")
+    musicxml = sheet_musicxml(path, kind)
+    toolkit = _toolkit()
+    toolkit.resetXmlIdSeed(1)
+    if not toolkit.loadData(musicxml) or toolkit.getPageCount() < 1:
+        raise RenderError(f"{path.name}: Verovio could not read the score")
+    svg = toolkit.renderToSVG(1)
+    pages = int(toolkit.getPageCount())
+    midi = base64.b64decode(toolkit.renderToMIDI() or "")
     if not svg:
-        raise RenderError(f"{name}: Verovio drew nothing")
+        raise RenderError(f"{path.name}: Verovio drew nothing")
     return svg, pages, midi
+
+
+def engrave(path: Path, kind: str) -> tuple[str, int, bytes]:
+    """A sheet-music file engraved by Verovio (on the engraver's thread, one file at a time): the SVG of
+    the first page, the number of pages, and Verovio's MIDI rendering of the whole score. The element
+    ids come from a fixed seed, so one file always gives the same SVG."""
+    return _ENGRAVER.submit(_engrave_here, path, kind).result()
 
 
 def performance_midi(path: Path, kind: str) -> bytes:
@@ -180,7 +185,7 @@ def file_midi(path: Path, kind: str) -> bytes:
     if kind in PERFORMANCE_KINDS:
         return performance_midi(path, kind)
     if kind in SHEET_KINDS:
-        return _verovio(sheet_musicxml(path, kind), path.name)[2]
+        return engrave(path, kind)[2]
     if kind in RECORDING_KINDS:
         raise RenderError(f"{path.name}: a recording is played as it is, not through MIDI")
     raise RenderError(f"{path.name}: {kind} files cannot be played (MERT features are not sound)")
@@ -189,7 +194,7 @@ def file_midi(path: Path, kind: str) -> bytes:
 def score(path: Path, kind: str) -> Score:
     """The SVG of a file: Verovio's engraving for sheet music, a piano roll for MIDI and MTF."""
     if kind in SHEET_KINDS:
-        svg, pages, _ = _verovio(sheet_musicxml(path, kind), path.name)
+        svg, pages, _ = engrave(path, kind)
         return Score(svg, notation=True, pages=pages)
     if kind in PERFORMANCE_KINDS:
         return Score(piano_roll_svg(midi_notes(performance_midi(path, kind))), notation=False)

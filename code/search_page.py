@@ -37,9 +37,10 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import folder_search
 import formats
@@ -77,6 +78,7 @@ RENDER_CACHE_ITEMS = 64
 ADAPTERS, BASE = "adapters", "base"
 
 log = logging.getLogger("clamp3_search.page")
+T = TypeVar("T")
 
 
 class PageError(Exception):
@@ -101,8 +103,9 @@ class PageModel:
 
 @dataclass
 class SearchSession:
-    """What the page searches: the folder, the models, and a lock that serialises the model and the
-    index (one query is embedded at a time; renders run beside it)."""
+    """What the page searches: the folder, the models, and the one thread that runs them. Every use of a
+    model or an index goes through ``run`` on that thread (one query at a time, and the index used
+    from the thread that opened it, whatever its storage allows); scores and sound are drawn beside it."""
 
     folder: Path
     models: dict[str, PageModel]
@@ -110,7 +113,12 @@ class SearchSession:
     synthesiser: music_render.Synthesiser
     max_upload_bytes: int
     say: Callable[[str], None] = print
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    worker: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="search_page_models"))
+
+    def run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the models' thread; its exception, if any, raised here."""
+        return self.worker.submit(function, *args).result()
 
     def index(self, name: str) -> Any:
         """The model's index, opened (and brought up to date) on first use."""
@@ -162,8 +170,7 @@ def indexed_file(session: SearchSession, relpath: str) -> tuple[Path, Any]:
     path = (root / relpath).resolve()
     if not path.is_relative_to(root) or not path.is_file():
         raise refused
-    with session.lock:
-        entry = session.default_index().entry(path.relative_to(root).as_posix())
+    entry = session.run(lambda: session.default_index().entry(path.relative_to(root).as_posix()))
     if entry is None:
         raise refused
     return path, entry
@@ -241,21 +248,27 @@ def text_search(session: SearchSession, request: Request) -> dict[str, Any]:
     if not text:
         raise PageError(400, "type a text to search for, or choose a music file")
     name, k, kinds = _query_options(session, request)
-    with session.lock:
+
+    def answer() -> dict[str, Any]:
         vector = session.models[name].embedder.embed_texts([text])[0]
         return _results(session, name, vector, k, kinds, None, {"source": "text", "text": text})
+
+    return session.run(answer)
 
 
 def similar_search(session: SearchSession, request: Request) -> dict[str, Any]:
     relpath = request.query_params.get("path") or ""
     _, entry = indexed_file(session, relpath)
     name, k, kinds = _query_options(session, request)
-    with session.lock:
+
+    def answer() -> dict[str, Any]:
         vector = session.index(name).vector(entry.path)
         if vector is None:
             raise PageError(404, f"{entry.path} is not in the {name} index")
         return _results(session, name, vector, k, kinds, entry.sha256,
                         {"source": "more like this", "path": entry.path})
+
+    return session.run(answer)
 
 
 def _upload_name(raw: str) -> str:
@@ -291,13 +304,16 @@ def music_search(session: SearchSession, request: Request, data: bytes) -> dict[
     with tempfile.TemporaryDirectory(prefix="clamp3_upload_") as folder:
         path = Path(folder) / name
         path.write_bytes(data)
-        with session.lock:
+
+        def answer() -> dict[str, Any]:
             try:
                 vector, sha = folder_search.query_vector(session.models[model].embedder,
                                                          folder_search.Query(f"uploaded {name}", path=path))
             except rawfiles.RawFileError as exc:
                 raise PageError(400, f"{name} could not be read as music ({exc.stage}): {exc.reason}") from exc
             return _results(session, model, vector, k, kinds, sha, {"source": "music file", "name": name})
+
+        return session.run(answer)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -306,9 +322,8 @@ def build_app(session: SearchSession, allowed_hosts: list[str] | None = None) ->
     renders = RenderCache()
 
     def info(request: Request) -> JSONResponse:
-        with session.lock:
-            index = session.default_index()
-            n_indexed, failures = len(index), len(index.failures)
+        n_indexed, failures = session.run(lambda: (len(session.default_index()),
+                                                   len(getattr(session.default_index(), "failures", ()))))
         return JSONResponse({
             "folder": str(session.folder), "n_indexed": n_indexed, "n_failed": failures,
             "models": [{"name": m.name, "label": m.label} for m in session.models.values()],
@@ -401,8 +416,7 @@ def open_session(args: argparse.Namespace, cfg: dict[str, Any], say: Callable[[s
                             max_upload_bytes=int(args.max_upload_mb * 1e6), say=say)
     for line in models[default].embedder.choice.describe():
         say(line)
-    index = session.default_index()
-    if not len(index):
+    if not session.run(lambda: len(session.default_index())):
         raise FileNotFoundError(f"no music file in {folder} could be indexed (searched recursively for "
                                 f"{' '.join(folder_search.INDEXED_EXTENSIONS)})")
     say(f"sound: {synthesiser.describe()}")
@@ -448,7 +462,8 @@ def serve(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
         return 2
     app = build_app(session, allowed_hosts_for(args.host))
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"search page: http://{shown}:{args.port}/  ({len(session.default_index())} pieces of {session.folder}; "
+    n_pieces = session.run(lambda: len(session.default_index()))
+    print(f"search page: http://{shown}:{args.port}/  ({n_pieces} pieces of {session.folder}; "
           "Ctrl-C stops it)", flush=True)
     if args.host not in LOOPBACK_HOSTS:
         print(f"note: --host {args.host} makes the page (and the folder's files) reachable from other machines",

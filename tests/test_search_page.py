@@ -224,7 +224,7 @@ def test_a_link_out_of_the_folder_is_not_served(tmp_path, word_tokenizer, adapte
     args, cfg = runconfig.parse_args(parser, ["--serve", str(folder), "--quiet",
                                               *model_arguments(tmp_path, word_tokenizer, adapters)])
     session = search_page.open_session(args, cfg, say=lambda _: None)
-    assert session.default_index().entry("link.abc") is not None  # indexed, as the folder walk found it
+    assert session.run(lambda: session.default_index().entry("link.abc")) is not None  # the folder walk found it
     path, _ = search_page.indexed_file(session, "bach_bwv1.6.abc")
     assert path == (folder / "bach_bwv1.6.abc").resolve()
     with pytest.raises(search_page.PageError) as refused:
@@ -359,3 +359,13 @@ def test_fluidsynth_renders_when_installed():
     wav = synthesiser.wav((OFFICIAL / "inputs" / "mid" / "m21test_test01.mid").read_bytes())
     plain = music_render.Synthesiser(None, None).wav((OFFICIAL / "inputs" / "mid" / "m21test_test01.mid").read_bytes())
     assert wav[:4] == b"RIFF" and wav != plain and "FluidSynth" in synthesiser.describe()
+
+
+def test_scores_drawn_at_once_are_the_scores_drawn_one_by_one():
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [OFFICIAL / "outputs" / "int_abc" / f"{name}.abc" for name in ("bach_bwv1.6", "corelli_opus3no1_1grave")]
+    alone = [music_render.score(path, "abc").svg for path in files]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # abc2xml and Verovio hold global state: taken in turn
+        together = list(pool.map(lambda path: music_render.score(path, "abc").svg, files * 3))
+    assert together == alone * 3
