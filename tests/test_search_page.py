@@ -211,6 +211,18 @@ def test_serve_takes_no_query(capsys):
     assert "give QUERY and FOLDER, or --serve FOLDER" in capsys.readouterr().err
 
 
+def test_serve_refuses_a_folder_without_music(tmp_path, word_tokenizer, adapters, capsys):
+    main = load_script("clamp3_search.py").main
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("w1\n", encoding="utf-8")
+    argv = ["--serve", str(tmp_path / "empty"), "--quiet", *model_arguments(tmp_path, word_tokenizer, adapters)]
+    assert main(argv) == 2
+    assert "no music file in" in capsys.readouterr().err
+    assert main(["--serve", str(tmp_path / "nowhere"), "--quiet",
+                 *model_arguments(tmp_path, word_tokenizer, adapters)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
 def test_a_link_out_of_the_folder_is_not_served(tmp_path, word_tokenizer, adapters):
     import search_page
 
