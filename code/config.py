@@ -36,7 +36,7 @@ MODEL_CONFIG = ""
 # cache; never downloaded unless HF_HUB_OFFLINE=0 is set explicitly. README, "Audio".
 MERT_MODEL_PATH = "m-a-p/MERT-v1-95M"
 MERT_DTYPE = "float32"  # float32 (matches the official features) | bfloat16 (autocast, faster on a GPU)
-MERT_WINDOWS_PER_BATCH = 8  # 5 s windows of equal length run together
+MERT_WINDOWS_PER_BATCH = 4  # 5 s windows of equal length run together (bench: README, "Audio")
 
 # ---------------------------------------------------------------- feature extraction
 # "sdpa" (fused attention, faster) or "eager" (the official arithmetic); both match the official

@@ -262,8 +262,10 @@ class Embedder:
                                           windows_per_batch=self.cfg["MERT_WINDOWS_PER_BATCH"])
                 width = int(self.choice.model_config.audio["hidden_size"])
                 if mert.width != width:
+                    demo = ("; the embedded default's models (make demo) have no trained audio tower: audio needs "
+                            "the official C2 checkpoint" if self.choice.source == "demo" else "")
                     raise MertModelError(f"the MERT model in {mert.folder} gives {mert.width}-wide features but the "
-                                         f"CLaMP 3 audio tower reads {width}-wide ones (MERT-v1-95M: 768)")
+                                         f"CLaMP 3 audio tower reads {width}-wide ones (MERT-v1-95M: 768){demo}")
                 self._mert = mert
             except (MertModelError, ValueError) as exc:
                 self._mert_error = exc
