@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import runconfig
-from fileio import failure_log_path, repo_path
+from fileio import failure_log_path, find_files, repo_path
+from formats import AUDIO_EXTENSIONS
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +110,11 @@ def run(args: argparse.Namespace, cfg: dict, weights: Path, model_config: ModelC
             print(f"error: process(es) {failed} could not start (see their errors above)", file=sys.stderr)
         return 2
     if rank == 0:
+        audio = find_files(args.input_dir, AUDIO_EXTENSIONS)
+        if audio:  # read as MERT features only: say so rather than leave them out in silence
+            print(f"note: {len(audio)} audio file(s) in {args.input_dir} are not read here; extract their MERT "
+                  "features first (python preprocessing/audio/extract_mert.py IN OUT --mean_features) and pass the "
+                  ".npy files, or embed the audio directly with clamp3_embd.py", file=sys.stderr)
         if not args.quiet:
             print(runconfig.format_config(cfg))
             print(f"weights = {weights}\ndevice = {device}"

@@ -118,3 +118,23 @@ def test_two_processes_write_what_one_writes(tmp_path):
     for name in names:
         assert np.abs(np.load(one / name) - np.load(two / name)).max() <= 1e-6
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 3  # every rank's failures, merged
+
+
+def test_extract_clamp3_reads_the_mean_features_and_names_the_audio_it_skips(tmp_path, capsys):
+    """The chain the README gives: extract_mert.py --mean_features, then code/extract_clamp3.py on the .npy
+    files (the audio tower of the tiny CLaMP 3 model, 32 wide like the tiny MERT model)."""
+    from helpers import TINY_MODEL_CONFIG, TINY_WEIGHTS
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    case = next(c for c in CASES if c["id"].startswith("s04"))
+    shutil.copy(MERT / case["input"], folder)
+    mert = tmp_path / "mert"
+    assert load_script(SCRIPT).main(arguments(folder, mert, tmp_path / "log.jsonl", "--mean_features")) == 0
+    shutil.copy(MERT / case["input"], mert)  # an audio file among the features: named, not read
+    out = tmp_path / "clamp3"
+    assert load_script(REPO_ROOT / "code" / "extract_clamp3.py").main(
+        [str(mert), str(out), "--get_global", "--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG),
+         "--EXTRACT_DEVICE=cpu", "--quiet", "--error_log", str(tmp_path / "x.jsonl")]) == 0
+    assert np.load(out / (Path(case["input"]).stem + ".npy")).shape == (1, 32)
+    assert "1 audio file(s)" in capsys.readouterr().err
