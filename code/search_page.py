@@ -75,6 +75,10 @@ RECORDING_KINDS = tuple(sorted(kind for kind, modality in formats.MODALITY_OF_KI
 FILTERS = {fmt: formats.KINDS_OF_FORMAT[fmt] for fmt in formats.FORMATS} | {AUDIO: RECORDING_KINDS}
 AUDIO_MEDIA_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac", ".ogg": "audio/ogg"}
 RENDER_CACHE_ITEMS = 64
+# The page's own script and style only; scores come back as blob: images, sound from the server.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                           "img-src 'self' blob:; media-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
+                           "base-uri 'none'; form-action 'self'")
 ADAPTERS, BASE = "adapters", "base"
 
 log = logging.getLogger("clamp3_search.page")
@@ -113,6 +117,7 @@ class SearchSession:
     synthesiser: music_render.Synthesiser
     max_upload_bytes: int
     say: Callable[[str], None] = print
+    update: bool = True  # False (--no_update): each index searched as it is, the folder not walked
     worker: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="search_page_models"))
 
@@ -133,9 +138,15 @@ class SearchSession:
                     bars["last"] = time.monotonic()
                     self.say(f"index ({model.name}): embedded {done}/{total} files")
 
-            model.index = folder_search.open_folder_index(model.embedder, self.folder, model.index_dir,
-                                                          update=True, drops=DropLog("search_page"),
-                                                          say=self.say, progress=progress)
+            try:
+                model.index = folder_search.open_folder_index(model.embedder, self.folder, model.index_dir,
+                                                              update=self.update, drops=DropLog("search_page"),
+                                                              say=self.say, progress=progress)
+            except FileNotFoundError as exc:
+                if self.update:
+                    raise
+                raise PageError(409, f"the {model.label} has no index of this folder yet ({exc}); serve "
+                                "without --no_update once to build it") from exc
         return model.index
 
     def default_index(self) -> Any:
@@ -393,11 +404,37 @@ def build_app(session: SearchSession, allowed_hosts: list[str] | None = None) ->
     routes = [Route("/", page), Route("/api/info", info), Route("/api/search", search, methods=["GET", "POST"]),
               Route("/api/similar", similar), Route("/api/score", score), Route("/api/audio", audio),
               Route("/api/file", raw_file)]
-    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)] if allowed_hosts else []
+    middleware = [Middleware(SecurityHeaders)]
+    if allowed_hosts:
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
     app = Starlette(routes=routes, middleware=middleware,
                     exception_handlers={PageError: page_error, HTTPException: http_error, Exception: unexpected})
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
     return app
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response says what it is (``nosniff``), may not be framed, and runs
+    only the page's own script (``CONTENT_SECURITY_POLICY``); a score opened on its own runs nothing."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
+                            (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+                            (b"referrer-policy", b"no-referrer")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 def allowed_hosts_for(host: str) -> list[str] | None:
@@ -413,7 +450,7 @@ def open_session(args: argparse.Namespace, cfg: dict[str, Any], say: Callable[[s
     models, default = page_models(args, cfg, folder)
     synthesiser = music_render.Synthesiser.detect(getattr(args, "soundfont", None))
     session = SearchSession(folder=folder, models=models, default_model=default, synthesiser=synthesiser,
-                            max_upload_bytes=int(args.max_upload_mb * 1e6), say=say)
+                            max_upload_bytes=int(args.max_upload_mb * 1e6), say=say, update=not args.no_update)
     for line in models[default].embedder.choice.describe():
         say(line)
     if not session.run(lambda: len(session.default_index())):

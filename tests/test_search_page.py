@@ -161,6 +161,11 @@ def test_the_page_serves_only_indexed_files_of_the_folder(page):
             assert status == 404 and kind == "application/json" and b"T:secret" not in body, (what, path, body)
     status, _, body = get(f"{page.url}/api/file?path=midi/m21write_bach_bwv315.mid")
     assert status == 200 and body == (page.folder / "midi" / "m21write_bach_bwv315.mid").read_bytes()
+    # Every answer says what it is and runs nothing but the page's own script.
+    headers = urllib.request.urlopen(f"{page.url}/api/score?path=bach_bwv67.4.xml").headers
+    assert headers["X-Content-Type-Options"] == "nosniff" and "script-src 'self'" in headers["Content-Security-Policy"]
+    assert "attachment" in urllib.request.urlopen(f"{page.url}/api/file?path=bach_bwv67.4.xml").headers[
+        "Content-Disposition"]  # a file of the folder is downloaded, never shown as a page
     # Only loopback names are answered (no DNS rebinding onto the folder).
     assert get(f"{page.url}/api/info", headers={"Host": "attacker.example"})[0] == 400
 
@@ -242,9 +247,26 @@ def test_a_link_out_of_the_folder_is_not_served(tmp_path, word_tokenizer, adapte
     with pytest.raises(search_page.PageError) as refused:
         search_page.indexed_file(session, "link.abc")
     assert refused.value.status == 404
+    # --no_update: the indexes as they are; the base's, never built, is named with the fix.
+    args.no_update = True
+    as_it_is = search_page.open_session(args, cfg, say=lambda _: None)
+    assert as_it_is.run(lambda: len(as_it_is.default_index())) == 2
+    with pytest.raises(search_page.PageError, match="no index of this folder yet") as missing:
+        as_it_is.run(as_it_is.index, "base")
+    assert missing.value.status == 409
 
 
 # ---------------------------------------------------------------------------- in a browser
+def until(view, expression: str, timeout_s: float = 30) -> None:
+    """Wait until a JavaScript expression is true in the page. (Playwright's wait_for_function evaluates
+    its predicate with eval, which the page's Content-Security-Policy forbids, as it should.)"""
+    deadline = time.monotonic() + timeout_s
+    while not view.evaluate(f"() => Boolean({expression})"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout_s} s: {expression}")
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_a_browser_runs_a_text_and_a_music_query(page):
     try:
@@ -265,19 +287,21 @@ def test_a_browser_runs_a_text_and_a_music_query(page):
             view = browser.new_page(viewport={"width": 1100, "height": 1400})
             errors: list[str] = []
             view.on("pageerror", lambda exc: errors.append(str(exc)))
+            view.on("console", lambda message: errors.append(message.text)
+                    if "Content Security Policy" in message.text else None)  # the page keeps to its policy
             view.goto(page.url + "/")
-            view.wait_for_function("document.querySelectorAll('#model option').length == 2")
+            until(view, "document.querySelectorAll('#model option').length == 2")
             assert "9 pieces" in view.text_content("#about")
 
             def hits(expected: int) -> list[str]:
-                view.wait_for_function(f"document.querySelectorAll('#hits li.hit').length == {expected}")
+                until(view, f"document.querySelectorAll('#hits li.hit').length == {expected}")
                 kinds = view.eval_on_selector_all("#hits li.hit .kind", "items => items.map(i => i.textContent)")
                 drawn = sum(kind not in ("audio", "mert") for kind in kinds)  # a recording has no score
                 # every score drawn: an SVG image that loaded (a score that failed says so in its note)
-                view.wait_for_function(f"[...document.querySelectorAll('#hits li.hit')].filter(li => "
+                until(view, f"[...document.querySelectorAll('#hits li.hit')].filter(li => "
                                        f"[...li.querySelectorAll('.sheet img')].some(img => img.complete && "
                                        f"img.naturalWidth > 0) || li.querySelector('.note').textContent"
-                                       f".startsWith('no score')).length == {drawn}", timeout=120_000)
+                                       f".startsWith('no score')).length == {drawn}", timeout_s=120)
                 failed = view.eval_on_selector_all("#hits .note", "notes => notes.map(n => n.textContent)"
                                                    ".filter(t => t.startsWith('no score'))")
                 assert not failed, failed
@@ -305,13 +329,13 @@ def test_a_browser_runs_a_text_and_a_music_query(page):
             view.set_input_files("#file", str(page.folder / "bach_bwv1.6.abc"))
             view.select_option("#format", "abc")
             view.click("#go")
-            view.wait_for_function("document.querySelector('#status').textContent.startsWith('music like')")
+            until(view, "document.querySelector('#status').textContent.startsWith('music like')")
             music_hits = hits(4)  # the 5 sheet-music pieces but the query itself
             assert "bach_bwv1.6.abc" not in music_hits and music_hits != text_hits
             view.screenshot(path=str(results / "search_page.png"), full_page=True)
 
             view.locator("#hits li.hit button.more").first.click()
-            view.wait_for_function("document.querySelector('#status').textContent.startsWith('more like')")
+            until(view, "document.querySelector('#status').textContent.startsWith('more like')")
             assert music_hits[0] not in hits(4)
 
             bad = page.root / "broken.mid"
