@@ -54,6 +54,7 @@ BASE = "base"
 FEATURE_SETTINGS = ("PATCH_LENGTH", "MAX_TEXT_LENGTH", "MAX_AUDIO_LENGTH", "TEXT_MODEL_NAME", "EXTRACT_DTYPE")
 # Bump when the steps from an audio file to its MERT features change, so cached MERT features are made again.
 MERT_STEPS_VERSION = 1
+MERT_FILES_PER_BATCH = 16  # audio files decoded and run through MERT together
 
 
 class ModelsNotFoundError(FileNotFoundError):
@@ -294,17 +295,26 @@ class Embedder:
         """(file SHA-256, MERT features ``(1, windows, width)``) of each audio file, or why it has none;
         from the cache where made before, the rest decoded and run through MERT together. A file under
         1 s (no window) and a file that does not decode are remembered, like failed conversions."""
-        from audio.decode import AudioDecodeError
-        from audio.mert_features import mean_features
-        from audio.windows import TooShortError
-
         results: list[tuple[str, np.ndarray] | RawFileError | None] = [None] * len(paths)
         try:
             mert = self.mert()
         except Exception as exc:  # noqa: BLE001 - MertModelError/ValueError: every audio file fails with it
             return [RawFileError(path, "mert", f"needs the MERT model: {exc}") for path in paths]
+        # A few files' waveforms at a time: a chunk of long recordings would not fit in memory at once.
+        for first in range(0, len(paths), MERT_FILES_PER_BATCH):
+            batch = range(first, min(first + MERT_FILES_PER_BATCH, len(paths)))
+            self._audio_batch(mert, paths, batch, results)
+        return results  # type: ignore[return-value] - every item is set
+
+    def _audio_batch(self, mert: Any, paths: Sequence[Path], batch: range,
+                     results: list[tuple[str, np.ndarray] | RawFileError | None]) -> None:
+        from audio.decode import AudioDecodeError
+        from audio.mert_features import mean_features
+        from audio.windows import TooShortError
+
         todo: list[tuple[int, str, np.ndarray, Path | None]] = []
-        for index, path in enumerate(paths):
+        for index in batch:
+            path = paths[index]
             try:
                 sha = file_sha256(path)
             except OSError as exc:
@@ -324,10 +334,23 @@ class Embedder:
                 continue
             try:
                 todo.append((index, sha, mert.waveform(path), cached))
-            except (AudioDecodeError, OSError) as exc:
+            except AudioDecodeError as exc:
                 results[index] = self._remember(failed, RawFileError(path, "decode", str(exc)))
-        features = mert.features([waveform for _, _, waveform, _ in todo]) if todo else []
+            except OSError as exc:  # may pass (a file being written, permissions): not remembered
+                results[index] = RawFileError(path, "read", f"cannot read: {exc.strerror or exc}")
+        try:
+            features: list[Any] = mert.features([waveform for _, _, waveform, _ in todo]) if todo else []
+        except Exception:  # noqa: BLE001 - one at a time, so the culprit is named and the rest kept
+            features = []
+            for _, _, waveform, _ in todo:
+                try:
+                    features.append(mert.features([waveform])[0])
+                except Exception as exc:  # noqa: BLE001
+                    features.append(RuntimeError(f"{type(exc).__name__}: {exc}"))
         for (index, sha, _, cached), result in zip(todo, features, strict=True):
+            if isinstance(result, RuntimeError):
+                results[index] = RawFileError(paths[index], "model", str(result))
+                continue
             if isinstance(result, TooShortError):
                 failed = cached.with_name(cached.name + ".error.json") if cached else None
                 results[index] = self._remember(failed, RawFileError(paths[index], "mert", str(result)))
@@ -336,7 +359,6 @@ class Embedder:
             if cached is not None:
                 atomic_save_npy(cached, array)
             results[index] = (sha, array)
-        return results  # type: ignore[return-value] - every item is set
 
     @staticmethod
     def _remember(failed: Path | None, error: RawFileError) -> RawFileError:

@@ -189,3 +189,16 @@ def test_eval_score_and_zero_shot_on_audio(tmp_path, mixed_music, word_tokenizer
     assert load_script(REPO_ROOT / "classification" / "zero_shot_cls.py").main(
         [str(queries), str(output), "--labels", "w1,w2", *common]) == 0
     assert sorted(Path(name).name for name in json.loads(output.read_text())) == ["tune0.wav", "tune1.wav", "tune2.mp3"]
+
+
+def test_audio_files_in_small_batches_give_the_same_features(tmp_path, audio_folder, monkeypatch):
+    import embedder as embedder_module
+
+    paths = sorted(audio_folder.iterdir())
+    whole = Embedder(choose_models(tiny_cfg(), weights=TINY_WEIGHTS), cache_dir=tmp_path / "a").embed_files(paths)
+    monkeypatch.setattr(embedder_module, "MERT_FILES_PER_BATCH", 3)
+    parts = Embedder(choose_models(tiny_cfg(), weights=TINY_WEIGHTS), cache_dir=tmp_path / "b").embed_files(paths)
+    for one, other in zip(whole, parts, strict=True):
+        assert isinstance(one, rawfiles.RawFileError) == isinstance(other, rawfiles.RawFileError)
+        if not isinstance(one, rawfiles.RawFileError):
+            assert np.abs(one.feature - other.feature).max() < 1e-6
