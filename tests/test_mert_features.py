@@ -177,3 +177,21 @@ def test_file_features_is_the_official_file(extractor):
     with pytest.raises(TooShortError):
         extractor.file_features(MERT / "inputs" / "s06_clicks_mono_16k_0p5s.wav")
 
+
+
+def test_a_folder_laid_out_as_mert_v1_95m_loads_and_a_cqt_model_is_refused(tmp_path, extractor, waveforms):
+    """MERT-v1-95M's hub folder names its own model class (model_type mert_model, auto_map to remote code) and
+    fields HuBERT lacks: they are read by field name, no remote code runs, and the features are the same."""
+    config = json.loads((MERT / "model" / "config.json").read_text())
+    folder = tmp_path / "MERT-v1-95M-like"
+    folder.mkdir()
+    hub_like = {**config, "model_type": "mert_model", "architectures": ["MERTModel"], "sample_rate": 24000,
+                "auto_map": {"AutoConfig": "configuration_MERT.MERTConfig", "AutoModel": "modeling_MERT.MERTModel"},
+                "conv_pos_batch_norm": False, "_name_or_path": "m-a-p/MERT-v1-95M"}
+    (folder / "config.json").write_text(json.dumps(hub_like))
+    shutil.copy(MERT / "model" / "model.safetensors", folder)
+    waveform = waveforms["s08_chord_stereo_44k1_7p3s"]
+    assert np.array_equal(MertExtractor(load_mert(folder)).features([waveform])[0], extractor.features([waveform])[0])
+    (folder / "config.json").write_text(json.dumps({**hub_like, "feature_extractor_cqt": True}))
+    with pytest.raises(MertModelError, match="feature_extractor_cqt"):
+        load_mert(folder)
