@@ -204,7 +204,8 @@ def score(path: Path, kind: str) -> Score:
 # ---------------------------------------------------------------------------- MIDI → notes
 def midi_notes(data: bytes, max_seconds: float = MAX_AUDIO_SECONDS) -> list[Note]:
     """The notes of a MIDI file in seconds (tempo changes followed), those starting after
-    ``max_seconds`` left out; a note never released ends at the last message."""
+    ``max_seconds`` left out; a note-off, or the key struck again, ends every note of its key begun
+    before it, and a note never released ends at the last message."""
     import mido
 
     try:
@@ -217,10 +218,14 @@ def midi_notes(data: bytes, max_seconds: float = MAX_AUDIO_SECONDS) -> list[Note
     sounding: dict[tuple[int, int], list[tuple[float, int, int]]] = {}
     notes: list[Note] = []
 
-    def release(channel: int, pitch: int) -> None:
-        started = sounding.get((channel, pitch))
-        if started:
-            start, velocity, program = started.pop(0)
+    def release(channel: int, pitch: int, at_end: bool = False) -> None:
+        # A note-off ends every note of its key that began before it (files often double a note, and
+        # an unmatched extra note-on would otherwise sound to the end); one that began at this very
+        # instant keeps sounding (its note-off is still to come). At the end, everything stops.
+        started = sounding.get((channel, pitch), [])
+        ending = [item for item in started if at_end or item[0] < now]
+        sounding[(channel, pitch)] = [item for item in started if not (at_end or item[0] < now)]
+        for start, velocity, program in ending:
             if start < max_seconds:
                 notes.append(Note(start, max(now, start + 0.05), pitch, velocity, channel, program))
 
@@ -229,13 +234,13 @@ def midi_notes(data: bytes, max_seconds: float = MAX_AUDIO_SECONDS) -> list[Note
         if message.type == "program_change":
             programs[message.channel] = message.program
         elif message.type == "note_on" and message.velocity > 0:
+            release(message.channel, message.note)  # a key struck again ends its earlier note
             sounding.setdefault((message.channel, message.note), []).append(
                 (now, message.velocity, programs[message.channel]))
         elif message.type in ("note_off", "note_on"):
             release(message.channel, message.note)
     for channel, pitch in list(sounding):
-        while sounding[(channel, pitch)]:
-            release(channel, pitch)
+        release(channel, pitch, at_end=True)
     notes.sort(key=lambda n: (n.start, n.pitch, n.channel))
     return notes
 

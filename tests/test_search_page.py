@@ -383,6 +383,24 @@ def test_midi_notes_follow_the_file():
     assert roll.startswith("<svg") and roll.count("<rect") == len(notes) + 1
 
 
+def test_doubled_and_unreleased_notes_end_where_a_player_would_end_them():
+    import mido
+
+    track = mido.MidiTrack()
+    for message in (mido.Message("note_on", note=60, velocity=90, time=0),  # doubled: two on, two off
+                    mido.Message("note_on", note=60, velocity=90, time=0),
+                    mido.Message("note_off", note=60, time=480), mido.Message("note_off", note=60, time=0),
+                    mido.Message("note_on", note=62, velocity=90, time=0),  # struck again while sounding
+                    mido.Message("note_on", note=62, velocity=90, time=480),
+                    mido.Message("note_off", note=62, time=480), mido.Message("note_on", note=64, velocity=90, time=0),
+                    mido.MetaMessage("end_of_track", time=240)):  # never released
+        track.append(message)
+    buffer = io.BytesIO()
+    mido.MidiFile(tracks=[track], ticks_per_beat=480).save(file=buffer)  # 120 bpm: 480 ticks = 0.5 s
+    notes = [(n.pitch, round(n.start, 3), round(n.end, 3)) for n in music_render.midi_notes(buffer.getvalue())]
+    assert notes == [(60, 0.0, 0.5), (60, 0.0, 0.5), (62, 0.5, 1.0), (62, 1.0, 1.5), (64, 1.5, 1.75)]
+
+
 def test_an_mxl_archive_is_engraved_like_its_score(tmp_path):
     xml = OFFICIAL / "inputs" / "xml" / "bach_bwv67.4.xml"
     archive = tmp_path / "bach.mxl"

@@ -159,6 +159,7 @@ async function start() {
   $("sound").textContent = `sound: ${info.synthesiser}`;
   // A chosen file is the query until it is cleared; typing a text clears it.
   $("text").addEventListener("input", () => { $("file").value = ""; });
+  $("file").addEventListener("change", () => { if ($("file").files.length) $("text").value = ""; });
   $("query").addEventListener("submit", search);
 }
 
