@@ -75,6 +75,10 @@ COMPACT_DEAD_FRACTION = 0.25
 MAX_SEGMENTS = 32
 BUSY_TIMEOUT_S = 600.0
 _ADD_ROWS = 65536  # rows handed to FAISS at a time when copying a large set
+# FAISS scores batches of at least this many queries with one BLAS product (its default, 20, scores a
+# batch of 16 as 16 scans: measured 4.5× slower at 100k in bench/bench_search.py).
+BLAS_QUERIES = 4
+faiss.cvar.distance_compute_blas_threshold = BLAS_QUERIES
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -216,8 +220,11 @@ EmbedResult = tuple[str, Any, str]
 def normalise_relpath(path: str | os.PathLike) -> str:
     """A path relative to the indexed root as the index stores it: POSIX, no ``.``/``..``, not absolute."""
     text = os.fspath(path).replace(os.sep, "/") if os.sep != "/" else os.fspath(path)
+    slashed = "/" + text
+    if "/." not in slashed and "//" not in slashed and not text.endswith("/"):
+        return text  # normal for sure (no empty, "." or ".." part, nothing hidden): the common case, fast
     if all(part not in ("", ".", "..") for part in text.split("/")):
-        return text  # already normal: the common case, without the cost of a PurePosixPath
+        return text
     pure = PurePosixPath(text)
     if pure.is_absolute() or not pure.parts or ".." in pure.parts:
         raise ValueError(f"not a path relative to the indexed root: {text!r}")
@@ -322,6 +329,10 @@ def _connect(folder: Path) -> sqlite3.Connection:
                          check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
+    # A 1% update of a million files touches pages all over the path and hash indexes: with SQLite's
+    # default 2 MB page cache they are read again and again (measured 2.2 s of SQL at 1M, bench_search).
+    db.execute("PRAGMA cache_size=-131072")  # KiB: 128 MiB at most, used only as pages are touched
+    db.execute("PRAGMA mmap_size=4294967296")
     return db
 
 
@@ -462,6 +473,9 @@ class SearchIndex:
                 self._db.execute("COMMIT")
             self._db.execute("BEGIN")
             meta = _checked_meta(self.folder, _read_meta(self._db))
+            if meta.get("model_key") != self._model_key:  # rebuilt by another process since index_info
+                raise ModelKeyMismatchError(f"the search index in {self.folder} is now built with model_key "
+                                            f"{meta.get('model_key')!r}, not {self._model_key!r}")
             dead = np.fromiter((v for (v,) in self._db.execute("SELECT vid FROM dead")), dtype=np.int64)
             segments = []
             for first_vid, n_rows, name in self._db.execute(
@@ -627,19 +641,28 @@ class SearchIndex:
         files not in ``files`` are removed. Files that failed before and are unchanged are skipped
         unless ``retry_failed``."""
         facts = {normalise_relpath(p): _as_facts(f) for p, f in files.items()}
-        current = {path: (size, mtime_ns, sha, kind) for path, size, mtime_ns, sha, kind in self._query(
-            "SELECT path, size, mtime_ns, sha256, kind FROM files")}
+        # Size and mtime of every indexed file (a million rows read in about a second); hashes and
+        # kinds only for the files whose size or mtime differ.
+        current = {path: (size, mtime_ns) for path, size, mtime_ns in self._query(
+            "SELECT path, size, mtime_ns FROM files")}
         old_failures = self.failures
         plan = UpdatePlan(base_generation=self.generation, to_embed=[], keep={}, facts={}, added=[], updated=[],
                           removed=[], unchanged=[], reused=[], skipped_failed=[], failures={},
                           index_token=self._token)
         candidates: list[str] = []
-        for path in sorted(facts):
+        unchanged = plan.unchanged
+        differing = []
+        for path in sorted(facts):  # the folder's listing is sorted already: a linear pass
             fact = facts[path]
             old = current.get(path)
             if old is not None and old[0] == fact.size and old[1] == fact.mtime_ns:
-                plan.unchanged.append(path)
-                continue
+                unchanged.append(path)
+            else:
+                differing.append(path)
+        indexed = self._rows_of_paths([p for p in differing if p in current])
+        for path in differing:
+            fact = facts[path]
+            old = indexed.get(path)
             failure = old_failures.get(path) if old is None else None
             if failure is not None and not retry_failed and failure["size"] == fact.size \
                     and failure["mtime_ns"] == fact.mtime_ns:
@@ -648,8 +671,8 @@ class SearchIndex:
                 continue
             sha = fact.digest()
             plan.facts[path] = (fact.size, fact.mtime_ns, sha)
-            if old is not None and old[2] == sha:
-                plan.keep[path] = IndexEntry(path, sha, fact.size, fact.mtime_ns, old[3], -1)  # touched only
+            if old is not None and old[0] == sha:
+                plan.keep[path] = IndexEntry(path, sha, fact.size, fact.mtime_ns, old[1], -1)  # touched only
                 plan.unchanged.append(path)
                 continue
             if failure is not None and not retry_failed and failure["sha256"] == sha:
@@ -662,7 +685,7 @@ class SearchIndex:
         # gives its kind.
         donors: dict[tuple[str, str], tuple[str, int]] = {}
         wanted = sorted({plan.facts[p][2] for p in candidates})
-        removed = set(current) - set(facts)
+        removed = [path for path in current if path not in facts]
         for shas in (wanted[i:i + 900] for i in range(0, len(wanted), 900)):
             for path, sha, kind, vid in self._query(
                     "SELECT f.path, f.sha256, f.kind, v.vid FROM files f JOIN vectors v USING (sha256) "
@@ -677,7 +700,18 @@ class SearchIndex:
             else:
                 plan.to_embed.append(path)
         plan.removed = sorted(removed)
+        if len(unchanged) != len(facts) and differing:
+            unchanged.sort()  # touched files joined the list after the others
         return plan
+
+    def _rows_of_paths(self, paths: list[str]) -> dict[str, tuple[str, str]]:
+        """path -> (sha256, kind) of these indexed files."""
+        found: dict[str, tuple[str, str]] = {}
+        for start in range(0, len(paths), 900):
+            chunk = paths[start:start + 900]
+            found.update((path, (sha, kind)) for path, sha, kind in self._query(
+                f"SELECT path, sha256, kind FROM files WHERE path IN ({','.join('?' * len(chunk))})", chunk))
+        return found
 
     def apply(self, plan: UpdatePlan, results: Mapping[str, EmbedResult | BaseException]) -> UpdateSummary:
         """Write the index ``plan`` describes, with ``results[path] = (sha256, vector, kind)`` for the
@@ -818,10 +852,11 @@ class SearchIndex:
                                f"({','.join('?' * len(chunk))})", chunk)
                 db.executemany("DELETE FROM files WHERE path = ?", ((p,) for p in delete))
                 db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", upsert)
-                db.execute("INSERT OR IGNORE INTO dead SELECT v.vid FROM vectors v JOIN gone g USING (sha256) "
-                           "WHERE NOT EXISTS (SELECT 1 FROM files f WHERE f.sha256 = v.sha256)")
-                db.execute("DELETE FROM vectors WHERE sha256 IN (SELECT sha256 FROM gone) AND NOT EXISTS "
-                           "(SELECT 1 FROM files f WHERE f.sha256 = vectors.sha256)")
+                # CROSS JOIN: from the few changed contents to their vectors, never a scan of every vector.
+                db.execute("DELETE FROM gone WHERE EXISTS (SELECT 1 FROM files f WHERE f.sha256 = gone.sha256)")
+                db.execute("INSERT OR IGNORE INTO dead SELECT v.vid FROM gone g CROSS JOIN vectors v "
+                           "ON v.sha256 = g.sha256")
+                db.execute("DELETE FROM vectors WHERE sha256 IN (SELECT sha256 FROM gone)")
                 db.execute("DELETE FROM failures")
                 db.executemany("INSERT INTO failures VALUES (?, ?, ?, ?, ?)",
                                ((f["path"], f["sha256"], f["size"], f["mtime_ns"], f["reason"])
