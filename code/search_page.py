@@ -74,7 +74,7 @@ AUDIO = "audio"
 RECORDING_KINDS = tuple(sorted(kind for kind, modality in formats.MODALITY_OF_KIND.items() if modality == "audio"))
 FILTERS = {fmt: formats.KINDS_OF_FORMAT[fmt] for fmt in formats.FORMATS} | {AUDIO: RECORDING_KINDS}
 AUDIO_MEDIA_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac", ".ogg": "audio/ogg"}
-RENDER_CACHE_ITEMS = 64
+RENDER_CACHE_BYTES = 256 * 2**20  # scores and sounds kept for the next request
 # The page's own script and style only; scores come back as blob: images, sound from the server.
 CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                            "img-src 'self' blob:; media-src 'self'; connect-src 'self'; frame-ancestors 'none'; "
@@ -188,24 +188,45 @@ def indexed_file(session: SearchSession, relpath: str) -> tuple[Path, Any]:
 
 
 class RenderCache:
-    """The last few renders (scores, sounds) by file, its size and mtime, so a changed file is drawn again."""
+    """The last renders (scores, sounds) by file, its size and mtime (a changed file is drawn again),
+    up to ``max_bytes`` in all, the least recently used dropped first."""
 
-    def __init__(self, items: int = RENDER_CACHE_ITEMS):
-        self.items = items
-        self._store: OrderedDict[tuple, Any] = OrderedDict()
+    def __init__(self, max_bytes: int = RENDER_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self._store: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+    def get(self, key: tuple, make: Callable[[], Any], size: Callable[[Any], int]) -> Any:
         with self._lock:
             if key in self._store:
                 self._store.move_to_end(key)
-                return self._store[key]
+                return self._store[key][0]
         value = make()
         with self._lock:
-            self._store[key] = value
-            while len(self._store) > self.items:
-                self._store.popitem(last=False)
+            if key not in self._store:
+                self._store[key] = (value, size(value))
+                self._bytes += self._store[key][1]
+            while self._bytes > self.max_bytes and len(self._store) > 1:
+                self._bytes -= self._store.popitem(last=False)[1][1]
         return value
+
+
+def byte_range_response(request: Request, data: bytes, media_type: str) -> Response:
+    """``data``, or the one byte range the request asks for (206), so a player can seek in it."""
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": "no-cache"}
+    asked = re.fullmatch(r"bytes=(\d*)-(\d*)", request.headers.get("range", "").strip())
+    if not asked or not (asked.group(1) or asked.group(2)):
+        return Response(data, media_type=media_type, headers=headers)
+    first, last = asked.groups()
+    if first:
+        start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+    else:  # the last N bytes
+        start, end = max(len(data) - int(last), 0), len(data) - 1
+    if start >= len(data) or start > end:
+        return Response(b"", status_code=416, headers={**headers, "Content-Range": f"bytes */{len(data)}"})
+    return Response(data[start:end + 1], status_code=206, media_type=media_type,
+                    headers={**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
 
 
 def _render_key(what: str, path: Path) -> tuple:
@@ -360,7 +381,8 @@ def build_app(session: SearchSession, allowed_hosts: list[str] | None = None) ->
     def score(request: Request) -> Response:
         path, entry = indexed_file(session, request.query_params.get("path") or "")
         try:
-            drawn = renders.get(_render_key("score", path), lambda: music_render.score(path, entry.kind))
+            drawn = renders.get(_render_key("score", path), lambda: music_render.score(path, entry.kind),
+                                lambda score: len(score.svg))
         except music_render.RenderError as exc:
             raise PageError(422, str(exc)) from exc
         return Response(drawn.svg, media_type="image/svg+xml",
@@ -376,10 +398,10 @@ def build_app(session: SearchSession, allowed_hosts: list[str] | None = None) ->
             return session.synthesiser.wav(music_render.file_midi(path, entry.kind))
 
         try:
-            wav = renders.get(_render_key("audio", path), make)
+            wav = renders.get(_render_key("audio", path), make, len)
         except music_render.RenderError as exc:
             raise PageError(422, str(exc)) from exc
-        return Response(wav, media_type="audio/wav", headers={"Cache-Control": "no-cache"})
+        return byte_range_response(request, wav, "audio/wav")
 
     def raw_file(request: Request) -> FileResponse:
         path, _ = indexed_file(session, request.query_params.get("path") or "")

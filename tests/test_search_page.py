@@ -180,6 +180,12 @@ def test_scores_and_sounds_of_every_kind(page):
         assert status == 200 and kind == "audio/wav" and sound[:4] == b"RIFF", path
         with wave.open(io.BytesIO(sound)) as read:
             assert read.getnframes() / read.getframerate() > 0.5, path
+    # A player seeks with byte ranges.
+    _, _, whole = get(f"{page.url}/api/audio?path=bach_bwv1.6.abc")
+    for asked, part in (("bytes=0-99", whole[:100]), ("bytes=1000-", whole[1000:]), ("bytes=-50", whole[-50:])):
+        status, _, body = get(f"{page.url}/api/audio?path=bach_bwv1.6.abc", headers={"Range": asked})
+        assert status == 206 and body == part, asked
+    assert get(f"{page.url}/api/audio?path=bach_bwv1.6.abc", headers={"Range": f"bytes={len(whole)}-"})[0] == 416
     # A recording is played as it is, and has no score.
     status, kind, sound = get(f"{page.url}/api/audio?path=recordings/chord.wav")
     assert status == 200 and kind == "audio/wav" and sound == (page.folder / "recordings" / "chord.wav").read_bytes()
@@ -431,3 +437,19 @@ def test_scores_drawn_at_once_are_the_scores_drawn_one_by_one():
     with ThreadPoolExecutor(max_workers=4) as pool:  # abc2xml and Verovio hold global state: taken in turn
         together = list(pool.map(lambda path: music_render.score(path, "abc").svg, files * 3))
     assert together == alone * 3
+
+
+def test_the_render_cache_keeps_the_latest_within_its_bytes():
+    import search_page
+
+    cache = search_page.RenderCache(max_bytes=10)
+    made: list[str] = []
+
+    def value(name: str):
+        return lambda: made.append(name) or name * 4
+
+    for name in ("a", "b", "a", "c"):  # a used again before c comes: b is the one dropped
+        cache.get((name,), value(name), len)
+    assert made == ["a", "b", "c"]
+    assert cache.get(("a",), value("a"), len) == "aaaa" and cache.get(("b",), value("b"), len) == "bbbb"
+    assert made == ["a", "b", "c", "b"]
