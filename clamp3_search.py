@@ -1,13 +1,13 @@
 """Search a folder of music by text, by a piece of music or by an image's caption (the official raw-file
 clamp3_search.py, with a persistent index).
 
-    python clamp3_search.py QUERY FOLDER [--top_k K] [--json] [--format abc|mtf] [--caption TEXT]
-                            [--index DIR] [--no_update] [--no_adapter] [--weights PATH] [--model_config FILE]
+    python clamp3_search.py QUERY FOLDER [--top_k K] [--json] [--format abc|mtf|audio] [--caption TEXT]
+                            [--index DIR] [--no_update] [--approximate [--n_probe N]] [--no_adapter] [--weights PATH] [--model_config FILE]
                             [--abc_mode MODE] [--cache_dir DIR] [--error_log FILE] [--quiet]
                             [--config FILE] [--KEY=value ...]
 
-QUERY is a music file (.abc, .xml/.mxl/.musicxml, .mid/.midi, .mtf, MERT .npy: music -> music, the
-file itself left out), a .txt file (its text), an image (its caption: --caption, a .txt file of
+QUERY is a music file (.abc, .xml/.mxl/.musicxml, .mid/.midi, .mtf, audio .wav/.mp3/.flac/.ogg, MERT
+.npy: music -> music, the file itself left out), a .txt file (its text), an image (its caption: --caption, a .txt file of
 the same name beside it, or the CAPTION_MODEL hook; nothing is downloaded), or else the text
 itself: python clamp3_search.py "a lively jig in D major" scores/
 
@@ -16,8 +16,10 @@ or --index DIR): each later search embeds only new and changed files and drops r
 conversions and features are cached by content as well). Sheet music goes through the ABC adapter,
 MIDI through the MTF adapter (--no_adapter for the base); without the C2 checkpoint, the embedded
 default's models (make demo). Prints the K best: rank, cosine, kind (abc, musicxml, midi, mtf,
-mert) and file (copies with identical content are one result, their other paths listed); --json
-prints one JSON object.
+audio, mert) and file (copies with identical content are one result, their other paths listed); --json
+prints one JSON object. The search is exact; --approximate searches the index's IVF clusters instead
+(built on first use, kept by later updates; for collections of a million pieces and more, see
+bench/README.md for its speed and recall).
 
     python clamp3_search.py --serve FOLDER [--host HOST] [--port PORT] [--max_upload_mb MB] [--soundfont SF2]
 
@@ -49,10 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("folder", nargs="?", help="folder of music to search (searched recursively)")
     parser.add_argument("--top_k", type=int, default=10, help="how many results (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
-    parser.add_argument("--format", choices=formats.FORMATS, help="only sheet music (abc) or only MIDI (mtf)")
+    parser.add_argument("--format", choices=(*formats.FORMATS, "audio"),
+                        help="only sheet music (abc), only MIDI (mtf) or only audio")
     parser.add_argument("--caption", help="the caption of an image query (or a text query by another name)")
     parser.add_argument("--index", help="the index folder (default: one under SEARCH_INDEX_DIR per FOLDER)")
     parser.add_argument("--no_update", action="store_true", help="search the index as it is, without checking FOLDER")
+    parser.add_argument("--approximate", action="store_true",
+                        help="search the IVF clusters of the index instead of every vector (built on first use)")
+    parser.add_argument("--n_probe", type=int, default=32,
+                        help="clusters searched with --approximate (more: slower, closer to exact; default: %(default)s)")
     rawfile_tools.add_model_arguments(parser, "clamp3_search")
     page = parser.add_argument_group("the search page (--serve)")
     page.add_argument("--serve", metavar="FOLDER", help="serve a search page for FOLDER instead of one search")
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give QUERY and FOLDER, or --serve FOLDER")
     if args.top_k < 1:
         parser.error(f"--top_k must be positive, got {args.top_k}")
+    if args.n_probe < 1:
+        parser.error(f"--n_probe must be positive, got {args.n_probe}")
 
     def say(message: str) -> None:
         if not args.quiet and not args.json:
@@ -115,30 +124,35 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 for bar in bars:
                     bar.close()
-        if not args.no_update and not index.entries and not index.failures:
+        if not args.no_update and not len(index) and not index.failures:
             raise FileNotFoundError(f"no music file in the search folder {args.folder} (searched recursively for "
                                     f"{' '.join(folder_search.INDEXED_EXTENSIONS)})")
     except (FileNotFoundError, ValueError, RuntimeError) as exc:  # RuntimeError: search_index's errors too
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    status = rawfile_tools.exit_status("search", args.folder, len(index.entries) + len(index.failures),
+    status = rawfile_tools.exit_status("search", args.folder, len(index) + len(index.failures),
                                        len(index.failures), args.strict, args.error_log)
     if status == rawfile_tools.EXIT_UNUSABLE:
         return status
     # With --strict and a failed file, the results are printed and the status says so.
     started = time.perf_counter()
-    kinds = formats.KINDS_OF_FORMAT[args.format] if args.format else None
-    hits = index.search(vector, args.top_k, exclude_sha256=exclude, kinds=kinds)[0]
+    kinds = folder_search.kinds_of_choice(args.format)
+    if args.approximate and not index.has_ann:
+        say(f"index: building its approximate (IVF) index over {index.n_vectors} pieces")
+        index.build_ann()
+    hits = index.search(vector, args.top_k, exclude_sha256=exclude, kinds=kinds, approximate=args.approximate,
+                        n_probe=args.n_probe)[0]
     seconds = time.perf_counter() - started
     root = index.root or args.folder
     if args.json:
         print(json.dumps({"query": args.query, "query_source": query.source, "query_text": query.text,
                           "folder": args.folder, "root": root, "index": str(index_dir),
-                          "n_indexed": len(index.entries), "models": embedder.choice.describe(),
+                          "n_indexed": len(index), "approximate": args.approximate, "models": embedder.choice.describe(),
                           "search_seconds": seconds, "results": [hit.to_dict() for hit in hits]}, indent=2))
         return status
     say(f"query: {query.source}" + (f": {query.text!r}" if query.text and query.source != "text" else ""))
-    print(f"{len(hits)} best of {len(index.entries)} pieces ({seconds * 1000:.1f} ms):")
+    print(f"{len(hits)} best of {len(index)} pieces ({seconds * 1000:.1f} ms"
+          + (f", approximate, {args.n_probe} clusters probed" if args.approximate else "") + "):")
     for hit in hits:
         copies = f"  (+{len(hit.duplicates)} identical: {', '.join(hit.duplicates)})" if hit.duplicates else ""
         print(f"{hit.rank:>4}  {hit.score:.4f}  {hit.kind:<8}  {hit.path}{copies}")

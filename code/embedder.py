@@ -278,9 +278,12 @@ class Embedder:
         """A digest of what makes the MERT features of an audio file: the MERT model's files, MERT_DTYPE
         and the audio steps' version."""
         if self._mert_key is None:
-            from audio.mert_model import mert_files
+            from audio.mert_model import mert_files, resolve_mert_folder
 
-            folder = self.mert().folder
+            # The files decide it, not the loaded model: a key costs no model load (the search index asks
+            # for it on every search), and no download (allow_download=False).
+            folder = (self._mert.folder if self._mert is not None
+                      else resolve_mert_folder(self.cfg["MERT_MODEL_PATH"], allow_download=False))
             facts = {"files": {f.name: self.fingerprints.sha256(f) for f in mert_files(folder) if f.is_file()},
                      "dtype": self.cfg["MERT_DTYPE"], "steps": MERT_STEPS_VERSION}
             self._mert_key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode("utf-8")).hexdigest()[:20]

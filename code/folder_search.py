@@ -56,9 +56,27 @@ INDEXED_EXTENSIONS = tuple(sorted(ext for ext, kind in formats.KIND_OF_EXTENSION
 
 
 def index_model_key(embedder: Embedder) -> str:
-    """One key for every model an indexed file or a query can go through."""
+    """One key for every model an indexed file or a query can go through: the CLaMP 3 models and the
+    MERT model audio files go through first (``none`` while it is not there: the audio files of the
+    folder are then failures, tried again once it is)."""
+    from audio.mert_model import MertModelError
+
     parts = [f"{slot}={embedder.model_key(slot)}" for slot in ("abc", "mtf", None)]
+    try:
+        parts.append(f"mert={embedder.mert_key()}")
+    except MertModelError:
+        parts.append("mert=none")
     return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:20]
+
+
+def kinds_of_choice(choice: str | None) -> tuple[str, ...] | None:
+    """The raw-file kinds a ``--format`` choice keeps: a format's kinds, ``audio``'s (audio files and
+    MERT features), or every kind (None)."""
+    if choice is None:
+        return None
+    if choice == "audio":
+        return tuple(kind for kind, modality in formats.MODALITY_OF_KIND.items() if modality == "audio")
+    return formats.KINDS_OF_FORMAT[choice]
 
 
 def default_index_dir(cfg: dict[str, Any], folder: str | os.PathLike) -> Path:

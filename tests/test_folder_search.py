@@ -250,3 +250,39 @@ def test_search_follows_the_raw_file_tools_rule(tmp_path, scores, word_tokenizer
     assert search_main([*common, "--strict", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "1 of 10 files in the search folder" in captured.err and "best of 9 pieces" in captured.out
+
+
+def test_the_index_key_follows_the_mert_model(tmp_path, word_tokenizer, adapters):
+    """Audio files go through MERT before CLaMP 3's audio tower: other MERT weights at the same path
+    make another index key (the index is rebuilt, not mixed), and a missing MERT model one of its own;
+    computing the key loads no model."""
+    mert = tmp_path / "mert"
+    shutil.copytree(OFFICIAL / "mert" / "model", mert)
+
+    def key(path: Path) -> str:
+        embedder = embedder_for(word_tokenizer, adapters, tmp_path)
+        embedder.cfg["MERT_MODEL_PATH"] = str(path)
+        value = folder_search.index_model_key(embedder)
+        assert embedder._mert is None  # the key came from the files
+        return value
+
+    first = key(mert)
+    assert key(mert) == first
+    config = mert / "config.json"
+    config.write_text(config.read_text() + "\n")
+    changed = key(mert)
+    assert changed != first and key(tmp_path / "absent") not in (first, changed)
+
+
+def test_approximate_search_from_the_command_line(tmp_path, scores, word_tokenizer, adapters, search_main, capsys):
+    """--approximate builds the index's IVF clusters on first use and keeps them; with every cluster
+    probed its hits are the exact search's; --format audio keeps audio only (none here)."""
+    common = arguments(tmp_path, word_tokenizer, adapters, "w1 w2 w3", str(scores))
+    exact = run_json(search_main, capsys, [*common, "--top_k", "5"])
+    approximate = run_json(search_main, capsys, [*common, "--top_k", "5", "--approximate", "--n_probe", "64"])
+    assert approximate["approximate"] and not exact["approximate"]
+    assert [(h["path"], round(h["score"], 5)) for h in approximate["results"]] == \
+        [(h["path"], round(h["score"], 5)) for h in exact["results"]]
+    index = search_index.SearchIndex.open(tmp_path / "index", search_index.index_info(tmp_path / "index")["model_key"])
+    assert index.has_ann
+    assert run_json(search_main, capsys, [*common, "--format", "audio"])["results"] == []
