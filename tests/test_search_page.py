@@ -326,6 +326,7 @@ def test_a_browser_runs_a_text_and_a_music_query(chromium, page):
             view.fill("#k", "4")
             view.click("#go")
             text_hits = hits(4)
+            first_score = view.text_content("#hits .score")
             assert view.locator("#message").is_hidden()
             assert "4 best of 9 pieces" in view.text_content("#status")
             # The first hit's sound is a WAV the browser can play.
@@ -351,6 +352,15 @@ def test_a_browser_runs_a_text_and_a_music_query(chromium, page):
             view.locator("#hits li.hit button.more").first.click()
             until(view, "document.querySelector('#status').textContent.startsWith('more like')")
             assert music_hits[0] not in hits(4)
+
+            # The base model, to compare: the same query, its own scores.
+            view.select_option("#model", "base")
+            view.fill("#text", "w1 w2 w3")
+            view.select_option("#format", "all")
+            view.click("#go")
+            until(view, "document.querySelector('#status').textContent.endsWith('base model, no adapter')")
+            hits(4)
+            assert view.text_content("#hits .score") != first_score
 
             bad = page.root / "broken.mid"
             bad.write_bytes(b"MThd not midi")
