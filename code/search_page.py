@@ -1,11 +1,11 @@
 """``clamp3_search.py --serve FOLDER``: a search page for one folder of music, in the browser.
 
-A query is a text (any language the text tower reads) or an uploaded music file (music → music);
-the page lists the best hits with their cosine and file name, each with its score drawn
-(``music_render``: Verovio for sheet music, a piano roll for MIDI), a player of its synthesised
-sound, and "more like this" (a music → music query with the hit's stored vector, nothing embedded).
-A format filter (sheet music, MIDI) and the model (the adapters, or the base, to compare) are
-chosen per query.
+A query is a text (any language the text tower reads) or an uploaded music file or recording
+(music → music); the page lists the best hits with their cosine and file name, each with its score
+drawn (``music_render``: Verovio for sheet music, a piano roll for MIDI; a recording has none), a
+player of its sound (synthesised from its MIDI; a recording as it is), and "more like this" (a music →
+music query with the hit's stored vector, nothing embedded). A format filter (sheet music, MIDI,
+recordings) and the model (the adapters, or the base, to compare) are chosen per query.
 
 **Models and indexes.** The models are the raw-file tools' (``embedder.choose_models``: the C2
 checkpoint, else the demo's). With adapters, the page offers two models: ``adapters`` (sheet music
