@@ -122,7 +122,8 @@ def test_the_page_answers_as_the_index_does(page, word_tokenizer, adapters):
     # The hits are the index's own: the same query vector searched in the index the page built.
     cfg = runconfig.build_config(overrides={
         "MODEL_CONFIG": str(TINY_MODEL_CONFIG), "TEXT_MODEL_NAME": str(word_tokenizer), "EXTRACT_DEVICE": "cpu",
-        "LORA_ABC_ADAPTER_DIR": str(adapters["abc"]), "LORA_MTF_ADAPTER_DIR": str(adapters["mtf"])})
+        "LORA_ABC_ADAPTER_DIR": str(adapters["abc"]), "LORA_MTF_ADAPTER_DIR": str(adapters["mtf"]),
+        "MERT_MODEL_PATH": str(OFFICIAL / "mert" / "model")})  # as the page runs: the index key covers MERT
     from embedder import Embedder, choose_models
 
     embedder = Embedder(choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=page.root / "cache")
