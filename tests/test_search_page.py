@@ -22,6 +22,7 @@ import folder_search
 import music_render
 import numpy as np
 import pytest
+import rawfile_tools
 import runconfig
 from helpers import OFFICIAL, REPO_ROOT, TINY_MODEL_CONFIG, TINY_WEIGHTS, free_port, load_script
 
@@ -119,14 +120,12 @@ def test_the_page_answers_as_the_index_does(page, word_tokenizer, adapters):
     assert [m["name"] for m in info["models"]] == ["adapters", "base"]
     status, answer = page.api("/api/search?q=w1%20w2%20w3&k=50")
     assert status == 200 and answer["query"] == {"source": "text", "text": "w1 w2 w3"}
-    # The hits are the index's own: the same query vector searched in the index the page built.
-    cfg = runconfig.build_config(overrides={
-        "MODEL_CONFIG": str(TINY_MODEL_CONFIG), "TEXT_MODEL_NAME": str(word_tokenizer), "EXTRACT_DEVICE": "cpu",
-        "LORA_ABC_ADAPTER_DIR": str(adapters["abc"]), "LORA_MTF_ADAPTER_DIR": str(adapters["mtf"]),
-        "MERT_MODEL_PATH": str(OFFICIAL / "mert" / "model")})  # as the page runs: the index key covers MERT
-    from embedder import Embedder, choose_models
-
-    embedder = Embedder(choose_models(cfg, weights=TINY_WEIGHTS), cache_dir=page.root / "cache")
+    # The hits are the index's own: the same query vector searched in the index the page built, with
+    # the models the page's own options give.
+    parser = load_script("clamp3_search.py").build_parser()
+    args, cfg = runconfig.parse_args(parser, ["--serve", str(page.folder),
+                                              *model_arguments(page.root, word_tokenizer, adapters)])
+    embedder = rawfile_tools.embedder_from_args(args, cfg)
     index = folder_search.open_folder_index(embedder, page.folder, page.root / "index", update=False,
                                             say=lambda _: None)
     expected = index.search(embedder.embed_texts(["w1 w2 w3"])[0], 50)[0]
