@@ -121,6 +121,13 @@ REMOVE_INSTRUMENT_PROB = 0.9  # official remove_instrument_info probability (0 =
 RANDOM_TRUNCATION = True  # random head/tail/middle truncation of long pieces in training
 LENGTH_BUCKETING = True  # batches of similar lengths, padded to their longest piece
 NO_DUPLICATE_NEGATIVES = True  # same text or same music never serve as each other's negatives
+# The joint objective (issue 20): ALIGN_WEIGHT > 0 with --format both trains the ABC and MTF adapters
+# in one run, each step's loss text<->sheet + text<->MIDI + ALIGN_WEIGHT x sheet<->MIDI over the
+# batch's pairs (records of one pair_id in both JSONLs; training/joint.py). 0: one adapter after the
+# other, each alone, as before. The joint run selects both adapters by the mean of these validation
+# MRRs: "text_abc" (text->sheet), "text_mtf" (text->MIDI), "abc_mtf" (sheet->MIDI).
+ALIGN_WEIGHT = 0.0
+ALIGN_SELECT_BY = ["text_abc", "text_mtf", "abc_mtf"]
 # Cached text features (frozen text tower): this many text-dropout samples per record, embedded
 # once and memory-mapped; 0 runs the text tower every step as the official code does.
 TEXT_VARIANTS = 8

@@ -63,9 +63,11 @@ def torchrun(script: str | os.PathLike, nproc: int, args: list[str], timeout: fl
 TRAINER_SCRIPT = REPO_ROOT / "code" / "train_clamp3_lora.py"
 
 
-def make_records(root: Path, fmt: str, valid: int = 8) -> Path:
+def make_records(root: Path, fmt: str, valid: int = 8, paired: bool = False) -> Path:
     """Training and validation records over the real fixture files of ``fmt`` (32 ABC, 30 MTF),
-    each with its own words as text (the test tokenizer knows w0 ... w199)."""
+    each with its own words as text (the test tokenizer knows w0 ... w199). ``paired``: record i
+    of each format gets ``pair_id`` ``p<i>`` unless i % 4 == 3 (those, and ABC 30 and 31, have no
+    partner); the two records of a pair have the same text."""
     import json
     import shutil
 
@@ -78,7 +80,8 @@ def make_records(root: Path, fmt: str, valid: int = 8) -> Path:
         shutil.copy(path, music / path.name)
         rows.append({"id": f"{fmt}{i}", "filepaths": [f"music/{path.name}"],
                      "title": f"w{i} w{(i * 7) % 50 + 50}", "genres": [f"w{100 + i % 5}"],
-                     "description": " ".join(f"w{(i * 13 + j) % 200}" for j in range(6))})
+                     "description": " ".join(f"w{(i * 13 + j) % 200}" for j in range(6)),
+                     **({"pair_id": f"p{i}"} if paired and i % 4 != 3 else {})})
     (root / f"valid_{fmt}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:valid]), encoding="utf-8")
     jsonl = root / f"train_{fmt}.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[valid:]), encoding="utf-8")
@@ -114,6 +117,18 @@ def options(tmp_path: Path, tokenizer: Path, fmt: str = "abc", **overrides) -> l
         **overrides}
     args = ["--format", fmt, "--weights", str(TINY_WEIGHTS), "--model_config", str(TINY_MODEL_CONFIG), "--quiet"]
     return args + [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in settings.items()]
+
+
+def joint_options(tmp_path: Path, tokenizer: Path, **overrides) -> list[str]:
+    """The trainer's arguments for a short joint run (``--format both``, ``ALIGN_WEIGHT`` 1 unless
+    overridden) on ``make_records(tmp_path, fmt, paired=True)`` of both formats."""
+
+    paths = {f"LORA_{fmt.upper()}_{key}": str(tmp_path / name) for fmt in ("abc", "mtf")
+             for key, name in (("TRAIN_JSONL", f"train_{fmt}.jsonl"), ("VALID_JSONL", f"valid_{fmt}.jsonl"),
+                               ("ADAPTER_DIR", f"adapter_{fmt}"))}
+    args = options(tmp_path, tokenizer, "abc", **{"ALIGN_WEIGHT": 1.0, **paths, **overrides})
+    args[args.index("--format") + 1] = "both"
+    return args
 
 
 def history(tmp_path: Path, fmt: str = "abc") -> list[dict]:

@@ -6,39 +6,37 @@ contrastive steps with gradients averaged over ranks, validation (loss and text-
 every epoch, the best model saved, a resumable checkpoint at every epoch end (and every
 ``LORA_CHECKPOINT_STEPS`` steps), early stopping. The pieces it calls: ``training.model_setup``
 (the model and its music encoder), ``training.text_side`` (text features), ``training.optimizer``,
-``training.data`` (records, plans, batches), ``training.loss`` (the step), ``training.checkpoint``.
+``training.data`` (records, plans, batches), ``training.loss`` (the step), ``training.checkpoint``,
+``training.run_parts`` (what it shares with the joint run). With ``ALIGN_WEIGHT`` > 0 and
+``--format both`` the two adapters train together instead (``training.joint``).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lora
-import metrics
 import runconfig
 import torch
 from features import load_text_tokenizer
-from fileio import DropLog, file_sha256, repo_path, swap_in_folder
+from fileio import DropLog, file_sha256, repo_path
 from formats import FORMATS
-from modeling import CLaMP3Model, ModelConfig, load_clamp3
+from modeling import ModelConfig
 from patchilizer import M3Patchilizer
 from peft import PeftModel
-from torch import nn
 from tqdm import tqdm
 
 from training import checkpoint as ckpt
 from training import data, distributed
+from training.joint import check_joint_settings, train_joint
 from training.loss import LOSS_VARIANTS, ContrastiveLoss, contrastive_step
 from training.model_setup import build_model, music_encoder, set_train_mode
 from training.optimizer import build_optimizer, build_scheduler, optimizer_step
-from training.precision import Precision, PrecisionError, device_description, resolve_precision
+from training.precision import PrecisionError, device_description, resolve_precision
 from training.run_folder import (
     RunLogger,
     StepLog,
@@ -48,49 +46,27 @@ from training.run_folder import (
     run_file,
     write_json,
 )
+from training.run_parts import (
+    FormatState,
+    RunContext,
+    TrainingSetupError,
+    augmentation,
+    best_location,
+    data_loader,
+    export_merged,
+    load_format_data,
+    peak_memory_mb,
+    save_best,
+    start_wandb,
+    to_device,
+    validate,
+)
 from training.text_side import TextSide
 
-
-@dataclass
-class RunContext:
-    """What every format of the run shares."""
-
-    cfg: dict[str, Any]
-    args: argparse.Namespace
-    dist: distributed.DistContext
-    run_dir: Path
-    model_config: ModelConfig
-    weights: Path | None
-    base_fingerprint: str | None
-    tokenizer: Any
-    progress: bool
-    formats: list[str]
-    precision: Precision
-    notes: list[str] = field(default_factory=list)  # set-up lines every format's log starts with
-
-
-@dataclass
-class FormatState:
-    """Everything a checkpoint restores besides tensors of modules."""
-
-    epoch: int = 0
-    position: int = 0  # batches of the current epoch already done
-    step: int = 0
-    best_mrr: float = -1.0
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_samples: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    done: bool = False
+__all__ = ["TrainingSetupError", "train", "train_format"]  # the CLI's names
 
 
 # ------------------------------------------------------------------------------------ set-up
-
-
-class TrainingSetupError(ValueError):
-    """A run that cannot train as configured (settings, too few or too uniform records): the CLI
-    prints it as one line, not a traceback."""
 
 
 def train(cfg: dict[str, Any], args: argparse.Namespace) -> int:
@@ -110,6 +86,7 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
     except PrecisionError as exc:
         raise TrainingSetupError(str(exc)) from None
     lora.lora_config(cfg, "abc")  # refuse base-rewriting inits before any work
+    joint = check_joint_settings(cfg, args.format)  # ALIGN_WEIGHT > 0: both adapters in one run
     run_dir = repo_path(cfg["LORA_LOG_DIR"])
     resume_path = None
     folder_line = ""
@@ -136,14 +113,18 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
                      f"{precision.requested})" + (f": {precision.note}" if precision.note else ""))
     resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
     if resume_state is not None:
-        ckpt.check_resumable(resume_state, cfg, base_fingerprint, dist.world_size, formats)
+        ckpt.check_resumable(resume_state, cfg, base_fingerprint, dist.world_size, ["joint"] if joint else formats)
     if dist.is_main:
         write_json(run_dir / "config.json", {
             "config": cfg, "argv": list(sys.argv), "commit": git_commit(), "environment": environment(),
             "base_weights": str(weights), "base_fingerprint": base_fingerprint, "world_size": dist.world_size,
             "formats": formats, "model_config": model_config.to_dict(), "resumed_from": str(resume_path or ""),
             "precision": {"requested": precision.requested, "effective": precision.name, "note": precision.note},
-            "device": str(dist.device), "device_name": device_name})
+            "device": str(dist.device), "device_name": device_name,
+            **({"joint": True} if joint else {})})
+    if joint:
+        train_joint(ctx, resume_state)
+        return 0
     for fmt in formats:
         if resume_state is not None and fmt in resume_state["completed_formats"]:
             continue
@@ -154,64 +135,6 @@ def _run(cfg: dict[str, Any], args: argparse.Namespace, dist: distributed.DistCo
 
 
 # ------------------------------------------------------------------------------------ one format
-
-
-def _load_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drops: DropLog, log: RunLogger):
-    """The training and validation records of ``fmt``, the same on every rank: every rank reads the
-    JSONL and checks its share of the music files (``data.load_records``), the verdicts gathered;
-    the verdicts are kept in ``<run>/file_checks.<fmt>.json`` (``data.FileCheckCache``), so a resume
-    or a restart reads only new or changed files."""
-    cfg, dist = ctx.cfg, ctx.dist
-    train_path = repo_path(cfg[f"LORA_{fmt.upper()}_TRAIN_JSONL"])
-    if not train_path.is_file():
-        raise FileNotFoundError(f"training records not found: {train_path} (set LORA_{fmt.upper()}_TRAIN_JSONL; "
-                                "see data/README.md)")
-    started = time.perf_counter()
-    cache = data.FileCheckCache(ctx.run_dir / f"file_checks.{fmt}.json", patchilizer)
-    settings = dict(workers=max(1, int(cfg["NUM_WORKERS"])), progress=ctx.progress and dist.is_main, cache=cache,
-                    rank=dist.rank, world_size=dist.world_size, gather=distributed.all_gather_object)
-
-    def load(path: Path) -> list[data.TrainingRecord]:
-        loaded = data.load_records(path, fmt, patchilizer, drops, **settings)
-        if dist.is_main:
-            cache.save()
-        return loaded
-
-    def no_usable_record(split: str, path: Path) -> TrainingSetupError:
-        return TrainingSetupError(f"[{fmt}] no usable {split} record in {path}: {drops.summary_line()}"
-                                  + (f" (details: {drops.path})" if drops.path else ""))
-
-    records = load(train_path)
-    if not records:
-        raise no_usable_record("training", train_path)
-    valid_name = cfg[f"LORA_{fmt.upper()}_VALID_JSONL"]
-    valid_path = repo_path(valid_name) if valid_name else None
-    if valid_path is not None and valid_path.is_file():
-        valid = load(valid_path)
-        log(f"[{fmt}] records: {len(records)} train ({train_path}), {len(valid)} validation ({valid_path})")
-        if not valid:
-            raise no_usable_record("validation", valid_path)
-    else:
-        records, valid = data.held_out_split(records, float(cfg["VALID_FRACTION"]), int(cfg["SEED"]))
-        log(f"[{fmt}] records: {len(records)} train, {len(valid)} validation held out by piece hash "
-            f"(VALID_FRACTION={cfg['VALID_FRACTION']}; no file at {valid_path})")
-    log(f"[{fmt}] records loaded in {time.perf_counter() - started:.1f} s on {dist.world_size} process(es): "
-        f"{cache.checked} music files checked, {cache.hits} unchanged ones taken from {cache.path.name}")
-    if drops.rows:
-        log(f"[{fmt}] {drops.summary_line()} (details: {drops.path})")
-    # Every rank built its records itself: a node that sees other files would train on others.
-    digest = hashlib.blake2b(repr([(r.index, r.id, r.music_keys, r.length, r.text_key)
-                                   for r in (*records, *valid)]).encode(), digest_size=16).hexdigest()
-    if len(set(distributed.all_gather_object(digest))) > 1:
-        raise TrainingSetupError(f"[{fmt}] the ranks read different records: every node must see the same "
-                                 f"JSONL ({train_path}) and music files")
-    global_batch = int(cfg["LORA_BATCH_SIZE"]) * dist.world_size
-    if len(records) < global_batch:
-        raise TrainingSetupError(f"[{fmt}] {len(records)} training records are fewer than one global batch "
-                                 f"({global_batch} = LORA_BATCH_SIZE x {dist.world_size} processes)")
-    if not valid:
-        raise TrainingSetupError(f"[{fmt}] no validation records (raise VALID_FRACTION or give a validation JSONL)")
-    return records, valid
 
 
 def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None) -> dict[str, Any]:
@@ -240,7 +163,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
     if drops_path is not None:
         drops_path.unlink(missing_ok=True)
     with DropLog(f"{fmt} records", drops_path) as drops:
-        records, valid = _load_data(ctx, fmt, patchilizer, drops, log)
+        records, valid = load_format_data(ctx, fmt, patchilizer, drops, log)
 
     loss_fn = ContrastiveLoss(cfg["LOSS"], logit_scale=float(cfg["LOGIT_SCALE"])).to(dist.device)
     optimizer = build_optimizer(model, loss_fn, cfg, dist.device)
@@ -265,7 +188,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
         state = FormatState(**resume_state["state"])
         ckpt.set_rng_state(resume_state["rng"][dist.rank], dist.device)
         log(f"[{fmt}] resumed at epoch {state.epoch + 1}, batch {state.position}, step {state.step}")
-    wandb_run = _start_wandb(ctx, fmt)
+    wandb_run = start_wandb(ctx, fmt)
 
     def save_checkpoint() -> None:
         rng_states = distributed.all_gather_object(ckpt.rng_state(dist.device))
@@ -308,14 +231,14 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
                 "without two equal texts or music files, NO_DUPLICATE_NEGATIVES)")
         dataset = data.BatchDataset(
             records, plan, patchilizer, text=text_source.for_dataset(True), seed=int(cfg["SEED"]),
-            epoch=state.epoch, train=True, augmentation=_augmentation(cfg), rank=dist.rank,
+            epoch=state.epoch, train=True, augmentation=augmentation(cfg), rank=dist.rank,
             world_size=dist.world_size, start_batch=state.position, pad_to_longest=bool(cfg["LENGTH_BUCKETING"]))
         set_train_mode(core, text_frozen, bool(cfg["SYMBOLIC_DROPOUT"]))
         bar = tqdm(total=len(plan), initial=state.position, desc=f"{fmt} epoch {state.epoch + 1}", unit="step",
                    disable=not (ctx.progress and dist.is_main), dynamic_ncols=True)
         samples_done = 0
-        for batch in step_log.timed(_data_loader(ctx, dataset, state.epoch)):
-            batch = _to_device(batch, dist.device)
+        for batch in step_log.timed(data_loader(ctx, dataset, state.epoch)):
+            batch = to_device(batch, dist.device)
             keys = ({"text_keys": batch["text_keys"], "music_keys": batch["music_keys"]}
                     if cfg["NO_DUPLICATE_NEGATIVES"] else {})
             loss_value = contrastive_step(batch, encode_music, text_source.batch_side(core, batch, train=True),
@@ -348,7 +271,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
                  "train_loss": state.epoch_loss_sum / max(1, state.epoch_samples),
                  "valid_loss": valid_loss, "valid_mrr": valid_mrr, "lr": scheduler.get_last_lr()[0],
                  "samples_per_s": samples_done / max(1e-9, seconds), "seconds": seconds,
-                 "peak_memory_mb": _peak_memory_mb(dist.device)}
+                 "peak_memory_mb": peak_memory_mb(dist.device)}
         if loss_fn.learnable:
             entry["logit_scale"] = float(loss_fn.scale().detach())
         state.history.append(entry)
@@ -358,8 +281,8 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
             wandb_run.log({f"{fmt}/{k}": v for k, v in entry.items()}, step=state.step)
         if valid_mrr > state.best_mrr:
             state.best_mrr, state.best_epoch, state.bad_epochs = valid_mrr, entry["epoch"], 0
-            _save_best(ctx, fmt, model, core, entry, len(valid))
-            log(f"[{fmt}] best so far: saved to {_best_location(ctx, fmt)}")
+            save_best(ctx, fmt, model, core, entry, len(valid))
+            log(f"[{fmt}] best so far: saved to {best_location(ctx, fmt)}")
         else:
             state.bad_epochs += 1
             if int(cfg["LORA_PATIENCE"]) > 0 and state.bad_epochs >= int(cfg["LORA_PATIENCE"]):
@@ -375,121 +298,8 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
         wandb_run.finish()
     best = next((e for e in state.history if e["epoch"] == state.best_epoch), None)
     log(f"[{fmt}] done: best validation MRR {state.best_mrr:.4f} at epoch {state.best_epoch} -> "
-        f"{_best_location(ctx, fmt)}")
+        f"{best_location(ctx, fmt)}")
     if ctx.args.export_merged and dist.is_main:
-        _export_merged(ctx, fmt, log)
+        export_merged(ctx, fmt, log)
     distributed.barrier()
     return best or {}
-
-
-# ------------------------------------------------------------------------------------ pieces
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _augmentation(cfg: dict[str, Any]) -> data.Augmentation:
-    return data.Augmentation(random_file=bool(cfg["RANDOM_FILEPATH"]),
-                             remove_instruments_p=float(cfg["REMOVE_INSTRUMENT_PROB"]),
-                             random_truncation=bool(cfg["RANDOM_TRUNCATION"]),
-                             text_dropout=bool(cfg["TEXT_DROPOUT"]))
-
-
-def _data_loader(ctx: RunContext, dataset: torch.utils.data.Dataset, epoch: int) -> torch.utils.data.DataLoader:
-    # A generator of its own: the DataLoader must not draw its worker seeds from the global RNG,
-    # which also drives dropout and is restored on resume.
-    generator = torch.Generator().manual_seed(int(ctx.cfg["SEED"]) * 1000 + epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                       num_workers=int(ctx.cfg["NUM_WORKERS"]), generator=generator,
-                                       pin_memory=ctx.dist.device.type == "cuda")
-
-
-@torch.no_grad()
-def validate(ctx: RunContext, core: CLaMP3Model, loss_fn: ContrastiveLoss, valid, patchilizer: M3Patchilizer,
-             text_side: TextSide) -> tuple[float, float]:
-    """(validation loss, text->music MRR) over every validation record. Each rank embeds its rows
-    of every batch; the features of all ranks are gathered, so no rank waits on another's work."""
-    cfg, dist = ctx.cfg, ctx.dist
-    core.eval()
-    global_batch = int(cfg["LORA_BATCH_SIZE"]) * dist.world_size
-    plan = data.plan_validation(valid, global_batch, int(cfg["SEED"]), bucketing=bool(cfg["LENGTH_BUCKETING"]))
-    dataset = data.BatchDataset(valid, plan, patchilizer, text=text_side.for_dataset(False), seed=int(cfg["SEED"]),
-                                epoch=0, train=False, rank=dist.rank, world_size=dist.world_size,
-                                pad_to_longest=bool(cfg["LENGTH_BUCKETING"]))
-    loss_sum, count = 0.0, 0
-    text_parts, music_parts = [], []
-    batches = tqdm(_data_loader(ctx, dataset, 0), total=len(dataset), desc="validation", unit="batch",
-                   disable=not (ctx.progress and dist.is_main), dynamic_ncols=True, leave=False)
-    dim = ctx.model_config.projection_size
-    for position, batch in enumerate(batches):
-        batch = _to_device(batch, dist.device)
-        if batch["patches"].shape[0] == 0:
-            # A last batch with fewer rows than ranks leaves this rank none: it still joins the
-            # loss's gathers (every rank must), with no rows of its own.
-            music = text = torch.zeros(0, dim, device=dist.device)
-        else:
-            with ctx.precision.autocast():
-                music = core.features("symbolic", batch["patches"], batch["patch_mask"]).float()
-            text = text_side.batch_side(core, batch, train=False)
-        # The loss gathers every rank's rows: the same global-batch loss on every rank.
-        loss = loss_fn(text, music, text_keys=batch["text_keys"], music_keys=batch["music_keys"])
-        rows = len(plan.batches[position])
-        loss_sum += float(loss) * rows
-        count += rows
-        text_parts.append(text.float().cpu())
-        music_parts.append(music.cpu())
-    text_all = distributed.all_gather_tensor(torch.cat(text_parts) if text_parts else torch.zeros(0, dim))
-    music_all = distributed.all_gather_tensor(torch.cat(music_parts) if music_parts else torch.zeros(0, dim))
-    return loss_sum / max(1, count), metrics.mrr(text_all, music_all)
-
-
-def _best_location(ctx: RunContext, fmt: str) -> Path:
-    if ctx.cfg["TRAIN_MODE"] == "lora":
-        return lora.adapter_dir(ctx.cfg, fmt)
-    return repo_path(str(ctx.cfg["FULL_WEIGHTS_PATH"]).format(format=fmt))
-
-
-def _save_best(ctx: RunContext, fmt: str, model: nn.Module, core: CLaMP3Model, entry: dict[str, Any],
-               n_valid: int) -> None:
-    if not ctx.dist.is_main:
-        return
-    selection = {"format": fmt, "selected_by": "validation text->music MRR", "n_valid": n_valid, **entry,
-                 "run_dir": str(ctx.run_dir), "base_weights": str(ctx.weights),
-                 "base_fingerprint": ctx.base_fingerprint, "train_mode": ctx.cfg["TRAIN_MODE"]}
-    target = _best_location(ctx, fmt)
-    if ctx.cfg["TRAIN_MODE"] == "full":
-        lora.save_official_checkpoint(core.state_dict(), target, {"selection": selection, "config": ctx.cfg})
-        return
-    # Written beside the target, then swapped in, so the folder always holds one whole adapter.
-    staging = target.with_name(f".{target.name}.saving")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    write_json(staging / "selection.json", selection)
-    swap_in_folder(staging, target)
-
-
-def _export_merged(ctx: RunContext, fmt: str, log: RunLogger) -> None:
-    """The best adapter merged into a fresh copy of the base, saved as an official checkpoint."""
-    base = load_clamp3(ctx.model_config, ctx.weights)
-    adapted = lora.load_adapter(base, lora.adapter_dir(ctx.cfg, fmt))
-    path = lora.save_official_checkpoint(lora.merged_state_dict(adapted), ctx.args.export_merged,
-                                         {"merged_adapter": str(lora.adapter_dir(ctx.cfg, fmt)), "format": fmt})
-    log(f"[{fmt}] merged model written to {path} (official format; load_clamp3 reads it)")
-
-
-def _start_wandb(ctx: RunContext, fmt: str):
-    if not (ctx.cfg["WANDB_ENABLED"] and ctx.dist.is_main):
-        return None
-    import wandb
-
-    return wandb.init(project=ctx.cfg["WANDB_PROJECT"], mode=ctx.cfg["WANDB_MODE"], dir=str(ctx.run_dir),
-                      name=f"{ctx.run_dir.name}-{fmt}", config=ctx.cfg, reinit=True)

@@ -140,7 +140,7 @@ def split_batch(batch: Batch, micro_batch: int) -> list[dict[str, Any]]:
 
 
 @dataclass
-class _RandomState:
+class RandomState:
     """The torch RNG state (CPU, and the current CUDA device once CUDA is in use) at one moment,
     so a re-run draws the same dropout masks."""
 
@@ -149,7 +149,7 @@ class _RandomState:
     cuda_device: int | None
 
     @classmethod
-    def capture(cls) -> _RandomState:
+    def capture(cls) -> RandomState:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             device = torch.cuda.current_device()
             return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device), device)
@@ -161,7 +161,7 @@ class _RandomState:
             torch.cuda.set_rng_state(self.cuda, self.cuda_device)
 
 
-def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+def backward_scaled(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
     (loss if scaler is None else scaler.scale(loss)).backward()
 
 
@@ -183,19 +183,19 @@ def contrastive_step(batch: Batch, encode_music: Encoder, text: Encoder | torch.
     music = encode_music(batch)
     text_features = text.detach() if isinstance(text, torch.Tensor) else text(batch)
     loss = loss_fn(text_features, music, text_keys=text_keys, music_keys=music_keys)
-    _backward(loss, scaler)
+    backward_scaled(loss, scaler)
     return float(loss.detach())
 
 
-def _encode_first_pass(encode: Encoder, chunks: Sequence[Batch], keep_last: bool, side: str,
-                       ) -> tuple[torch.Tensor, list[_RandomState], torch.Tensor | None]:
+def encode_first_pass(encode: Encoder, chunks: Sequence[Batch], keep_last: bool, side: str,
+                       ) -> tuple[torch.Tensor, list[RandomState], torch.Tensor | None]:
     """Every micro-batch's features without gradient and the RNG state before each; with
     ``keep_last`` the last micro-batch is encoded with gradient instead and its output (graph
     attached) returned too, so that it need not be encoded a second time."""
     states, outputs = [], []
     kept = None
     for index, chunk in enumerate(chunks):
-        states.append(_RandomState.capture())
+        states.append(RandomState.capture())
         if keep_last and index == len(chunks) - 1:
             kept = _with_grad(encode, chunk, side)
             outputs.append(kept.detach())
@@ -213,7 +213,7 @@ def _with_grad(encode: Encoder, chunk: Batch, side: str) -> torch.Tensor:
     return output
 
 
-def _backward_through(encode: Encoder, chunks: Sequence[Batch], states: Sequence[_RandomState],
+def backward_through(encode: Encoder, chunks: Sequence[Batch], states: Sequence[RandomState],
                       cached_grad: torch.Tensor, side: str, kept: torch.Tensor | None = None) -> None:
     """Backpropagate each micro-batch's rows of ``cached_grad``: through ``kept``, the last
     micro-batch's output still attached to its graph, if given, and through a re-run of every
@@ -248,20 +248,20 @@ def grad_cache_step(batch: Batch, encode_music: Encoder, text: Encoder | torch.T
     Afterwards the RNG is where step 1 left it, as if each micro-batch had run once."""
     chunks = split_batch(batch, micro_batch)
     text_trains = not isinstance(text, torch.Tensor)
-    music_cache, music_states, music_kept = _encode_first_pass(encode_music, chunks, not text_trains, "music")
+    music_cache, music_states, music_kept = encode_first_pass(encode_music, chunks, not text_trains, "music")
     if text_trains:
-        text_cache, text_states, text_kept = _encode_first_pass(text, chunks, True, "text")
+        text_cache, text_states, text_kept = encode_first_pass(text, chunks, True, "text")
     else:
         text_cache, text_states, text_kept = text.detach(), [], None
-    after_first_pass = _RandomState.capture()
+    after_first_pass = RandomState.capture()
 
     music_leaf = music_cache.detach().requires_grad_(True)
     text_leaf = text_cache.detach().requires_grad_(text_trains)
     loss = loss_fn(text_leaf, music_leaf, text_keys=text_keys, music_keys=music_keys)
-    _backward(loss, scaler)
+    backward_scaled(loss, scaler)
 
     if text_trains:  # the kept graph first, so it is freed before any re-run
-        _backward_through(text, chunks, text_states, text_leaf.grad, "text", text_kept)
-    _backward_through(encode_music, chunks, music_states, music_leaf.grad, "music", music_kept)
+        backward_through(text, chunks, text_states, text_leaf.grad, "text", text_kept)
+    backward_through(encode_music, chunks, music_states, music_leaf.grad, "music", music_kept)
     after_first_pass.restore()
     return float(loss.detach())
