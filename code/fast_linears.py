@@ -24,16 +24,19 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
-def onednn_linear_available() -> bool:
-    """Whether oneDNN's fused linear runs in this torch build and agrees with ``F.linear`` + GELU."""
+def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether oneDNN's fused linear runs in this torch build on this CPU for ``dtype`` and agrees
+    with ``F.linear`` + GELU. bfloat16 needs CPU support: on a CPU without AVX-512 (an AMD EPYC
+    seen here) oneDNN cannot create the bfloat16 primitive, and the plain path is used instead."""
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return False
     try:
         generator = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(shape, generator=generator) for shape in ((3, 5, 16), (8, 16), (8,)))
-        plain = F.gelu(F.linear(x, w, b))
-        return bool(torch.allclose(op(x, w, b, "gelu", [], "none"), plain, atol=1e-5))
+        x, w, b = (torch.randn(shape, generator=generator).to(dtype) for shape in ((3, 5, 16), (8, 16), (8,)))
+        plain = F.gelu(F.linear(x.float(), w.float(), b.float()))
+        tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+        return bool(torch.allclose(op(x, w, b, "gelu", [], "none").float(), plain, atol=tolerance))
     except (RuntimeError, TypeError):
         return False
 

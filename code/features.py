@@ -250,7 +250,8 @@ class FeatureExtractor:
 
     def _fast_kernels(self):
         dtype = getattr(torch, self.dtype)
-        if self.use_onednn and self.device.type == "cpu" and dtype in ONEDNN_DTYPES:
+        if (self.use_onednn and self.device.type == "cpu" and dtype in ONEDNN_DTYPES
+                and onednn_linear_available(dtype)):
             return onednn_linears(self.model, dtype)
         return contextlib.nullcontext()
 
