@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         # The query before the folder: a text query loads the weights and the tokenizer, a music file
         # is converted and embedded, so a missing model or a bad query fails in seconds, not after the folder.
         vector, exclude = folder_search.query_vector(embedder, query)
-        index_dir = args.index or folder_search.default_index_dir(embedder.cfg, args.folder)
+        index_dir = args.index or folder_search.default_index_dir(
+            embedder.cfg, args.folder, base_model=not folder_search.uses_adapters(embedder))
         with DropLog("clamp3_search", args.error_log, echo=lambda m: print(m, file=sys.stderr)) as drops:
             bars: list[tqdm] = []  # made when there is something to embed: no empty bar on a no-op update
 

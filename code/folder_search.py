@@ -79,11 +79,18 @@ def kinds_of_choice(choice: str | None) -> tuple[str, ...] | None:
     return formats.KINDS_OF_FORMAT[choice]
 
 
-def default_index_dir(cfg: dict[str, Any], folder: str | os.PathLike) -> Path:
-    """``SEARCH_INDEX_DIR/<folder name>-<digest of its absolute path>``."""
+def default_index_dir(cfg: dict[str, Any], folder: str | os.PathLike, base_model: bool = False) -> Path:
+    """``SEARCH_INDEX_DIR/<folder name>-<digest of its absolute path>``, with ``-base`` for the base
+    model's (``base_model``: no adapter): searching with and without the adapters keeps two indexes
+    instead of rebuilding one at every switch (the search page keeps the same two)."""
     resolved = Path(os.path.abspath(folder))
     digest = hashlib.sha256(str(resolved).encode("utf-8")).hexdigest()[:12]
-    return repo_path(cfg["SEARCH_INDEX_DIR"]) / f"{resolved.name or 'root'}-{digest}"
+    return repo_path(cfg["SEARCH_INDEX_DIR"]) / f"{resolved.name or 'root'}-{digest}{'-base' if base_model else ''}"
+
+
+def uses_adapters(embedder: Embedder) -> bool:
+    """Whether any format goes through an adapter (else every vector is the base model's)."""
+    return any(embedder.choice.adapters.values())
 
 
 def folder_facts(folder: Path) -> tuple[dict[str, FileFacts], list[str]]:

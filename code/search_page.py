@@ -158,15 +158,16 @@ def page_models(args: argparse.Namespace, cfg: dict[str, Any], folder: Path) -> 
     first = rawfile_tools.embedder_from_args(args, cfg)
     index_dir = Path(args.index) if args.index else folder_search.default_index_dir(first.cfg, folder)
     adapters = {fmt: path for fmt, path in first.choice.adapters.items() if path}
+    base_index = index_dir.with_name(index_dir.name + "-base")  # default_index_dir's for the base model too
     if not adapters:
         why = "--no_adapter" if args.no_adapter else "no adapter found"
-        return {BASE: PageModel(BASE, f"base model ({why})", first, index_dir)}, BASE
+        return {BASE: PageModel(BASE, f"base model ({why})", first, base_index)}, BASE
     no_adapter = copy.copy(args)
     no_adapter.no_adapter = True
     base = rawfile_tools.embedder_from_args(no_adapter, cfg)
     label = "adapters (" + ", ".join(f"{fmt.upper()}: {path.name}" for fmt, path in adapters.items()) + ")"
     return {ADAPTERS: PageModel(ADAPTERS, label, first, index_dir),
-            BASE: PageModel(BASE, "base model, no adapter", base, index_dir.with_name(index_dir.name + "-base"))}, \
+            BASE: PageModel(BASE, "base model, no adapter", base, base_index)}, \
         ADAPTERS
 
 

@@ -286,3 +286,19 @@ def test_approximate_search_from_the_command_line(tmp_path, scores, word_tokeniz
     index = search_index.SearchIndex.open(tmp_path / "index", search_index.index_info(tmp_path / "index")["model_key"])
     assert index.has_ann
     assert run_json(search_main, capsys, [*common, "--format", "audio"])["results"] == []
+
+
+def test_the_base_model_keeps_its_own_default_index(tmp_path, scores, word_tokenizer, adapters, search_main,
+                                                    capsys):
+    """Without --index, searching with the adapters and with --no_adapter used one index folder, so
+    each switch rebuilt it; now the base model's is ``<index>-base`` (as the search page keeps it)."""
+    common = arguments(tmp_path, word_tokenizer, adapters, "w1 w2", str(scores))
+    at = common.index("--index")
+    common = [*common[:at], *common[at + 2:], f"--SEARCH_INDEX_DIR={tmp_path / 'indexes'}"]
+    adapted = run_json(search_main, capsys, common)
+    base = run_json(search_main, capsys, [*common, "--no_adapter"])
+    assert base["index"] == adapted["index"] + "-base"
+    again = search_main([*common, "--json"])
+    assert again == 0 and json.loads(capsys.readouterr().out)["index"] == adapted["index"]
+    assert sorted(p.name for p in (tmp_path / "indexes").iterdir()) == sorted(
+        [Path(adapted["index"]).name, Path(base["index"]).name])
