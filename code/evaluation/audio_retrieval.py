@@ -164,6 +164,19 @@ def _first_of(pair_ids: Sequence[str | None]) -> dict[str, int]:
     return first
 
 
+def _paired_block(forward: str, backward: str, a: np.ndarray, b: np.ndarray, ids: Sequence[str],
+                  rank_field: str, n_resamples: int, seed: int, rows: list[dict]) -> dict[str, Any]:
+    """Both directions between row-aligned ``a`` and ``b`` (row i of each is one piece): each
+    direction's summary, the pair cosines, and the ranks rows appended to ``rows``."""
+    block: dict[str, Any] = {"n_pairs": len(ids)}
+    for direction, queries, references in ((forward, a, b), (backward, b, a)):
+        ranks = metrics.rank_queries(queries, references, np.arange(len(ids)))
+        block[direction] = metrics.summarise(ranks, n_resamples=n_resamples, seed=seed)
+        rows.extend(ranks_file_rows((AUDIO_SET, rank_field, "pair", direction), ids, ranks))
+    block["pair_cosines"] = metrics.pair_cosines(a, b)
+    return block
+
+
 def evaluate_audio(audio: AudioFeatures, symbolic: dict[str, tuple[Sequence[str | None], np.ndarray]],
                    n_resamples: int, seed: int, max_unmatched: int, rows: list[dict],
                    similarities: dict[str, np.ndarray], sample: Callable[..., tuple[np.ndarray, np.ndarray]]
@@ -175,13 +188,7 @@ def evaluate_audio(audio: AudioFeatures, symbolic: dict[str, tuple[Sequence[str 
     for name, (indices, text_matrix) in audio.texts.items():
         recordings = audio.audio[indices]
         ids = [test_set.pieces[i].id for i in indices]
-        entry: dict[str, Any] = {"n_pairs": len(ids)}
-        for direction, queries, references in ((AUDIO_TEXT_DIRECTIONS[0], text_matrix, recordings),
-                                               (AUDIO_TEXT_DIRECTIONS[1], recordings, text_matrix)):
-            ranks = metrics.rank_queries(queries, references, np.arange(len(ids)))
-            entry[direction] = metrics.summarise(ranks, n_resamples=n_resamples, seed=seed)
-            rows.extend(ranks_file_rows((AUDIO_SET, name, "pair", direction), ids, ranks))
-        entry["pair_cosines"] = metrics.pair_cosines(text_matrix, recordings)
+        entry = _paired_block(*AUDIO_TEXT_DIRECTIONS, text_matrix, recordings, ids, name, n_resamples, seed, rows)
         matched, unmatched = sample(text_matrix, recordings, max_unmatched, seed)
         similarities[similarity_key(AUDIO_SET, name, "matched")] = matched
         similarities[similarity_key(AUDIO_SET, name, "unmatched")] = unmatched
@@ -198,13 +205,8 @@ def evaluate_audio(audio: AudioFeatures, symbolic: dict[str, tuple[Sequence[str 
             continue
         scores = music[[music_first[p] for p in shared]]
         recordings = audio.audio[[audio_first[p] for p in shared]]
-        to_audio, from_audio = AUDIO_CROSS_DIRECTIONS[fmt]
-        block: dict[str, Any] = {"n_pairs": len(shared)}
-        for direction, queries, references in ((to_audio, scores, recordings), (from_audio, recordings, scores)):
-            ranks = metrics.rank_queries(queries, references, np.arange(len(shared)))
-            block[direction] = metrics.summarise(ranks, n_resamples=n_resamples, seed=seed)
-            rows.extend(ranks_file_rows((AUDIO_SET, AUDIO_PAIR_FIELD, "pair", direction), shared, ranks))
-        block["pair_cosines"] = metrics.pair_cosines(scores, recordings)
+        block = _paired_block(*AUDIO_CROSS_DIRECTIONS[fmt], scores, recordings, shared, AUDIO_PAIR_FIELD,
+                              n_resamples, seed, rows)
         matched, unmatched = sample(scores, recordings, max_unmatched, seed)
         similarities[similarity_key(AUDIO_SET, fmt, "matched")] = matched
         similarities[similarity_key(AUDIO_SET, fmt, "unmatched")] = unmatched
