@@ -71,14 +71,14 @@ def check_joint_settings(cfg: dict[str, Any], fmt: str) -> bool:
 
 
 def _models(ctx: RunContext) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """Each format's PEFT model and its CLaMP3Model; the second shares the first's frozen text
-    tower (the same weights, held once)."""
+    """Each format's PEFT model and its CLaMP3Model; the second shares the first's frozen text and
+    audio towers (the same weights, held once)."""
     models, cores = {}, {}
     for fmt in FORMATS:
         # The same seed as a run of this format alone: the same starting adapter.
         distributed.seed_everything(int(ctx.cfg["SEED"]))
         models[fmt], cores[fmt], _ = build_model(ctx.cfg, fmt, ctx.model_config, ctx.weights, ctx.dist.device)
-    cores["mtf"].text_model = cores["abc"].text_model
+    cores["mtf"].text_model, cores["mtf"].audio_model = cores["abc"].text_model, cores["abc"].audio_model
     return models, cores
 
 
