@@ -5,7 +5,9 @@
 
 ``TRAIN_MODE = "lora"`` (default) freezes the base checkpoint and trains a PEFT LoRA adapter on the
 symbolic encoder; ``"full"`` trains the symbolic encoder and projection as the official
-``train_clamp3_symbolic.py`` does. Everything that changes results is a config key (``code/config.py``),
+``train_clamp3_symbolic.py`` does. ``--format both --ALIGN_WEIGHT=1`` trains the two LoRA adapters in
+one run with a sheet <-> MIDI term over records sharing a ``pair_id`` (``training/joint.py``).
+Everything that changes results is a config key (``code/config.py``),
 saved in the run folder (``LORA_LOG_DIR``) and checked on ``--resume``.
 """
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Multi-node: torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d "
                "--rdzv_endpoint=HOST:29500 code/train_clamp3_lora.py --format abc")
     parser.add_argument("--format", choices=[*FORMATS, "both"], default="both",
-                        help="which adapter to train; 'both' trains ABC, then MTF, each from the base (default)")
+                        help="which adapter to train; 'both' trains ABC, then MTF, each from the base (default), "
+                             "or, with ALIGN_WEIGHT > 0, the two together with a sheet<->MIDI term over pairs")
     parser.add_argument("--weights", metavar="PATH",
                         help="base CLaMP 3 checkpoint (default: CLAMP3_WEIGHTS_PATH from config)")
     parser.add_argument("--model_config", metavar="FILE",

@@ -108,6 +108,34 @@ def test_the_joint_run_lowers_every_term_and_saves_two_loadable_adapters(tmp_pat
     assert [p.name.split("_")[0] for p in list_checkpoints(tmp_path / "run")] == ["joint"] * 3
 
 
+def test_the_joint_loss_masks_same_piece_negatives_and_leaves_out_terms_without_rows():
+    """One process: the joint loss is its three contrastive terms over the rows it is given, the
+    sheet<->MIDI term over the first ``pairs`` rows; a pair whose MIDI repeats another's is not a
+    negative there; a format without rows drops its term."""
+    from training.joint_loss import JointLoss
+    from training.loss import ContrastiveLoss
+
+    generator = torch.Generator().manual_seed(0)
+    texts = {"abc": torch.randn(5, 8, generator=generator), "mtf": torch.randn(4, 8, generator=generator)}
+    music = {"abc": torch.randn(5, 8, generator=generator), "mtf": torch.randn(4, 8, generator=generator)}
+    keys = {fmt: {"text_keys": torch.arange(len(t)), "music_keys": torch.arange(len(t)) + 10}
+            for fmt, t in texts.items()}
+    keys["mtf"]["music_keys"][2] = keys["mtf"]["music_keys"][0]  # pairs 0 and 2: the same MIDI
+    loss_fn = JointLoss("clamp3", 1.0, align_weight=0.5)
+    total, terms = loss_fn(texts, music, 3, keys)
+    plain = ContrastiveLoss("clamp3", 1.0, gather=False)
+    expected = {fmt: plain(texts[fmt], music[fmt], **keys[fmt]) for fmt in texts}
+    align = plain(music["abc"][:3], music["mtf"][:3], text_keys=keys["abc"]["music_keys"][:3],
+                  music_keys=keys["mtf"]["music_keys"][:3])
+    assert align != pytest.approx(float(plain(music["abc"][:3], music["mtf"][:3])))  # the mask matters
+    assert terms == pytest.approx({"text_abc": float(expected["abc"]), "text_mtf": float(expected["mtf"]),
+                                   "abc_mtf": float(align)})
+    assert float(total) == pytest.approx(float(expected["abc"] + expected["mtf"] + 0.5 * align))
+    empty = {"abc": texts["abc"], "mtf": torch.zeros(0, 8)}
+    total, terms = loss_fn(empty, {"abc": music["abc"], "mtf": torch.zeros(0, 8)}, 0, None)
+    assert set(terms) == {"text_abc"} and float(total) == pytest.approx(float(plain(texts["abc"], music["abc"])))
+
+
 def test_a_joint_run_needs_both_formats_lora_and_pairs(tmp_path, word_tokenizer, capsys):
     make_records(tmp_path, "abc", paired=True)
     assert train_clamp3_lora.main(options(tmp_path, word_tokenizer, ALIGN_WEIGHT=1.0)) == 2
@@ -116,6 +144,15 @@ def test_a_joint_run_needs_both_formats_lora_and_pairs(tmp_path, word_tokenizer,
     assert "TRAIN_MODE must be 'lora'" in capsys.readouterr().err
     assert train_clamp3_lora.main(joint_options(tmp_path, word_tokenizer, ALIGN_SELECT_BY=["text_abc", "sheet"])) == 2
     assert "ALIGN_SELECT_BY must name" in capsys.readouterr().err
+    # Selection by sheet->MIDI alone, in fp16 autocast with a gradient scaler and GradCache.
+    make_records(tmp_path, "mtf", paired=True)
+    args = joint_options(tmp_path, word_tokenizer, LORA_NUM_EPOCHS=1, ALIGN_SELECT_BY=["abc_mtf"],
+                         TRAIN_PRECISION="fp16", GRAD_CACHE_MICRO_BATCH=2)
+    assert train_clamp3_lora.main(args + ["--overwrite"]) == 0
+    (entry,) = history(tmp_path, "joint")
+    assert entry["valid_mrr"] == entry["valid_mrr_abc_mtf"] and entry["train_loss"] > 0
+    assert json.loads((tmp_path / "adapter_mtf" / "selection.json").read_text())["selected_by"].endswith(
+        "abc_mtf (ALIGN_SELECT_BY)")
     make_records(tmp_path, "mtf")  # no pair_id in the MTF records
     assert train_clamp3_lora.main(joint_options(tmp_path, word_tokenizer) + ["--overwrite"]) == 2
     assert "nothing to align" in capsys.readouterr().err
