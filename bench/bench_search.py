@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--threads", type=int, default=2, help="FAISS (OpenMP) threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch and FAISS (OpenMP) threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", choices=("clustered", "uniform"), default="clustered")
     parser.add_argument("--clusters", type=int, default=1000, help="mixture components of --data clustered")
@@ -286,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--_folder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import faiss
+    import torch
 
     faiss.omp_set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args._step:
         print(json.dumps(STEPS[args._step](args, args._folder, args._size)))
         return 0

@@ -40,9 +40,10 @@ content is already indexed under the same file extension reuses that vector with
 index built with another key is refused (``ModelKeyMismatchError``) unless opened with
 ``rebuild=True``, which starts an empty index (the old one stays readable until the first write).
 
-**Search** is exact by default: FAISS's inner-product scan over every live row of every segment,
-the best k per query kept with every row tied with the k-th, and the result ordered by (score
-descending, path). ``approximate=True`` searches the IVF index instead (``build_ann``), plus an
+**Search** is exact by default: every live row of every segment scored in chunks with one float32
+matrix product each (``torch``, on the segments' mapped rows without a copy: measured faster here
+than FAISS's own flat scan, see bench/README.md), the best k per chunk kept with ``torch.topk`` plus
+every row tied with the k-th, and the result ordered by (score descending, path). ``approximate=True`` searches the IVF index instead (``build_ann``), plus an
 exact scan of the segments added after it was built. An index written by the earlier home-made
 format (``manifest.json``, versions 1 and 2) is converted on first open.
 """
@@ -64,6 +65,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import torch
 from fileio import file_sha256
 
 FORMAT_NAME = "clamp3-search-index"
@@ -75,10 +77,7 @@ COMPACT_DEAD_FRACTION = 0.25
 MAX_SEGMENTS = 32
 BUSY_TIMEOUT_S = 600.0
 _ADD_ROWS = 65536  # rows handed to FAISS at a time when copying a large set
-# FAISS scores batches of at least this many queries with one BLAS product (its default, 20, scores a
-# batch of 16 as 16 scans: measured 4.5× slower at 100k in bench/bench_search.py).
-BLAS_QUERIES = 4
-faiss.cvar.distance_compute_blas_threshold = BLAS_QUERIES
+DEFAULT_CHUNK_ROWS = 262144
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -398,8 +397,14 @@ class _Segment:
     first_vid: int
     n_rows: int
     file: str
-    flat: faiss.IndexFlatIP
+    flat: faiss.IndexFlatIP  # owns the mapping: kept as long as ``matrix`` is used
     live: np.ndarray | None  # None: every row is live
+    matrix: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The mapped rows themselves, no copy (never written: the file is mapped read-only).
+        rows = faiss.rev_swig_ptr(self.flat.get_xb(), self.n_rows * self.flat.d)
+        self.matrix = torch.from_numpy(np.asarray(rows).reshape(self.n_rows, self.flat.d))
 
 
 class SearchIndex:
@@ -1059,14 +1064,15 @@ class SearchIndex:
                exclude_sha256: str | Iterable[str] | None = None,
                exclude_per_query: Sequence[str | Iterable[str] | None] | None = None,
                dedupe: bool = True, kinds: Iterable[str] | None = None,
-               approximate: bool = False, n_probe: int = 32) -> list[list[Hit]]:
+               approximate: bool = False, n_probe: int = 32,
+               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> list[list[Hit]]:
         """The ``k`` best files for each query (``(Q, D)``, or one ``(D,)`` vector: still a list of one
         list), by cosine similarity, best first, equal scores in path order. ``dedupe``: identical
         contents are one hit (``duplicates`` names the other paths). ``exclude_sha256``: contents left
         out of every query's results (a music→music query leaves out the query file, and its copies);
         ``exclude_per_query``: the same, one item per query. ``kinds``: only files of these kinds.
         ``approximate``: through the IVF index (``build_ann``; built now if missing), probing
-        ``n_probe`` clusters."""
+        ``n_probe`` clusters. ``chunk_rows``: rows scored per matrix product of the exact scan."""
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
         matrix = np.asarray(queries.detach().cpu() if hasattr(queries, "detach") else queries, dtype=np.float32)
@@ -1101,7 +1107,7 @@ class SearchIndex:
         candidates: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n_queries
         for excluded, members in groups.items():
             found = self._top_vids(units[members], k, np.fromiter(excluded, np.int64, len(excluded)), allowed,
-                                   approximate, n_probe)
+                                   approximate, n_probe, chunk_rows)
             for q, result in zip(members, found, strict=True):
                 candidates[q] = result
         return [self._hits(vids, scores, k, dedupe, None if kinds is None else frozenset(kinds))
@@ -1113,7 +1119,7 @@ class SearchIndex:
                            k, **options)[0]
 
     def _top_vids(self, units: np.ndarray, k: int, excluded: np.ndarray, allowed: np.ndarray | None,
-                  approximate: bool, n_probe: int) -> list[tuple[np.ndarray, np.ndarray]]:
+                  approximate: bool, n_probe: int, chunk_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query, the vids scoring at least the k-th best score (every vid tied with the k-th is in,
         so ordering by path afterwards is exact), with their float32 scores, best first."""
         parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(units))]
@@ -1150,29 +1156,12 @@ class SearchIndex:
                     local = allowed[(allowed >= segment.first_vid) & (allowed < segment.first_vid + segment.n_rows)]
                     keep[local - segment.first_vid] = True
                     mask &= keep
-            n_live = segment.n_rows if mask is None else int(mask.sum())
-            if not n_live:
+            if mask is not None and not mask.any():
                 continue
-            selector, bits = _bitmap_selector(mask) if mask is not None else (None, None)
-            params = faiss.SearchParameters(sel=selector) if selector is not None else None
-            todo = list(range(len(units)))
-            fetch = min(k + 1, n_live)
-            while todo:
-                with self._lock:
-                    scores, ids = segment.flat.search(units[todo], fetch, params=params)
-                again = []
-                for row, q in enumerate(todo):
-                    ok = ids[row] >= 0
-                    got_ids, got_scores = ids[row][ok], scores[row][ok]
-                    # FAISS breaks ties at the cut arbitrarily: while the last fetched row ties with
-                    # the k-th, fetch more (rare), so that every tied row is seen.
-                    if fetch < n_live and len(got_scores) > k and got_scores[-1] == got_scores[k - 1]:
-                        again.append(q)
-                        continue
-                    parts[q].append((got_ids.astype(np.int64) + segment.first_vid, got_scores))
-                todo = again
-                fetch = min(fetch * 2, n_live)
-            del bits
+            found = _top_rows(segment.matrix, torch.from_numpy(units), k,
+                              None if mask is None else torch.from_numpy(mask), chunk_rows)
+            for q, (rows, scores) in enumerate(found):
+                parts[q].append((rows + segment.first_vid, scores))
         out = []
         for q in range(len(units)):
             vids = np.concatenate([p[0] for p in parts[q]]) if parts[q] else np.zeros(0, np.int64)
@@ -1261,3 +1250,53 @@ def _convert_legacy(folder: Path) -> None:
         if name:
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()
+
+
+def _top_rows(matrix: torch.Tensor, queries: torch.Tensor, k: int, row_mask: torch.Tensor | None,
+              chunk_rows: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query, the rows scoring at least the k-th best score (so every row tied with the k-th is
+    in: the caller's final order by path is then exact), with their float32 scores. Rows outside
+    ``row_mask`` never appear."""
+    n_rows = matrix.shape[0]
+    n_queries = queries.shape[0]
+    found_rows: list[list[np.ndarray]] = [[] for _ in range(n_queries)]
+    found_scores: list[list[np.ndarray]] = [[] for _ in range(n_queries)]
+    # Bound the (queries × chunk) score buffer at 128 MB for large query batches.
+    chunk_rows = max(1, min(chunk_rows, max(8192, (1 << 25) // max(n_queries, 1))))
+    queries_t = queries.T.contiguous()
+    with torch.no_grad():
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            # (chunk × D) @ (D × Q), then transposed: measured faster than queries @ chunk.T for
+            # batches of queries (the same for one), see bench/bench_search.py.
+            sims = (matrix[start:stop] @ queries_t).T.contiguous()  # (Q, chunk)
+            if row_mask is not None:
+                sims.masked_fill_(~row_mask[start:stop], float("-inf"))
+            width = stop - start
+            kk = min(k + 1, width)
+            values, indices = torch.topk(sims, kk, dim=1, sorted=True)
+            values_np, indices_np = values.numpy(), indices.numpy()
+            # topk breaks ties arbitrarily. Only when the (k+1)-th best equals the k-th can a tie
+            # cross the cut; then (rarely) take every row of the chunk reaching the k-th score.
+            tied = ((values_np[:, k] == values_np[:, k - 1]) & np.isfinite(values_np[:, k - 1])
+                    if kk > k else np.zeros(n_queries, dtype=bool))
+            for q in range(n_queries):
+                if tied[q]:
+                    where = torch.nonzero(sims[q] >= values[q, k - 1], as_tuple=True)[0]
+                    rows_q, scores_q = where.numpy(), sims[q, where].numpy()
+                else:
+                    rows_q, scores_q = indices_np[q, :k], values_np[q, :k]
+                finite = np.isfinite(scores_q)
+                found_rows[q].append(rows_q[finite].astype(np.int64) + start)
+                found_scores[q].append(scores_q[finite].astype(np.float32))
+    out = []
+    for q in range(n_queries):
+        rows = np.concatenate(found_rows[q]) if found_rows[q] else np.zeros(0, np.int64)
+        scores = np.concatenate(found_scores[q]) if found_scores[q] else np.zeros(0, np.float32)
+        order = np.lexsort((rows, -scores))
+        rows, scores = rows[order], scores[order]
+        if len(scores) > k:
+            keep = scores >= scores[k - 1]
+            rows, scores = rows[keep], scores[keep]
+        out.append((rows, scores))
+    return out

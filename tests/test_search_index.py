@@ -141,7 +141,10 @@ def test_ties_are_in_path_order(tmp_path):
     index = SearchIndex.build(tmp_path / "i", "m", None, files, vectors)
     assert [h.path for h in index.search_one(vector, k=2)] == ["a.abc", "b.abc"]
     assert [h.path for h in index.search_one(vector, k=3)] == ["a.abc", "b.abc", "c.abc"]
-    # Across segments too: the tied contents written by three updates.
+    # Across chunk boundaries (tiny chunks force the merge), and across segments.
+    assert [h.path for h in index.search_one(vector, k=3, chunk_rows=2)] == ["a.abc", "b.abc", "c.abc"]
+    assert [h.path for h in index.search_one(vector, k=3, chunk_rows=1)] == ["a.abc", "b.abc", "c.abc"]
+    # The tied contents written by three updates, so in three segments:
     folder = Folder()
     spread = SearchIndex.open(tmp_path / "spread", "m")
     for batch in (["d.abc", "e.abc"], ["b.abc"], ["a.abc", "c.abc"]):
@@ -174,6 +177,8 @@ def test_many_segments_give_the_results_of_one(tmp_path):
     queries = np.concatenate([rng.standard_normal((3, D)).astype(np.float32), vectors[7:8]])
     whole = whole_index.search(queries, k=25)
     split = pieces.search(queries, k=25)
+    for chunk in (1, 7, 64):
+        assert whole_index.search(queries, k=25, chunk_rows=chunk) == whole
     # The same files in the same order; scores equal up to float32 summation order.
     assert [[h.path for h in hits] for hits in split] == [[h.path for h in hits] for hits in whole]
     assert np.allclose([[h.score for h in hits] for hits in split], [[h.score for h in hits] for hits in whole],
