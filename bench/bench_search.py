@@ -1,4 +1,4 @@
-"""Benchmark: the persistent search index (code/search_index.py: SQLite + FAISS) at 10k, 100k and 1M vectors.
+"""Benchmark: the persistent search index (code/search_index.py: SQLite, .npy segments, FAISS IVF) at 10k-1M vectors.
 
     python bench/bench_search.py [--sizes 10000 100000 1000000] [--dim 768] [--threads 2]
 
@@ -155,7 +155,7 @@ def all_vectors(index) -> tuple[np.ndarray, dict[int, int]]:
     """Every stored row (dead ones included) and each vid's row in that matrix."""
     blocks, where, offset = [], {}, 0
     for segment in index._segments:
-        blocks.append(segment.flat.reconstruct_n(0, segment.n_rows))
+        blocks.append(np.asarray(segment.vectors))
         where.update({segment.first_vid + i: offset + i for i in range(segment.n_rows)})
         offset += segment.n_rows
     return np.concatenate(blocks), where
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\nsearch_index (SQLite + FAISS {faiss.__version__}), D = {args.dim}, k = {args.k}, {args.threads} "
+    print(f"\nsearch_index (SQLite, .npy segments, FAISS {faiss.__version__} IVF), D = {args.dim}, k = {args.k}, {args.threads} "
           f"threads, {args.data} data, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"latencies: median / p95 of {args.repeats}\n")
     print("| vectors | build (s) | index on disk | open (ms) | first query (ms) | exact query (ms) | "

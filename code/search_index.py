@@ -5,15 +5,16 @@ file, and keeps itself up to date with the folder without embedding unchanged fi
 nothing of models or file formats: the caller gives it file facts (size, mtime, content hash) and,
 for the files it asks about, vectors and a kind (``SearchIndex.update``'s ``embed`` callable).
 
-**Engines.** The file table lives in SQLite (``index.sqlite``, write-ahead log) and the vectors in
-FAISS flat files; bench/README.md has the measurements that chose them. On disk::
+**Engines.** The file table lives in SQLite (``index.sqlite``, write-ahead log), the approximate
+index in FAISS; the vectors in append-only ``.npy`` segments the tables name. bench/README.md has
+the measurements that chose this. On disk::
 
     index.sqlite               meta (format version, model_key, dimension, root, generation, times),
                                files (path, sha256, size, mtime_ns, kind), vectors (sha256 -> vid),
                                segments (which FAISS file holds which vids), dead (vids no file uses
                                any more), failures (files the embedder could not embed, and why)
-    vectors-<first vid>-<id>.faiss   one FAISS ``IndexFlatIP`` of unit float32 rows per segment:
-                               written once, never changed, memory-mapped by readers
+    vectors-<first vid>-<id>.npy     unit float32 rows (N × D) of one segment: written once, never
+                               changed, memory-mapped by readers
     ann-<id>.faiss             the optional approximate index (FAISS ``IndexIVFFlat`` over vids)
 
 One vid per distinct content (sha256). An update writes its new vectors as one new segment and
@@ -42,7 +43,7 @@ index built with another key is refused (``ModelKeyMismatchError``) unless opene
 
 **Search** is exact by default: every live row of every segment scored in chunks with one float32
 matrix product each (``torch``, on the segments' mapped rows without a copy: measured faster here
-than FAISS's own flat scan, see bench/README.md), the best k per chunk kept with ``torch.topk`` plus
+than FAISS's own flat scan, whose file format also leaves its rows unaligned; see bench/README.md), the best k per chunk kept with ``torch.topk`` plus
 every row tied with the k-th, and the result ordered by (score descending, path). ``approximate=True`` searches the IVF index instead (``build_ann``), plus an
 exact scan of the segments added after it was built. An index written by the earlier home-made
 format (``manifest.json``, versions 1 and 2) is converted on first open.
@@ -61,12 +62,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import faiss
 import numpy as np
 import torch
-from fileio import file_sha256
+from fileio import atomic_write, file_sha256
 
 FORMAT_NAME = "clamp3-search-index"
 FORMAT_VERSION = 3
@@ -297,22 +298,33 @@ def _write_faiss(index: faiss.Index, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _flat_of(vectors: Iterable[np.ndarray], dimension: int) -> faiss.IndexFlatIP:
-    flat = faiss.IndexFlatIP(dimension)
-    for part in vectors:
-        if len(part):
-            flat.add(np.ascontiguousarray(part, dtype=np.float32))
-    return flat
+def _write_segment(path: Path, parts: Iterable[np.ndarray], n_rows: int, dimension: int) -> None:
+    """A float32 ``(n_rows, dimension)`` .npy written part by part (no second copy of a large set in
+    memory), atomically: a temporary name, fsync, rename."""
+    def write(handle: IO[bytes]) -> None:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False,
+                                                      "shape": (n_rows, dimension)})
+        written = 0
+        for part in parts:
+            part = np.ascontiguousarray(part, dtype="<f4")
+            handle.write(memoryview(part).cast("B"))
+            written += part.shape[0]
+        if written != n_rows:
+            raise AssertionError(f"wrote {written} rows, announced {n_rows}")
+
+    atomic_write(path, write, binary=True)
+    _fsync_dir(path.parent)
 
 
-def _read_segment(path: Path) -> faiss.IndexFlatIP:
+def _read_segment(path: Path) -> np.ndarray:
     try:
-        # Memory-mapped, read-only: opening costs nothing, pages come from the page cache as searched.
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError as exc:
-        if not path.exists():
-            raise FileNotFoundError(path) from exc
-        raise IndexCorruptError(f"{path}: not a readable FAISS file ({exc})") from exc
+        # Mapped copy-on-write: shared with the page cache like a read-only map, opening costs nothing,
+        # and the array is writable as torch.from_numpy wants (nothing writes to it).
+        return np.load(path, mmap_mode="c", allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise IndexCorruptError(f"{path}: not a readable .npy file ({exc})") from exc
 
 
 def _bitmap_selector(mask: np.ndarray) -> tuple[faiss.IDSelector, np.ndarray]:
@@ -397,14 +409,12 @@ class _Segment:
     first_vid: int
     n_rows: int
     file: str
-    flat: faiss.IndexFlatIP  # owns the mapping: kept as long as ``matrix`` is used
+    vectors: np.ndarray  # (n_rows, D) float32, mapped
     live: np.ndarray | None  # None: every row is live
     matrix: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        # The mapped rows themselves, no copy (never written: the file is mapped read-only).
-        rows = faiss.rev_swig_ptr(self.flat.get_xb(), self.n_rows * self.flat.d)
-        self.matrix = torch.from_numpy(np.asarray(rows).reshape(self.n_rows, self.flat.d))
+        self.matrix = torch.from_numpy(self.vectors)  # the mapped rows themselves, no copy
 
 
 class SearchIndex:
@@ -485,16 +495,16 @@ class SearchIndex:
             segments = []
             for first_vid, n_rows, name in self._db.execute(
                     "SELECT first_vid, n_rows, file FROM segments ORDER BY first_vid"):
-                flat = _read_segment(self.folder / name)
-                if flat.ntotal != n_rows or flat.d != meta["dimension"]:
-                    raise IndexCorruptError(f"{self.folder / name}: {flat.ntotal} × {flat.d} vectors, the index "
-                                            f"says {n_rows} × {meta['dimension']}")
+                vectors = _read_segment(self.folder / name)
+                if vectors.dtype != np.float32 or vectors.shape != (n_rows, meta["dimension"]):
+                    raise IndexCorruptError(f"{self.folder / name}: vectors of shape {vectors.shape} "
+                                            f"({vectors.dtype}), the index says {n_rows} × {meta['dimension']} float32")
                 inside = dead[(dead >= first_vid) & (dead < first_vid + n_rows)] - first_vid
                 live = None
                 if len(inside):
                     live = np.ones(n_rows, dtype=bool)
                     live[inside] = False
-                segments.append(_Segment(first_vid, n_rows, name, flat, live))
+                segments.append(_Segment(first_vid, n_rows, name, vectors, live))
         self._meta, self._segments = meta, segments
 
     def refresh(self) -> bool:
@@ -614,7 +624,7 @@ class SearchIndex:
         starts = [s.first_vid for s in self._segments]
         segment = self._segments[bisect.bisect_right(starts, vid) - 1]
         with self._lock:
-            return np.array(segment.flat.reconstruct(vid - segment.first_vid), dtype=np.float32)
+            return np.array(segment.vectors[vid - segment.first_vid], dtype=np.float32)
 
     def vector(self, path: str | os.PathLike) -> np.ndarray | None:
         """The stored (unit) vector of an indexed file: a music→music query on an indexed file needs
@@ -838,12 +848,9 @@ class SearchIndex:
                 next_vid = int(disk.get("next_vid") or 0)
                 dimension = dimension if dimension is not None else disk.get("dimension")
                 # The new segment, under the lock (so that no other writer counts it an orphan).
-                flat = _flat_of(new_vectors(), int(dimension or 0)) if new_shas else None
-                if flat is not None:
-                    if flat.ntotal != len(new_shas):
-                        raise AssertionError(f"{flat.ntotal} vectors for {len(new_shas)} contents")
-                    name = f"vectors-{next_vid:012d}-{secrets.token_hex(4)}.faiss"
-                    _write_faiss(flat, self.folder / name)
+                if new_shas:
+                    name = f"vectors-{next_vid:012d}-{secrets.token_hex(4)}.npy"
+                    _write_segment(self.folder / name, new_vectors(), len(new_shas), int(dimension or 0))
                     db.execute("INSERT INTO segments VALUES (?, ?, ?)", (next_vid, len(new_shas), name))
                     db.executemany("INSERT INTO vectors VALUES (?, ?)",
                                    zip(new_shas, range(next_vid, next_vid + len(new_shas)), strict=True))
@@ -912,7 +919,7 @@ class SearchIndex:
 
         def live_parts() -> Iterator[np.ndarray]:
             for first, n, name in old:
-                flat = _read_segment(self.folder / name)
+                vectors = _read_segment(self.folder / name)
                 inside = dead[(dead >= first) & (dead < first + n)] - first
                 keep = None
                 if len(inside):
@@ -920,12 +927,13 @@ class SearchIndex:
                     keep[inside] = False
                 for start in range(0, n, _ADD_ROWS):
                     stop = min(start + _ADD_ROWS, n)
-                    block = flat.reconstruct_n(start, stop - start)
+                    block = vectors[start:stop]
                     yield block if keep is None else block[keep[start:stop]]
 
-        flat = _flat_of(live_parts(), dimension)
-        name = f"vectors-{0:012d}-{secrets.token_hex(4)}.faiss"
-        _write_faiss(flat, self.folder / name)
+        n_live = db.execute("SELECT COUNT(*) FROM vectors").fetchone()[0]
+        name = f"vectors-{0:012d}-{secrets.token_hex(4)}.npy"
+        if n_live:
+            _write_segment(self.folder / name, live_parts(), n_live, dimension)
         db.execute("CREATE TEMP TABLE IF NOT EXISTS renumber (vid INTEGER PRIMARY KEY, new_vid INTEGER)")
         db.execute("DELETE FROM renumber")
         db.execute("INSERT INTO renumber SELECT vid, ROW_NUMBER() OVER (ORDER BY vid) - 1 FROM vectors")
@@ -934,10 +942,8 @@ class SearchIndex:
         db.execute("UPDATE vectors SET vid = -1 - vid")
         db.execute("DELETE FROM segments")
         db.execute("DELETE FROM dead")
-        if flat.ntotal:
-            db.execute("INSERT INTO segments VALUES (0, ?, ?)", (flat.ntotal, name))
-        else:
-            (self.folder / name).unlink()
+        if n_live:
+            db.execute("INSERT INTO segments VALUES (0, ?, ?)", (n_live, name))
         return [name for _, _, name in old]
 
     def _remove_orphans(self, referenced: set[str]) -> None:
@@ -945,7 +951,8 @@ class SearchIndex:
         write lock, so no other writer is writing one now)."""
         for path in self.folder.iterdir():
             name = path.name
-            ours = (name.startswith(("vectors-", "ann-")) and name.endswith(".faiss")) or (
+            ours = (name.startswith("vectors-") and name.endswith(".npy")) or (
+                name.startswith("ann-") and name.endswith(".faiss")) or (
                 name.startswith((".vectors-", ".ann-")) and name.endswith(".tmp"))
             if ours and name not in referenced:
                 with contextlib.suppress(FileNotFoundError):
@@ -984,8 +991,7 @@ class SearchIndex:
         for segment, local in zip(self._segments, parts, strict=True):
             for start in range(0, len(local), _ADD_ROWS):
                 chunk = local[start:start + _ADD_ROWS]
-                block = segment.flat.reconstruct_n(int(chunk[0]), int(chunk[-1] - chunk[0] + 1))
-                block = block[chunk - chunk[0]]
+                block = segment.vectors[chunk]
                 ann.add_with_ids(np.ascontiguousarray(block), (chunk + segment.first_vid).astype(np.int64))
         name = f"ann-{secrets.token_hex(4)}.faiss"
         _write_faiss(ann, self.folder / name)
@@ -1026,8 +1032,7 @@ class SearchIndex:
             for start in range(0, len(chosen), _ADD_ROWS):
                 part = chosen[start:start + _ADD_ROWS]
                 local = vids[part] - segment.first_vid
-                block = segment.flat.reconstruct_n(int(local[0]), int(local[-1] - local[0] + 1))
-                out[part] = block[local - local[0]]
+                out[part] = segment.vectors[local]
         return out
 
     @property
