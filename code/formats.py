@@ -7,10 +7,14 @@
   which become MERT features first). Each symbolic kind becomes one format before the model reads it.
 * **modality**: the tower that encodes a kind: ``text``, ``symbolic`` or ``audio``.
 * **system**: what an evaluation compares: the stock weights (``baseline``) against the same
-  weights with the format's adapter (``lora``).
+  weights with the format's adapter (``lora``); ``evaluate_lora.py --name NAME`` evaluates another
+  pair of adapters as a system of its own, ``joint`` by convention for those of a joint run
+  (``--format both`` with ``ALIGN_WEIGHT`` > 0).
 """
 
 from __future__ import annotations
+
+import re
 
 FORMATS = ("abc", "mtf")
 
@@ -26,3 +30,15 @@ AUDIO_EXTENSIONS = tuple(ext for ext, kind in KIND_OF_EXTENSION.items() if kind 
 
 BASELINE, LORA = "baseline", "lora"
 SYSTEMS = (BASELINE, LORA)
+JOINT = "joint"  # the adapters of a joint run, evaluated as a third system (evaluate_lora.py --name joint)
+# A system's name is part of its files' names (evaluation_<system>_report.json): lower-case letters,
+# digits and "_" after a letter, never "vs" between underscores (the comparison files' separator).
+SYSTEM_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def check_system_name(name: str) -> str:
+    """``name`` when it can name a system's files; a ValueError saying why not otherwise."""
+    if not SYSTEM_NAME.fullmatch(name) or "_vs_" in f"_{name}_":
+        raise ValueError(f"a system name is lower-case letters, digits and '_', starting with a letter, "
+                         f"without '_vs_': not {name!r}")
+    return name

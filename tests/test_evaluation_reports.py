@@ -56,7 +56,7 @@ def write_test_set(root) -> None:
         (root / f"test_{fmt}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def write_adapters(root) -> dict:
+def write_adapters(root, first_seed: int = 1) -> dict:
     import formats
     import lora
     import runconfig
@@ -64,7 +64,7 @@ def write_adapters(root) -> dict:
     from modeling import ModelConfig, load_clamp3
 
     folders = {}
-    for seed, fmt in enumerate(formats.FORMATS, 1):
+    for seed, fmt in enumerate(formats.FORMATS, first_seed):
         base = load_clamp3(ModelConfig.from_json(TINY_MODEL_CONFIG), TINY_WEIGHTS)
         torch.manual_seed(seed)  # PEFT initialises the LoRA A matrices from the global generator
         model = lora.add_adapter(base, runconfig.build_config(overrides={"LORA_R": 4}), fmt)
@@ -299,6 +299,81 @@ def test_missing_test_set_is_a_clear_error(chain, tmp_path, capsys):
     rc = cli.run_evaluation("baseline", [*chain["common"], f"--TEST_DATA_DIR={tmp_path}", "--quiet"], "baseline")
     assert rc == 2
     assert "prepare_test_data.py" in capsys.readouterr().err
+
+
+def test_a_third_system_and_any_two_compared(chain, tmp_path, capsys):
+    """evaluate_lora.py --name joint evaluates another pair of adapters as its own system;
+    compare_results.py --systems pairs any two, with text -> music non-inferiority between two
+    adapted systems and the baseline-against-LoRA files left as they were."""
+    from evaluation import cli, compare
+
+    results = chain["results"]
+    before = {name: (results / name).read_bytes()
+              for name in ("evaluation_comparison_report.json", "evaluation_summary.txt")}
+    joint = write_adapters(tmp_path, first_seed=3)
+    swapped = [f"--LORA_ABC_ADAPTER_DIR={joint['abc']}", f"--LORA_MTF_ADAPTER_DIR={joint['mtf']}"]
+    assert cli.run_evaluation("lora", [*chain["common"], *swapped, "--name=joint", "--quiet"], "lora") == 0
+    report = load(results / "evaluation_joint_report.json")
+    assert report["system"] == "joint" and report["files"]["ranks"] == "evaluation_joint_ranks.jsonl"
+    assert report["adapters"]["abc"]["dir"] == str(joint["abc"].resolve())
+    assert report["cross_format"]["n_pairs"] == N_PAIRED
+    for direction in ("sheet_to_midi", "midi_to_sheet"):
+        check_summary_block(report["cross_format"][direction], N_PAIRED)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.run_evaluation("lora", [*chain["common"], "--name=baseline"], "lora")
+    with pytest.raises(SystemExit):
+        cli.run_evaluation("lora", [*chain["common"], "--name=lora_vs_joint"], "lora")
+    capsys.readouterr()
+
+    assert cli.run_comparison([*chain["settings"], "--systems", "lora", "joint", "--no_plots"]) == 0
+    assert cli.run_comparison([*chain["settings"], "--systems", "baseline", "joint", "--no_plots"]) == 0
+    assert before == {name: (results / name).read_bytes() for name in before}
+    assert "non_inferiority" not in load(results / "evaluation_comparison_report.json")
+    versus_base = load(results / "evaluation_comparison_baseline_vs_joint_report.json")
+    assert "non_inferiority" not in versus_base and versus_base["systems"]["candidate"] == "joint"
+    comparison = load(results / "evaluation_comparison_lora_vs_joint_report.json")
+    assert comparison["systems"] == {**comparison["systems"], "reference": "lora", "candidate": "joint"}
+    assert comparison["difference"].startswith("joint − LoRA")
+    cross = comparison["results"]["cross_format"]["pair_id"]["pair"]
+    joint_ranks, lora_ranks = (load(results / f"evaluation_{s}_report.json")["cross_format"] for s in ("joint", "lora"))
+    for direction in ("sheet_to_midi", "midi_to_sheet"):
+        for rule in ("official", "expected"):
+            row = cross[direction][rule]["mrr"]
+            assert row["lora"] == pytest.approx(joint_ranks[direction][rule]["mrr"])
+            assert row["baseline"] == pytest.approx(lora_ranks[direction][rule]["mrr"])
+            assert row["delta_ci"][0] <= row["delta"] <= row["delta_ci"][1]
+            assert row["verdict"] in ("no significant difference", "joint better", "joint worse")
+    block = comparison["non_inferiority"]
+    assert block["margin"] == 0.02 and block["tie_rule"] == "expected"
+    assert [(r["set"], r["field"]) for r in block["rows"]] == [
+        *(("abc", name) for name in WIKIMT_FIELDS), ("mtf", "caption")]
+    for row in block["rows"]:
+        entry = comparison["results"][row["set"]][row["field"]]["pair"]["text_to_music"]
+        for rule in ("official", "expected"):
+            assert row[rule]["delta_ci"] == entry[rule]["mrr"]["delta_ci"]
+            assert row[rule]["non_inferior"] == (entry[rule]["mrr"]["delta_ci"][0] >= -0.02)
+    assert block["all"] == all(row["non_inferior"] for row in block["rows"])
+    summary = (results / "evaluation_summary_lora_vs_joint.txt").read_text(encoding="utf-8")
+    assert "joint against LoRA" in summary and "Δ = joint − LoRA" in summary
+    for row in block["rows"]:
+        verdict = "yes" if row["non_inferior"] else "no"
+        assert any(line.strip().startswith(f"{row['set']}/{row['field']} text → ") and
+                   line.endswith(f"non-inferior: {verdict}") for line in summary.splitlines())
+    assert f"all {len(block['rows'])} rows: non-inferior: {'yes' if block['all'] else 'no'}" in summary
+
+    # The rule itself, on rows whose intervals sit on either side of the margin.
+    def entry(low: float) -> dict:
+        mrr = {"baseline": 0.5, "lora": 0.5 + low + 0.01, "delta": low + 0.01, "delta_ci": [low, low + 0.02]}
+        return {"n_queries": 7, "official": {"mrr": mrr}, "expected": {"mrr": mrr}}
+
+    synthetic = {"abc": {"a": {"pair": {"text_to_music": entry(-0.02), "music_to_text": entry(-0.5)}},
+                         "b": {"pair": {"text_to_music": entry(-0.0201)}}},
+                 "mtf": {"c": {"pair": {"text_to_music": entry(0.1)}}}, "cross_format": {}}
+    ruled = compare.non_inferiority(synthetic, 0.02)
+    assert [row["non_inferior"] for row in ruled["rows"]] == [True, False, True]
+    assert not ruled["all"] and ruled["n_non_inferior"] == 2
+    assert compare.non_inferiority(synthetic, 0.05)["all"]
 
 
 def test_scripts_have_help():

@@ -12,9 +12,10 @@ import argparse
 
 import rawfile_tools
 import runconfig
-from formats import BASELINE, FORMATS, LORA, SYSTEMS
+from formats import BASELINE, FORMATS, JOINT, LORA, SYSTEMS, check_system_name
 
 DEFAULT_TEMPLATE = "a {label}"
+DEFAULT_MARGIN = 0.02  # issue 20: joint adapters may lose at most this much text -> music MRR
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,23 +36,57 @@ def evaluation_parser(system: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_evaluation_arguments(parser)
-    parser.epilog = (f"Writes evaluation_{system}_report.json, evaluation_{system}_ranks.jsonl, "
-                     f"evaluation_{system}_similarities.npz and evaluation_{system}_config.json.")
+    name = system
+    if system == LORA:
+        parser.add_argument("--name", default=LORA, type=_system_name,
+                            help="the system's name in its files and reports (default: %(default)s), e.g. "
+                                 f"{JOINT} for the adapters of a joint run: point --LORA_ABC_ADAPTER_DIR and "
+                                 "--LORA_MTF_ADAPTER_DIR at them")
+        name = "<name>"
+    parser.epilog = (f"Writes evaluation_{name}_report.json, evaluation_{name}_ranks.jsonl, "
+                     f"evaluation_{name}_similarities.npz and evaluation_{name}_config.json.")
     return parser
+
+
+def _system_name(text: str) -> str:
+    try:
+        if text == BASELINE:
+            raise ValueError(f"{BASELINE!r} is the base without adapters (evaluate_baseline.py)")
+        return check_system_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def comparison_parser() -> argparse.ArgumentParser:
     """The parser of ``compare_results.py``."""
     parser = argparse.ArgumentParser(
-        description="Pair the baseline and LoRA evaluation reports: deltas with paired intervals and p-values, "
-                    "a text summary and plots.")
-    parser.add_argument("--baseline", help="baseline report (default: RESULTS_DIR/evaluation_baseline_report.json)")
-    parser.add_argument("--lora", help="LoRA report (default: RESULTS_DIR/evaluation_lora_report.json)")
+        description="Pair two evaluation reports (by default the baseline and LoRA ones): deltas with paired "
+                    "intervals and p-values, a text summary and plots.")
+    parser.add_argument("--systems", nargs=2, metavar=("REFERENCE", "CANDIDATE"), type=_any_system_name,
+                        help="the two systems whose reports under RESULTS_DIR are paired, Δ = CANDIDATE − REFERENCE "
+                             f"(default: {BASELINE} {LORA}), e.g. {LORA} {JOINT}: separately against jointly trained "
+                             "adapters, with text -> music non-inferiority")
+    parser.add_argument("--baseline", help="the reference report (default: RESULTS_DIR/evaluation_REFERENCE_report.json)")
+    parser.add_argument("--lora", help="the candidate report (default: RESULTS_DIR/evaluation_CANDIDATE_report.json)")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                        help="non-inferiority margin of text -> music MRR when neither system is the baseline: "
+                             "the candidate is non-inferior where the lower bound of Δ's interval is >= -MARGIN "
+                             "(default: %(default)s)")
     parser.add_argument("--output_dir", help="where the comparison, summary and plots/ go (default: RESULTS_DIR)")
     parser.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
     parser.epilog = ("Writes evaluation_comparison_report.json, evaluation_summary.txt, "
-                     "evaluation_comparison_config.json and plots/*.png.")
+                     "evaluation_comparison_config.json and plots/*.png for the baseline against LoRA; "
+                     "evaluation_comparison_<reference>_vs_<candidate>_report.json, "
+                     "evaluation_summary_<reference>_vs_<candidate>.txt, its config and plots_<reference>_vs_<candidate>/ "
+                     "for any other pair given with --systems.")
     return parser
+
+
+def _any_system_name(text: str) -> str:
+    try:
+        return check_system_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def classification_parser() -> argparse.ArgumentParser:
@@ -82,7 +117,7 @@ def run_evaluation(system: str, argv: list[str] | None, description: str) -> int
     args, cfg = runconfig.parse_args(evaluation_parser(system, description), argv)
     from evaluation import reports  # after parsing: it loads torch and transformers
 
-    return reports.run(system, args, cfg)
+    return reports.run(getattr(args, "name", system), args, cfg)
 
 
 def run_comparison(argv: list[str] | None = None) -> int:

@@ -1,10 +1,17 @@
-"""Pair two evaluation reports (baseline and LoRA) query by query: deltas, paired intervals, p-values.
+"""Pair two evaluation reports query by query: deltas, paired intervals, p-values.
 
-Both reports must come from the same test sets (same ids, same fields, same query counts); the
-per-query rank ingredients saved beside each report are read back into ``metrics.Ranks``
-(``results.load_system``) and compared with ``metrics.compare_ranks`` (Δ = LoRA − baseline). A
-difference is claimed only when its paired interval excludes zero and its p-value is below
-1 − level; otherwise the verdict is "no significant difference". The command line is ``cli``'s.
+The reference and the candidate are the baseline and the LoRA adapters by default, or any two
+systems (``--systems lora joint``: the separately against the jointly trained adapters); the JSON
+keeps the reference in the ``baseline`` slot and the candidate in the ``lora`` slot whatever they
+are, and names them under ``systems`` when they are not those two. Both reports must come from
+the same test sets (same ids, same fields, same query counts); the per-query rank ingredients
+saved beside each report are read back into ``metrics.Ranks`` (``results.load_system``) and
+compared with ``metrics.compare_ranks`` (Δ = candidate − reference). A difference is claimed only
+when its paired interval excludes zero and its p-value is below 1 − level; otherwise the verdict
+is "no significant difference". When neither system is the baseline, text → music (text → sheet
+music, text → MIDI) is also tested for non-inferiority: the candidate is non-inferior on a row
+when the lower bound of Δ MRR's interval is at least −margin (``non_inferiority``). The command
+line is ``cli``'s.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 import metrics
 import runconfig
 from fileio import atomic_write_text, repo_path
-from formats import BASELINE, LORA
+from formats import BASELINE, FORMATS, LORA
 
 from evaluation.audio_retrieval import audio_summary
 from evaluation.plots import write_plots
@@ -35,6 +42,8 @@ from evaluation.results import (
     ComparisonError,
     RankKey,
     SystemResults,
+    comparison_names,
+    display_name,
     load_system,
     read_histories,
     system_report_path,
@@ -89,12 +98,12 @@ def check_same_test_sets(baseline: SystemResults, lora: SystemResults) -> list[s
     return warnings
 
 
-def verdict(metric: str, delta: dict[str, Any]) -> str:
+def verdict(metric: str, delta: dict[str, Any], candidate: str = "LoRA") -> str:
     low, high = delta["ci"]
     if low <= 0.0 <= high or delta["p_value"] >= 1 - delta["level"]:
         return NO_DIFFERENCE
     better = delta["mean_diff"] < 0 if metric in LOWER_IS_BETTER else delta["mean_diff"] > 0
-    return "LoRA better" if better else "LoRA worse"
+    return f"{candidate} better" if better else f"{candidate} worse"
 
 
 def summary_of(report: dict[str, Any], key: RankKey) -> dict[str, Any]:
@@ -113,6 +122,7 @@ def compare_entry(baseline: SystemResults, lora: SystemResults, key: RankKey, n_
     (_, ranks_a), (_, ranks_b) = baseline.ranks[key], lora.ranks[key]
     deltas = metrics.compare_ranks(ranks_b, ranks_a, n_resamples=n_resamples, seed=seed)
     summary_a, summary_b = summary_of(baseline.report, key), summary_of(lora.report, key)
+    candidate = display_name(lora.name)
     by_rule: dict[str, Any] = {}
     for rule, by_metric in deltas.items():
         by_rule[rule] = {}
@@ -121,7 +131,7 @@ def compare_entry(baseline: SystemResults, lora: SystemResults, key: RankKey, n_
                 "baseline": delta["mean_b"], "baseline_ci": summary_a.get("ci", {}).get(rule, {}).get(metric),
                 "lora": delta["mean_a"], "lora_ci": summary_b.get("ci", {}).get(rule, {}).get(metric),
                 "delta": delta["mean_diff"], "delta_ci": delta["ci"], "p_value": delta["p_value"],
-                "bootstrap_p_value": delta["bootstrap_p_value"], "verdict": verdict(metric, delta)}
+                "bootstrap_p_value": delta["bootstrap_p_value"], "verdict": verdict(metric, delta, candidate)}
         by_rule[rule]["median_rank"] = {"baseline": summary_a[rule]["median_rank"],
                                         "lora": summary_b[rule]["median_rank"]}
     return {"n_queries": ranks_a.n_queries, "pool_size": ranks_a.pool_size,
@@ -130,8 +140,11 @@ def compare_entry(baseline: SystemResults, lora: SystemResults, key: RankKey, n_
 
 
 def compare_retrieval(baseline: SystemResults, lora: SystemResults, n_resamples: int, seed: int,
-                      level: float = 0.95) -> dict[str, Any]:
-    """The comparison report (without plots): every entry of both reports, paired."""
+                      level: float = 0.95, margin: float | None = None) -> dict[str, Any]:
+    """The comparison report (without plots): every entry of both reports, paired (``baseline`` is the
+    reference, ``lora`` the candidate, whatever systems they are); with the non-inferiority of text →
+    music at ``margin`` (``compare_results.py --margin``) when one is given and neither system is the
+    baseline."""
     warnings = check_same_test_sets(baseline, lora)
     results: dict[str, Any] = {}
     for key in ordered_keys(baseline.ranks):
@@ -150,9 +163,13 @@ def compare_retrieval(baseline: SystemResults, lora: SystemResults, n_resamples:
             for name, entry in baseline.report["sets"].items()}
     cross = baseline.report.get("cross_format")
     audio = baseline.report.get("audio")
-    return {
-        "baseline_report": str(baseline.path), "lora_report": str(lora.path),
-        "difference": "LoRA − baseline, per query, over the same queries and pool",
+    reference, candidate = baseline.name, lora.name
+    named = {} if (reference, candidate) == (BASELINE, LORA) else {
+        "systems": {"reference": reference, "candidate": candidate,
+                    "slots": "the reference's numbers are under 'baseline', the candidate's under 'lora'"}}
+    comparison = {
+        "baseline_report": str(baseline.path), "lora_report": str(lora.path), **named,
+        "difference": f"{display_name(candidate)} − {display_name(reference)}, per query, over the same queries and pool",
         "test": {"p_value": metrics.P_VALUE_METHOD, "interval": f"{level:.0%} paired percentile bootstrap over queries",
                  "n_resamples": n_resamples, "seed": seed, "level": level,
                  "claim_rule": "a difference is claimed only when the paired interval excludes 0 and p < 1 − level; "
@@ -168,6 +185,32 @@ def compare_retrieval(baseline: SystemResults, lora: SystemResults, n_resamples:
         "paper_reference": cross.get("paper_reference") if cross else None,
         "warnings": warnings,
     }
+    if margin is not None and BASELINE not in (reference, candidate):
+        comparison["non_inferiority"] = non_inferiority(results, margin, level)
+    return comparison
+
+
+def non_inferiority(results: dict[str, Any], margin: float, level: float = 0.95) -> dict[str, Any]:
+    """Text → music (each format's set, every field, pair level) of the candidate against the reference:
+    non-inferior where the lower bound of Δ MRR's paired interval (headline tie rule) is ≥ −margin.
+    ``all`` holds when every row is; the official tie rule's verdicts are given beside."""
+    rows = []
+    for set_name in FORMATS:
+        for field_name, by_level in results.get(set_name, {}).items():
+            entry = by_level.get("pair", {}).get("text_to_music")
+            if entry is None:
+                continue
+            row = {"set": set_name, "field": field_name, "n_queries": entry["n_queries"]}
+            for rule in metrics.TIE_RULES:
+                mrr = entry[rule]["mrr"]
+                row[rule] = {"reference": mrr["baseline"], "candidate": mrr["lora"], "delta": mrr["delta"],
+                             "delta_ci": mrr["delta_ci"], "non_inferior": bool(mrr["delta_ci"][0] >= -margin)}
+            row["non_inferior"] = row[HEADLINE_TIE_RULE]["non_inferior"]
+            rows.append(row)
+    return {"margin": margin, "metric": "mrr", "tie_rule": HEADLINE_TIE_RULE, "direction": "text_to_music",
+            "rule": f"non-inferior when the lower bound of Δ's {level:.0%} paired interval is ≥ −{margin:g}",
+            "rows": rows, "all": bool(rows) and all(row["non_inferior"] for row in rows),
+            "n_non_inferior": sum(row["non_inferior"] for row in rows)}
 
 
 def ordered_keys(ranks: dict[RankKey, Any]) -> list[RankKey]:
@@ -195,10 +238,18 @@ def _value(metric: str) -> tuple[str, int]:
     return ("mean rank", 2) if metric == "mean_rank" else (metric.replace("mrr", "MRR").replace("hit", "Hit"), 4)
 
 
-def entry_table(title: str, entry: dict[str, Any], rule: str) -> list[str]:
+def _names(comparison: dict[str, Any]) -> tuple[str, str]:
+    """How the summary names the reference and the candidate."""
+    systems = comparison.get("systems") or {"reference": BASELINE, "candidate": LORA}
+    return display_name(systems["reference"]), display_name(systems["candidate"])
+
+
+def entry_table(title: str, entry: dict[str, Any], rule: str,
+                names: tuple[str, str] = (display_name(BASELINE), display_name(LORA))) -> list[str]:
     random_mrr = entry["random"]["mrr"]
+    reference, candidate = names
     lines = [f"{title}  (N = {entry['n_queries']} queries, pool {entry['pool_size']}, random MRR {random_mrr:.4f})",
-             f"  {'metric':<10} {'baseline':<26} {'LoRA':<26} {'Δ = LoRA − baseline':<30} {'p':>6}  verdict"]
+             f"  {'metric':<10} {reference:<26} {candidate:<26} {f'Δ = {candidate} − {reference}':<30} {'p':>6}  verdict"]
     for metric in SUMMARY_METRICS:
         if metric not in entry[rule]:
             continue
@@ -220,12 +271,21 @@ def entry_table(title: str, entry: dict[str, Any], rule: str) -> list[str]:
 def format_summary(comparison: dict[str, Any]) -> str:
     rule = comparison["headline_tie_rule"]
     test = comparison["test"]
-    lines = ["CLaMP 3 symbolic retrieval on held-out test sets: LoRA adapters against the base checkpoint", "",
-             f"baseline report: {comparison['baseline_report']}", f"LoRA report:     {comparison['lora_report']}"]
+    names = _names(comparison)
+    reference, candidate = names
+    if "systems" in comparison:
+        width = max(len(reference), len(candidate)) + len(" report:")
+        lines = [f"CLaMP 3 symbolic retrieval on held-out test sets: {candidate} against {reference}", "",
+                 f"{reference + ' report:':<{width}} {comparison['baseline_report']}",
+                 f"{candidate + ' report:':<{width}} {comparison['lora_report']}"]
+    else:
+        lines = ["CLaMP 3 symbolic retrieval on held-out test sets: LoRA adapters against the base checkpoint", "",
+                 f"baseline report: {comparison['baseline_report']}", f"LoRA report:     {comparison['lora_report']}"]
     for fmt, info in comparison.get("adapters", {}).items():
         selection = info.get("selection") or {}
         chosen = f", selected at epoch {selection['epoch']}" if "epoch" in selection else ""
-        lines.append(f"{fmt.upper()} adapter:     {info['dir']}{chosen}")
+        owner = f"{candidate} " if "systems" in comparison else ""
+        lines.append(f"{owner}{fmt.upper()} adapter:     {info['dir']}{chosen}")
     lines.append("")
     lines.append("Held-out pieces:")
     for name, info in comparison["sets"].items():
@@ -245,7 +305,7 @@ def format_summary(comparison: dict[str, Any]) -> str:
               f"p-values: {test['p_value']}; {test['multiple_comparisons']}.",
               f"Claims: {test['claim_rule']}.", ""]
     results = comparison["results"]
-    lines.append("At a glance (" + rule + " tie rule, MRR, Δ = LoRA − baseline with its paired interval):")
+    lines.append(f"At a glance ({rule} tie rule, MRR, Δ = {candidate} − {reference} with its paired interval):")
     for set_name, by_field in results.items():
         for field_name, by_level in by_field.items():
             for direction, entry in by_level.get("pair", {}).items():
@@ -265,7 +325,8 @@ def format_summary(comparison: dict[str, Any]) -> str:
                     label = f"[{set_name} / {where}] {direction.replace('_', ' ')}"
                     if level == "caption":
                         label += " (caption level)"
-                    lines += entry_table(label, entry, rule) + [""]
+                    lines += entry_table(label, entry, rule, names) + [""]
+    lines += non_inferiority_lines(comparison.get("non_inferiority"), names)
     paper = comparison.get("paper_reference")
     if paper:
         lines.append(f"For orientation only: {paper['model']} on {paper['benchmark']} reports sheet→MIDI MRR "
@@ -274,6 +335,25 @@ def format_summary(comparison: dict[str, Any]) -> str:
     if comparison.get("plots"):
         lines += ["", "Plots:"] + [f"  {path}" for path in comparison["plots"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def non_inferiority_lines(block: dict[str, Any] | None, names: tuple[str, str]) -> list[str]:
+    """The summary's non-inferiority section: one line per text → music row, then the verdict over all."""
+    if not block:
+        return []
+    reference, candidate = names
+    target = {"abc": "sheet music", "mtf": "MIDI"}
+    lines = [f"Non-inferiority of {candidate} against {reference}, text → sheet music and text → MIDI "
+             f"({block['tie_rule']} tie rule, MRR; {block['rule']}):"]
+    for row in block["rows"]:
+        headline = row[block["tie_rule"]]
+        lines.append(f"  {row['set']}/{row['field']} text → {target.get(row['set'], row['set'])}: "
+                     f"{headline['reference']:.4f} → {headline['candidate']:.4f}, Δ {headline['delta']:+.4f} "
+                     f"{_interval(headline['delta_ci'], 4)}, N={row['n_queries']}: "
+                     f"non-inferior: {'yes' if row['non_inferior'] else 'no'}")
+    lines.append(f"  all {len(block['rows'])} rows: non-inferior: {'yes' if block['all'] else 'no'} "
+                 f"({block['n_non_inferior']} of {len(block['rows'])} rows are)")
+    return [*lines, ""]
 
 
 def _where(set_name: str, field_name: str) -> str:
@@ -305,27 +385,29 @@ def run(args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     the reports cannot be paired."""
     results_dir = repo_path(cfg["RESULTS_DIR"])
     output_dir = Path(args.output_dir) if args.output_dir else results_dir
-    baseline_file = Path(args.baseline) if args.baseline else system_report_path(results_dir, BASELINE)
-    lora_file = Path(args.lora) if args.lora else system_report_path(results_dir, LORA)
+    reference, candidate = args.systems or (BASELINE, LORA)
+    baseline_file = Path(args.baseline) if args.baseline else system_report_path(results_dir, reference)
+    lora_file = Path(args.lora) if args.lora else system_report_path(results_dir, candidate)
     n_resamples, seed = int(cfg["EVAL_BOOTSTRAP"]), int(cfg["SEED"])
     try:
         baseline, lora = load_system(baseline_file), load_system(lora_file)
-        comparison = compare_retrieval(baseline, lora, n_resamples, seed)
+        comparison = compare_retrieval(baseline, lora, n_resamples, seed, margin=args.margin)
     except ComparisonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    names = comparison_names(reference, candidate)  # without --systems, the names they always had
     comparison["plots"] = []
     if not args.no_plots:
         histories = read_histories(repo_path(cfg["LORA_LOG_DIR"]))
         comparison["training_histories"] = sorted(histories)
+        labels = {BASELINE: display_name(baseline.name), LORA: display_name(lora.name)}
         comparison["plots"] = [str(p) for p in write_plots(comparison, baseline, lora, histories,
-                                                           output_dir / "plots")]
-    runconfig.save_config(cfg, output_dir / "evaluation_comparison_config.json",
+                                                           output_dir / names["plots"], labels)]
+    runconfig.save_config(cfg, output_dir / names["config"],
                           extra={"baseline_report": str(baseline_file.resolve()), "lora_report": str(lora_file.resolve())})
-    report_file = atomic_write_text(output_dir / "evaluation_comparison_report.json",
-                                    json.dumps(comparison, indent=2) + "\n")
+    report_file = atomic_write_text(output_dir / names["report"], json.dumps(comparison, indent=2) + "\n")
     summary = format_summary(comparison)
-    summary_file = atomic_write_text(output_dir / "evaluation_summary.txt", summary)
+    summary_file = atomic_write_text(output_dir / names["summary"], summary)
     for warning in comparison["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"summary: {_shown(summary_file)}\nreport:  {_shown(report_file)}")

@@ -41,7 +41,8 @@ def _save(figure, path: Path) -> Path:
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_metrics(comparison: dict[str, Any], set_name: str, path: Path) -> Path:
+def plot_metrics(comparison: dict[str, Any], set_name: str, path: Path,
+                 labels: dict[str, str] = LABELS) -> Path:
     """Bars of MRR and Hit@k per field and direction, baseline against LoRA, with their intervals and
     the random baseline as a black tick."""
     rule = comparison["headline_tie_rule"]
@@ -56,7 +57,7 @@ def plot_metrics(comparison: dict[str, Any], set_name: str, path: Path) -> Path:
             cis = [entry[rule][m][f"{system}_ci"] or [v, v] for m, v in zip(PLOT_METRICS, values, strict=True)]
             errors = np.array([[v - ci[0] for v, ci in zip(values, cis, strict=True)],
                                [ci[1] - v for v, ci in zip(values, cis, strict=True)]]).clip(min=0)
-            axis.bar(x + offset, values, 0.4, yerr=errors, capsize=3, color=COLOURS[system], label=LABELS[system])
+            axis.bar(x + offset, values, 0.4, yerr=errors, capsize=3, color=COLOURS[system], label=labels[system])
         axis.scatter(x, [entry["random"][m] for m in PLOT_METRICS], marker="_", s=300, color="black",
                      label="random", zorder=3)
         axis.set_xticks(x, [m.replace("mrr", "MRR").replace("hit", "Hit") for m in PLOT_METRICS])
@@ -67,7 +68,8 @@ def plot_metrics(comparison: dict[str, Any], set_name: str, path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_rank_cdfs(baseline: SystemResults, lora: SystemResults, set_name: str, path: Path) -> Path:
+def plot_rank_cdfs(baseline: SystemResults, lora: SystemResults, set_name: str, path: Path,
+                   labels: dict[str, str] = LABELS) -> Path:
     """Fraction of queries whose expected rank is at most r, both systems, per field and direction."""
     keys = [key for key in baseline.ranks if key[0] == set_name and key[2] == "pair"]
     figure, axes = _grid(len(keys))
@@ -75,7 +77,7 @@ def plot_rank_cdfs(baseline: SystemResults, lora: SystemResults, set_name: str, 
         for system, results in ((BASELINE, baseline), (LORA, lora)):
             ranks = np.sort(results.ranks[key][1].expected)
             axis.step(ranks, np.arange(1, len(ranks) + 1) / len(ranks), where="post", color=COLOURS[system],
-                      label=LABELS[system])
+                      label=labels[system])
         pool = baseline.ranks[key][1].pool_size
         positions = np.arange(1, pool + 1)
         axis.step(positions, positions / pool, where="post", color="grey", linestyle=":", label="random")
@@ -91,7 +93,7 @@ def plot_rank_cdfs(baseline: SystemResults, lora: SystemResults, set_name: str, 
 
 
 def plot_similarities(baseline: SystemResults, lora: SystemResults, set_name: str, fields: list[str],
-                      path: Path) -> Path | None:
+                      path: Path, labels: dict[str, str] = LABELS) -> Path | None:
     """Histograms of matched against unmatched cosines per field, both systems; None without samples."""
     panels = [f for f in fields if similarity_key(set_name, f, "matched") in baseline.similarities
               and similarity_key(set_name, f, "matched") in lora.similarities]
@@ -107,7 +109,7 @@ def plot_similarities(baseline: SystemResults, lora: SystemResults, set_name: st
         for (system, kind), values in samples.items():
             if values.size:
                 axis.hist(values, bins=bins, density=True, histtype="step", linewidth=1.4, color=COLOURS[system],
-                          linestyle="-" if kind == "matched" else "--", label=f"{LABELS[system]} {kind}")
+                          linestyle="-" if kind == "matched" else "--", label=f"{labels[system]} {kind}")
         axis.set_xlabel("cosine similarity")
         axis.set_ylabel("density")
         axis.set_title(f"{field_name}" if set_name != CROSS_FORMAT_SET else "sheet against MIDI", fontsize=9)
@@ -139,14 +141,16 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: Path)
 
 
 def write_plots(comparison: dict[str, Any], baseline: SystemResults, lora: SystemResults,
-                histories: dict[str, list[dict[str, Any]]], plot_dir: Path) -> list[Path]:
-    """Every plot of the comparison under ``plot_dir``; returns the files written."""
+                histories: dict[str, list[dict[str, Any]]], plot_dir: Path,
+                labels: dict[str, str] = LABELS) -> list[Path]:
+    """Every plot of the comparison under ``plot_dir``; returns the files written. ``labels`` name the
+    reference (``baseline`` slot) and the candidate (``lora`` slot) in the legends."""
     written: list[Path] = []
     for set_name, by_field in comparison["results"].items():
-        written.append(plot_metrics(comparison, set_name, plot_dir / f"metrics_{set_name}.png"))
-        written.append(plot_rank_cdfs(baseline, lora, set_name, plot_dir / f"rank_cdf_{set_name}.png"))
+        written.append(plot_metrics(comparison, set_name, plot_dir / f"metrics_{set_name}.png", labels))
+        written.append(plot_rank_cdfs(baseline, lora, set_name, plot_dir / f"rank_cdf_{set_name}.png", labels))
         histogram = plot_similarities(baseline, lora, set_name, list(by_field),
-                                      plot_dir / f"similarities_{set_name}.png")
+                                      plot_dir / f"similarities_{set_name}.png", labels)
         if histogram is not None:
             written.append(histogram)
     curves = plot_training_curves(histories, plot_dir / "training_curves.png")

@@ -1,4 +1,8 @@
-"""Evaluate one system (the base checkpoint, or the base with the LoRA adapters) on the held-out test sets.
+"""Evaluate one system (the base checkpoint, or the base with a pair of LoRA adapters) on the held-out test sets.
+
+A system is ``baseline`` (no adapter), or any other name (``lora`` by default, ``joint`` for the
+adapters of a joint run: ``evaluate_lora.py --name joint``) for the base with the adapters of
+``LORA_{ABC,MTF}_ADAPTER_DIR``.
 
 For every test set (one per format, written by ``prepare_test_data.py``) and every text field, the
 system's text and music features are ranked both ways with ``metrics.retrieval_report`` (both tie
@@ -35,7 +39,7 @@ import metrics
 import numpy as np
 import runconfig
 from fileio import atomic_write, atomic_write_text, file_sha256, repo_path, write_jsonl
-from formats import BASELINE, FORMATS, LORA, SYSTEMS
+from formats import BASELINE, FORMATS, check_system_name
 from modeling import CLaMP3Model, ModelConfig, load_clamp3, resolve_device
 from records import same_text_key
 
@@ -281,9 +285,8 @@ def adapter_info(cfg: dict[str, Any], fmt: str) -> dict[str, Any]:
 
 def run(system: str, args: argparse.Namespace, cfg: dict[str, Any]) -> int:
     """``evaluate_<system>.py`` once ``cli.run_evaluation`` has parsed its arguments: 0 on success, 2 on a
-    setup error (printed)."""
-    if system not in SYSTEMS:
-        raise ValueError(f"unknown system {system!r}")
+    setup error (printed). Every system but ``baseline`` reads the adapters."""
+    check_system_name(system)
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -305,7 +308,7 @@ def _run(system: str, args: argparse.Namespace, cfg: dict[str, Any], log: Callab
     test_sets = discover_test_sets(repo_path(cfg["TEST_DATA_DIR"]), formats)
     for fmt in sorted(set(formats) - {s.fmt for s in test_sets}):
         log(f"no {testsets.TEST_FILES[fmt]} in {repo_path(cfg['TEST_DATA_DIR'])}: the {fmt} set is skipped")
-    adapters = {s.fmt: adapter_info(cfg, s.fmt) for s in test_sets} if system == LORA else {}
+    adapters = {s.fmt: adapter_info(cfg, s.fmt) for s in test_sets} if system != BASELINE else {}
     audio_set = None
     if args.audio_test or cfg["AUDIO_TEST_JSONL"]:
         audio_jsonl = Path(args.audio_test) if args.audio_test else repo_path(cfg["AUDIO_TEST_JSONL"])
@@ -413,7 +416,7 @@ def report_notes(system: str, report: dict[str, Any]) -> list[str]:
         notes.append("cross_format: the paper reports sheet→MIDI MRR {sheet_to_midi} and MIDI→sheet {midi_to_sheet} "
                      "for CLaMP 3 (C2) on WikiMT-X; those are the paper's numbers, not ours.".format(
                          **PAPER_CROSS_FORMAT_MRR))
-    if system == LORA:
+    if system != BASELINE:
         notes.append("Each set's music (and text) features come from the base with that format's adapter; the "
                      "adapters touch only the symbolic encoder, so text features equal the baseline's.")
     if report.get("audio"):

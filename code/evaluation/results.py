@@ -27,7 +27,7 @@ from typing import Any
 import metrics
 import numpy as np
 from fileio import read_jsonl
-from formats import FORMATS
+from formats import BASELINE, FORMATS, LORA
 from training.run_folder import run_file
 
 # What the keys of a report, its ranks file and its similarity samples are made of.
@@ -55,8 +55,29 @@ class ComparisonError(ValueError):
     """Two reports that cannot be paired (different test sets, missing companions)."""
 
 
+DISPLAY_NAMES = {BASELINE: "baseline", LORA: "LoRA"}
+
+
+def display_name(system: str) -> str:
+    """How summaries and plots name a system: ``LoRA`` for ``lora``, any other name as it is."""
+    return DISPLAY_NAMES.get(system, system)
+
+
 def system_report_path(output_dir: Path, system: str) -> Path:
     return output_dir / f"evaluation_{system}_report.json"
+
+
+def comparison_names(reference: str, candidate: str) -> dict[str, str]:
+    """The files ``compare_results.py`` writes for Δ = candidate − reference, relative to its output
+    folder: the baseline against the LoRA adapters keep the names they always had
+    (``evaluation_comparison_report.json``, ``evaluation_summary.txt``, ``plots/``); any other pair
+    has its names in them (``evaluation_comparison_lora_vs_joint_report.json``...)."""
+    if (reference, candidate) == (BASELINE, LORA):
+        return {"report": "evaluation_comparison_report.json", "summary": "evaluation_summary.txt",
+                "config": "evaluation_comparison_config.json", "plots": "plots"}
+    pair = f"{reference}_vs_{candidate}"
+    return {"report": f"evaluation_comparison_{pair}_report.json", "summary": f"evaluation_summary_{pair}.txt",
+            "config": f"evaluation_comparison_{pair}_config.json", "plots": f"plots_{pair}"}
 
 
 def companion_names(system: str) -> dict[str, str]:
