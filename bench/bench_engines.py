@@ -2,7 +2,8 @@
 
     python bench/bench_engines.py [--sizes 100000 1000000] [--dim 768] [--queries 20]
 
-Needs ``pip install lancedb faiss-cpu`` (not in requirements.txt: the index does not use them yet).
+Needs ``pip install lancedb`` (not in requirements.txt: the index chose SQLite and FAISS, which are;
+see bench/README.md and bench_search.py for the chosen design).
 For each engine and N random unit vectors (float32, D = 768) with a file table (path, sha256, size,
 mtime_ns, kind):
 
