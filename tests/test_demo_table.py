@@ -58,3 +58,51 @@ def test_several_seeds_add_the_range_of_delta(tmp_path):
     text = table.markdown([comparison(s) for s in (0.0, 0.05, -0.02)])
     assert "Δ over 3 seeds" in text.splitlines()[0]
     assert text.splitlines()[2].endswith("| +0.180 to +0.250 |")
+
+
+def joint_comparison(shift: float = 0.0) -> dict:
+    """LoRA against joint: the separate adapters' MRR (comparison()'s 'lora') in the reference slot."""
+    sets = {}
+    for set_name in ("abc", "mtf"):
+        sets[set_name] = {
+            "caption_en": {"pair": {"text_to_music": entry(0.4 + shift, 0.39 + shift, [-0.03, 0.01])}},
+            "heldout_family_en": {"pair": {"text_to_music": entry(0.2 + shift, 0.21 + shift, [-0.01, 0.03])}},
+        }
+    sets["cross_format"] = {"pair_id": {"pair": {"sheet_to_midi": entry(0.2, 0.35 + shift, [0.1, 0.2]),
+                                                 "midi_to_sheet": entry(0.19, 0.2, [-0.02, 0.04])}}}
+    return {"results": sets, "non_inferiority": {"margin": 0.02}}
+
+
+def test_the_joint_table_has_base_separate_and_joint_with_non_inferiority(tmp_path):
+    from evaluation.results import comparison_names
+    from formats import JOINT, LORA
+
+    assert table.JOINT_COMPARISON == comparison_names(LORA, JOINT)["report"]
+    lines = table.joint_markdown([(comparison(), joint_comparison())]).splitlines()
+    assert lines[0].startswith("| query → reference | N | base | separate | joint | Δ joint − separate [95% CI] | p |")
+    assert "non-inferior (Δ ≥ −0.02)" in lines[0]
+    labels = [line.split(" | ")[0].lstrip("| ") for line in lines[2:]]
+    assert labels == ["sheet → MIDI (ABC adapter → MTF adapter)", "MIDI → sheet",
+                      "in-family: English caption → sheet music (ABC adapter)",
+                      "in-family: English caption → MIDI (MTF adapter)",
+                      "held-out family: English caption → sheet music (ABC adapter)",
+                      "held-out family: English caption → MIDI (MTF adapter)"]
+    assert lines[2].endswith("| 200 | 0.030 | 0.200 | 0.350 | **+0.150** [+0.100, +0.200] | 0.001 | – |")
+    assert lines[3].endswith("| +0.010 [-0.020, +0.040] | 0.001 | – |")  # interval holds 0: not bold
+    assert lines[4].endswith("| 200 | 0.200 | 0.400 | 0.390 | -0.010 [-0.030, +0.010] | 0.001 | no |")
+    assert lines[6].endswith("| 0.150 | 0.200 | 0.210 | +0.010 [-0.010, +0.030] | 0.001 | yes |")
+
+    seeds = [(comparison(s), joint_comparison(s)) for s in (0.0, 0.05)]
+    for number, (separate, joint) in enumerate(seeds):
+        folder = tmp_path / f"seed{number}"
+        folder.mkdir()
+        (folder / table.SEPARATE_COMPARISON).write_text(json.dumps(separate), encoding="utf-8")
+        (folder / table.JOINT_COMPARISON).write_text(json.dumps(joint), encoding="utf-8")
+    several = table.joint_markdown(seeds).splitlines()
+    assert several[0].endswith("| Δ over 2 seeds |")
+    assert several[2].endswith("| – | +0.150 to +0.200 |")
+    assert several[4].endswith("| no (0 of 2 seeds) | -0.010 to -0.010 |")
+    assert table.main(["--joint", str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 0
+    (tmp_path / "seed1" / table.JOINT_COMPARISON).unlink()
+    assert table.main(["--joint", str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 2
+    assert table.main([str(tmp_path / "seed0"), str(tmp_path / "seed1")]) == 0  # the separate table needs no joint run

@@ -14,6 +14,12 @@ Stages, each skipped when its output is already there (``--rebuild`` redoes them
 5. ``prepare_test_data.py``, ``test_pipeline.py``, ``evaluate_baseline.py``, ``evaluate_lora.py``
    and ``compare_results.py`` on the held-out pieces (``configs/demo_eval.py``).
 
+With ``--joint`` (issue 20), the trainer also trains both adapters together (``--format both
+--ALIGN_WEIGHT=1``, into ``adapters/joint_{abc,mtf}_adapter/``), ``evaluate_lora.py --name joint``
+evaluates them and ``compare_results.py --systems lora joint`` / ``--systems baseline joint`` pair
+them with the separately trained adapters (text → music non-inferiority) and the base; the demo then
+also prints ``python -m demo.table --joint``'s table. Without it, every file is as before.
+
 Everything goes under ``data/demo/`` (``data/demo-quick/`` with ``--quick``, a smaller corpus and
 model and a few training steps, for CI).
 """
@@ -25,10 +31,11 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fileio import REPO_ROOT, atomic_write_text
-from formats import FORMATS, SYSTEMS
+from formats import BASELINE, FORMATS, JOINT, LORA, SYSTEMS
 
 from demo import layout
 
@@ -45,8 +52,9 @@ QUICK_OVERRIDES = {"base": ["--LORA_NUM_EPOCHS=1", "--LORA_MAX_STEPS=4", "--LORA
 
 
 class Demo:
-    def __init__(self, quick: bool, seed: int, rebuild: bool):
+    def __init__(self, quick: bool, seed: int, rebuild: bool, joint: bool = False):
         self.quick = quick
+        self.joint = joint
         self.seed = seed
         self.rebuild = rebuild
         self.size = "quick" if quick else "full"
@@ -170,6 +178,8 @@ class Demo:
              "the comparison, with in-family, held-out family, held-out language and content rows",
              lambda p: {label.split(":")[0] for _, label, _, _ in rows(json.loads(p.read_text()))} >= set(KIND_ORDER))
         need(results / "evaluation_summary.txt", "the summary", lambda p: "LoRA" in p.read_text())
+        if self.joint:
+            checked += self.check_joint_outputs(need)
         for folder in ("captions", "sheet", "midi"):
             need(self.root / "examples" / folder, "raw-file examples", lambda p: any(p.iterdir()))
         for fmt in FORMATS:
@@ -182,6 +192,30 @@ class Demo:
         if problems:
             raise SystemExit("[demo] outputs missing or malformed:\n  " + "\n  ".join(problems))
         return checked
+
+    def check_joint_outputs(self, need: Callable[..., None]) -> int:
+        """``--joint``'s outputs, through ``check_outputs``' ``need``; returns 0 (``need`` counts)."""
+        from demo.table import JOINT_COMPARISON, SEPARATE_COMPARISON, joint_rows
+
+        results = self.root / "results"
+        for fmt in FORMATS:
+            for name in ("adapter_config.json", "adapter_model.safetensors", "selection.json"):
+                need(self.root / layout.JOINT_ADAPTER_DIRS[fmt] / name, "part of a joint run's PEFT adapter")
+        need(self.root / layout.JOINT_RUN_DIR / "JOINT_history.json", "the joint run's history",
+             lambda p: len(json.loads(p.read_text())) > 0)
+        need(results / f"evaluation_{JOINT}_report.json", "the joint adapters' evaluation report",
+             lambda p: json.loads(p.read_text()).get("cross_format") is not None)
+        need(results / f"evaluation_{JOINT}_ranks.jsonl", "per-query ranks")
+        need(results / f"evaluation_comparison_{BASELINE}_vs_{JOINT}_report.json", "the base against the joint run")
+
+        def joint_table(path: Path) -> bool:
+            joint = json.loads(path.read_text())
+            separate = json.loads((results / SEPARATE_COMPARISON).read_text())
+            return "non_inferiority" in joint and any(key[0] == "cross_format" for key, *_ in joint_rows(separate, joint))
+
+        need(results / JOINT_COMPARISON, "separate against joint adapters, with sheet <-> MIDI and non-inferiority",
+             joint_table)
+        return 0
 
     def run(self) -> int:
         rel = self.root.relative_to(REPO_ROOT).as_posix()
@@ -209,6 +243,15 @@ class Demo:
                        "code/train_clamp3_lora.py", "demo_adapters.py", "--format", "both", "--overwrite", "--quiet",
                        overrides=[f"--CLAMP3_WEIGHTS_PATH={rel}/{layout.BASE_WEIGHTS}", f"--LORA_LOG_DIR={rel}/runs/adapters/",
                                   *quick.get("adapters", [])]))
+        if self.joint:
+            self.stage(f"joint adapters (both formats in one run, ALIGN_WEIGHT={layout.JOINT_ALIGN_WEIGHT:g})",
+                       self.root / layout.JOINT_ADAPTER_DIRS["mtf"] / "adapter_config.json", lambda: self.script(
+                           "code/train_clamp3_lora.py", "demo_adapters.py", "--format", "both", "--overwrite",
+                           "--quiet", overrides=[f"--CLAMP3_WEIGHTS_PATH={rel}/{layout.BASE_WEIGHTS}",
+                                                 f"--LORA_LOG_DIR={rel}/{layout.JOINT_RUN_DIR}",
+                                                 *layout.joint_overrides(self.root),
+                                                 f"--ALIGN_WEIGHT={layout.JOINT_ALIGN_WEIGHT}",
+                                                 *quick.get("adapters", [])]))
         evaluation = [f"--CLAMP3_WEIGHTS_PATH={rel}/{layout.BASE_WEIGHTS}", f"--LORA_LOG_DIR={rel}/runs/adapters/",
                       *quick.get("eval", [])]
         base_jsonls = ["--training_jsonl", f"{rel}/corpus/base_train_abc.jsonl",
@@ -221,6 +264,13 @@ class Demo:
             self.stage(f"evaluation ({system})", None, lambda s=system: self.script(
                 f"evaluate_{s}.py", "demo_eval.py", "--quiet", overrides=evaluation))
         self.stage("comparison", None, lambda: self.script("compare_results.py", "demo_eval.py", overrides=evaluation))
+        if self.joint:
+            self.stage(f"evaluation ({JOINT})", None, lambda: self.script(
+                "evaluate_lora.py", "demo_eval.py", "--quiet", "--name", JOINT,
+                overrides=[*evaluation, *layout.joint_overrides(self.root)]))
+            for reference in (BASELINE, LORA):
+                self.stage(f"comparison ({reference} against {JOINT})", None, lambda r=reference: self.script(
+                    "compare_results.py", "demo_eval.py", "--systems", r, JOINT, "--no_plots", overrides=evaluation))
         self.stage("raw-file examples (the test tunes as caption, sheet-music and MIDI files)",
                    self.root / "examples" / "README.md", self.examples)
         self.stage("classification (tune types: zero-shot and linear probe, base against adapters)", None,
@@ -238,11 +288,16 @@ class Demo:
             from demo.table import markdown
 
             print("\n" + markdown([json.loads(comparison.read_text(encoding="utf-8"))]), end="")
+            if self.joint:
+                from demo.table import JOINT_COMPARISON, joint_markdown
+
+                joint = json.loads((results / JOINT_COMPARISON).read_text(encoding="utf-8"))
+                print("\n" + joint_markdown([(json.loads(comparison.read_text(encoding="utf-8")), joint)]), end="")
         print(f"\n[demo] finished in {total / 60:.1f} min; the full summary: "
               f"{(results / 'evaluation_summary.txt').relative_to(REPO_ROOT)}")
         atomic_write_text(self.root / "demo_timings.json",
                           json.dumps({"total_seconds": total, "stages": self.timings, "quick": self.quick,
-                                      "seed": self.seed}, indent=2) + "\n")
+                                      "seed": self.seed, **({"joint": True} if self.joint else {})}, indent=2) + "\n")
         return 0
 
 
@@ -252,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=layout.DEFAULT_SEED,
                         help=f"seed of every stage (default: {layout.DEFAULT_SEED})")
     parser.add_argument("--rebuild", action="store_true", help="redo stages whose outputs exist")
+    parser.add_argument("--joint", action="store_true",
+                        help=f"also train both adapters together (ALIGN_WEIGHT={layout.JOINT_ALIGN_WEIGHT:g}) and evaluate "
+                             "base / separate / joint, sheet <-> MIDI included")
     args = parser.parse_args(argv)
-    return Demo(args.quick, args.seed, args.rebuild).run()
+    return Demo(args.quick, args.seed, args.rebuild, args.joint).run()
 
 
 if __name__ == "__main__":

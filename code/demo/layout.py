@@ -34,6 +34,18 @@ PATH_SETTINGS = {
        for fmt in FORMATS for split in ("train", "valid")},
 }
 
+# With --joint: the adapters of the joint run (ALIGN_WEIGHT, issue 20), its run folder, and the
+# evaluation's name for them (``evaluate_lora.py --name``); the separately trained ones stay where they are.
+JOINT_ADAPTER_DIRS = {fmt: f"adapters/joint_{fmt}_adapter/" for fmt in FORMATS}
+JOINT_RUN_DIR = "runs/joint/"
+JOINT_ALIGN_WEIGHT = 1.0
+
+
+def joint_overrides(root: Path) -> list[str]:
+    """``--KEY=path`` overrides that point the adapter settings at the joint run's adapters under ``root``."""
+    relative = root.relative_to(REPO_ROOT).as_posix()
+    return [f"--LORA_{fmt.upper()}_ADAPTER_DIR={relative}/{path}" for fmt, path in JOINT_ADAPTER_DIRS.items()]
+
 
 def demo_root(quick: bool = False, seed: int = DEFAULT_SEED) -> Path:
     """The folder of one demo: another seed is another demo, so no stage of one seed is reused for another."""
