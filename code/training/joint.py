@@ -41,6 +41,7 @@ from training.run_parts import (
     data_loader,
     load_format_data,
     peak_memory_mb,
+    resume_training_state,
     save_best,
     start_wandb,
     to_device,
@@ -138,14 +139,7 @@ def train_joint(ctx: RunContext, resume_state: dict[str, Any] | None) -> dict[st
                            precision=ctx.precision, dist=dist, progress=ctx.progress) for fmt in FORMATS}
     state = FormatState()
     if resume_state is not None:
-        ckpt.restore_trainable_state(container, loss_fn, resume_state["trainable"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        state = FormatState(**resume_state["state"])
-        ckpt.set_rng_state(resume_state["rng"][dist.rank], dist.device)
-        log(f"[{JOINT}] resumed at epoch {state.epoch + 1}, batch {state.position}, step {state.step}")
+        state = resume_training_state(container, loss_fn, optimizer, scheduler, scaler, resume_state, dist, log, JOINT)
     wandb_run = start_wandb(ctx, JOINT)
 
     def save_checkpoint() -> None:

@@ -56,6 +56,7 @@ from training.run_parts import (
     export_merged,
     load_format_data,
     peak_memory_mb,
+    resume_training_state,
     save_best,
     start_wandb,
     to_device,
@@ -180,14 +181,7 @@ def train_format(ctx: RunContext, fmt: str, resume_state: dict[str, Any] | None)
                            precision=ctx.precision, dist=dist, progress=ctx.progress)
     state = FormatState()
     if resume_state is not None:
-        ckpt.restore_trainable_state(model, loss_fn, resume_state["trainable"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        state = FormatState(**resume_state["state"])
-        ckpt.set_rng_state(resume_state["rng"][dist.rank], dist.device)
-        log(f"[{fmt}] resumed at epoch {state.epoch + 1}, batch {state.position}, step {state.step}")
+        state = resume_training_state(model, loss_fn, optimizer, scheduler, scaler, resume_state, dist, log, fmt)
     wandb_run = start_wandb(ctx, fmt)
 
     def save_checkpoint() -> None:

@@ -21,6 +21,7 @@ from patchilizer import M3Patchilizer
 from torch import nn
 from tqdm import tqdm
 
+from training import checkpoint as ckpt
 from training import data, distributed
 from training.loss import ContrastiveLoss
 from training.precision import Precision
@@ -127,6 +128,22 @@ def load_format_data(ctx: RunContext, fmt: str, patchilizer: M3Patchilizer, drop
 
 
 # ------------------------------------------------------------------------------------ pieces
+
+
+def resume_training_state(module: nn.Module, loss_fn: ContrastiveLoss, optimizer: torch.optim.Optimizer,
+                          scheduler: Any, scaler: Any, resume_state: dict[str, Any], dist: distributed.DistContext,
+                          log: RunLogger, name: str) -> FormatState:
+    """Everything a checkpoint holds put back (trainable tensors, optimizer, scheduler, scaler, this
+    rank's random state); the run's position returned. One format's run and the joint run alike."""
+    ckpt.restore_trainable_state(module, loss_fn, resume_state["trainable"])
+    optimizer.load_state_dict(resume_state["optimizer"])
+    scheduler.load_state_dict(resume_state["scheduler"])
+    if scaler is not None and resume_state.get("scaler"):
+        scaler.load_state_dict(resume_state["scaler"])
+    state = FormatState(**resume_state["state"])
+    ckpt.set_rng_state(resume_state["rng"][dist.rank], dist.device)
+    log(f"[{name}] resumed at epoch {state.epoch + 1}, batch {state.position}, step {state.step}")
+    return state
 
 
 def peak_memory_mb(device: torch.device) -> float:
