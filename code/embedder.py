@@ -110,6 +110,10 @@ def choose_models(cfg: dict[str, Any], weights: str | os.PathLike | None = None,
         cfg = demo_layout.model_settings(cfg, roots[0])
         configured = repo_path(cfg["CLAMP3_WEIGHTS_PATH"])
         source = "demo"
+        if not no_adapter and demo_layout.joint_adapters_built(roots[0]) and \
+                repo_path(cfg["LORA_ABC_ADAPTER_DIR"]) == roots[0] / demo_layout.JOINT_ADAPTER_DIRS["abc"]:
+            reasons.append("the demo's joint adapters (sheet music and MIDI aligned with each other, "
+                           "python -m demo --joint) are used")
     sizes = ModelConfig.resolve(cfg, runconfig.model_config_path(None if source == "demo" else model_config, cfg))
     adapters: dict[str, Path | None] = {}
     for fmt in FORMATS:

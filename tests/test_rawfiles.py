@@ -225,6 +225,15 @@ def test_models_not_found_and_the_demo_fallback(tmp_path, adapters):
     mine = runconfig.build_config(overrides={"MAX_TEXT_LENGTH": 32})
     assert choose_models(mine, demo_roots=[demo]).cfg["MAX_TEXT_LENGTH"] == 32
     assert not choose_models(default_cfg, demo_roots=[demo], no_adapter=True).adapters["abc"]
+    # Once the demo has trained the joint adapters (python -m demo --joint), the tools use them: sheet
+    # music and MIDI were aligned with each other; adapter folders the user named still win.
+    for fmt in ("abc", "mtf"):
+        shutil.copytree(adapters[fmt], demo / "adapters" / f"joint_{fmt}_adapter")
+    joint = choose_models(default_cfg, demo_roots=[demo])
+    assert joint.adapters == {fmt: demo / "adapters" / f"joint_{fmt}_adapter" for fmt in ("abc", "mtf")}
+    assert "joint adapters" in "\n".join(joint.describe())
+    named = runconfig.build_config(overrides={"LORA_ABC_ADAPTER_DIR": str(adapters["abc"])})
+    assert choose_models(named, demo_roots=[demo]).adapters["abc"] == adapters["abc"]
 
 
 def script_arguments(tmp_path: Path, tokenizer: Path, adapters: dict[str, Path]) -> list[str]:

@@ -74,12 +74,22 @@ def relocated(value: Any, root: Path) -> Any:
     return value
 
 
+def joint_adapters_built(root: Path) -> bool:
+    """Whether ``root`` holds both adapters of a joint run (``python -m demo --joint``)."""
+    return all((Path(root) / path / "adapter_config.json").is_file() for path in JOINT_ADAPTER_DIRS.values())
+
+
 def model_settings(cfg: dict[str, Any], root: Path) -> dict[str, Any]:
     """``cfg`` with the demo's model settings (``configs/demo_eval.py``, its paths under ``root``) for
-    every key the user left at its default."""
+    every key the user left at its default. Where the demo also trained the joint adapters (sheet
+    music and MIDI aligned with each other, issue 20), those are the adapters, unless the user named
+    adapter folders."""
     defaults = runconfig.default_config()
     result = dict(cfg)
     for key, value in runconfig.load_config_file(EVAL_CONFIG).items():
         if key in defaults and cfg.get(key) == defaults[key]:
             result[key] = relocated(value, root)
+    keys = {fmt: f"LORA_{fmt.upper()}_ADAPTER_DIR" for fmt in FORMATS}
+    if joint_adapters_built(root) and all(cfg.get(key) == defaults.get(key) for key in keys.values()):
+        result.update({key: str(Path(root) / JOINT_ADAPTER_DIRS[fmt]) for fmt, key in keys.items()})
     return result
