@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from features import MODALITY_OF_EXTENSION, FeatureExtractor
-from fileio import DropLog, atomic_save_npy, find_files, with_extension
+from fileio import DropLog, atomic_save_npy, find_files, plan_outputs, with_extension
 from tqdm import tqdm
 from training.distributed import all_gather_object, broadcast_object, get_rank, get_world_size, is_distributed
 
@@ -175,25 +175,9 @@ class ExtractionPlan:
 
 
 def _make_plan(input_dir: Path, output_dir: Path, files_per_chunk: int) -> ExtractionPlan:
-    pending: list[Path] = []
-    sizes: list[int] = []
-    skipped = 0
-    claimed: dict[Path, Path] = {}
-    clashes: list[tuple[Path, str, str]] = []
-    for rel in find_files(input_dir, MODALITY_OF_EXTENSION):
-        out_rel = output_path_for(rel)
-        if out_rel in claimed:
-            clashes.append((rel, "name", f"its output {out_rel} is already produced by {claimed[out_rel]}"))
-            continue
-        claimed[out_rel] = rel
-        if (output_dir / out_rel).exists():
-            skipped += 1
-            continue
-        pending.append(rel)
-        try:
-            sizes.append((input_dir / rel).stat().st_size)
-        except OSError:
-            sizes.append(0)  # reading it fails later, and is logged then
+    pending, sizes, skipped, named = plan_outputs(input_dir, output_dir, find_files(input_dir, MODALITY_OF_EXTENSION),
+                                                  output_path_for)
+    clashes = [(rel, "name", f"its output {out} is already produced by {other}") for rel, out, other in named]
     return ExtractionPlan(pending, sizes, skipped, clashes, int(files_per_chunk))
 
 

@@ -56,6 +56,34 @@ def find_files(root: str | os.PathLike, extensions: Iterable[str]) -> list[Path]
     return sorted(found, key=lambda p: p.as_posix())
 
 
+def plan_outputs(input_dir: Path, output_dir: Path, files: Iterable[Path], output_of: Callable[[Path], Path],
+                 overwrite: bool = False) -> tuple[list[Path], list[int], int, list[tuple[Path, Path, Path]]]:
+    """For a batch tool: the input files (relative to ``input_dir``) whose output (``output_of(rel)``,
+    relative to ``output_dir``) still needs making, with their sizes (0 if unreadable: reading fails
+    later and is logged then); how many outputs exist already (kept unless ``overwrite``); and the
+    inputs whose output another input already claims, as (input, its output, the input claiming it)."""
+    pending: list[Path] = []
+    sizes: list[int] = []
+    skipped = 0
+    claimed: dict[Path, Path] = {}
+    clashes: list[tuple[Path, Path, Path]] = []
+    for rel in files:
+        out_rel = output_of(rel)
+        if out_rel in claimed:
+            clashes.append((rel, out_rel, claimed[out_rel]))
+            continue
+        claimed[out_rel] = rel
+        if not overwrite and (output_dir / out_rel).exists():
+            skipped += 1
+            continue
+        pending.append(rel)
+        try:
+            sizes.append((input_dir / rel).stat().st_size)
+        except OSError:
+            sizes.append(0)
+    return pending, sizes, skipped, clashes
+
+
 def with_extension(relative: Path, extension: str) -> Path:
     """``dir/name.x.ext`` -> ``dir/name.x<extension>``: the stem ends at the last dot, as in the
     official CLaMP 3 scripts. The one output-naming rule of the project: it differs from

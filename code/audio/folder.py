@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from extraction import RankShare, chunk_ranges, chunk_weights, merge_rank_logs, rank_log_path, split_chunks
-from fileio import DropLog, atomic_save_npy, find_files, with_extension
+from fileio import DropLog, atomic_save_npy, find_files, plan_outputs, with_extension
 from preprocess.batch import select_shard
 from tqdm import tqdm
 
@@ -82,25 +82,9 @@ def plan_audio_folder(input_dir: str | os.PathLike, output_dir: str | os.PathLik
                       shard_index: int = 0, overwrite: bool = False) -> AudioPlan:
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     files = select_shard(find_files(input_dir, AUDIO_EXTENSIONS), num_shards, shard_index)
-    pending: list[Path] = []
-    sizes: list[int] = []
-    skipped = 0
-    claimed: dict[Path, Path] = {}
-    clashes: list[tuple[Path, str]] = []
-    for rel in files:
-        out_rel = with_extension(rel, ".npy")
-        if out_rel in claimed:
-            clashes.append((rel, f"its output {out_rel} is already made from {claimed[out_rel]}"))
-            continue
-        claimed[out_rel] = rel
-        if not overwrite and (output_dir / out_rel).exists():
-            skipped += 1
-            continue
-        pending.append(rel)
-        try:
-            sizes.append((input_dir / rel).stat().st_size)
-        except OSError:
-            sizes.append(0)
+    pending, sizes, skipped, claimed = plan_outputs(input_dir, output_dir, files,
+                                                    lambda rel: with_extension(rel, ".npy"), overwrite)
+    clashes = [(rel, f"its output {out} is already made from {other}") for rel, out, other in claimed]
     return AudioPlan(pending, sizes, skipped, clashes, len(files))
 
 
